@@ -1,0 +1,447 @@
+"""Reading and writing checkpoints: official `.pth` (SAM-HQ and plain SAM), the seed's directory
+layout (`config.json` + `model.safetensors` or `pytorch_model.bin`), single `.safetensors` files,
+hub ids and the models bundled with the package.
+
+Our parameter names are the seed's (transformers) names, so the seed layout is our state dict; the
+official layout is a renaming. Nothing here unpickles code: `torch.load(weights_only=True)`.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import warnings
+from pathlib import Path
+
+import torch
+
+from .config import SamHQConfig, SamHQTinyViTConfig, SamHQVisionConfig, VARIANTS
+
+BUNDLED_DIR = Path(__file__).parent / "weights"
+BUNDLED = {"samhq-tiny-shapes": BUNDLED_DIR / "samhq-tiny-shapes"}
+
+HQ_PREFIXES = ("mask_decoder.hq_token", "mask_decoder.hq_mask_mlp", "mask_decoder.compress_vit",
+               "mask_decoder.encoder_conv", "mask_decoder.encoder_norm", "mask_decoder.mask_conv", "mask_decoder.mask_norm")
+TIED = ("shared_image_embedding.positional_embedding", "prompt_encoder.shared_embedding.positional_embedding")
+# Unused TinyViT classifier weights that official vit_tiny checkpoints carry.
+IGNORED_OFFICIAL = re.compile(r"^image_encoder\.(norm_head|head)\.")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be loaded; the message names the file and the problem."""
+
+
+# (official, ours) name prefixes, tried in order; `#` stands for a number.
+_RULES = [
+    ("image_encoder.patch_embed.proj.", "vision_encoder.patch_embed.projection."),
+    ("image_encoder.blocks.#.norm#.", "vision_encoder.layers.#.layer_norm#."),
+    ("image_encoder.blocks.#.attn.", "vision_encoder.layers.#.attn."),
+    ("image_encoder.blocks.#.mlp.", "vision_encoder.layers.#.mlp."),
+    ("image_encoder.neck.0.", "vision_encoder.neck.conv1."),
+    ("image_encoder.neck.1.", "vision_encoder.neck.layer_norm1."),
+    ("image_encoder.neck.2.", "vision_encoder.neck.conv2."),
+    ("image_encoder.neck.3.", "vision_encoder.neck.layer_norm2."),
+    ("image_encoder.", "vision_encoder."),
+    ("prompt_encoder.pe_layer.positional_encoding_gaussian_matrix", "shared_image_embedding.positional_embedding"),
+    ("prompt_encoder.point_embeddings.", "prompt_encoder.point_embed."),
+    ("prompt_encoder.mask_downscaling.0.", "prompt_encoder.mask_embed.conv1."),
+    ("prompt_encoder.mask_downscaling.1.", "prompt_encoder.mask_embed.layer_norm1."),
+    ("prompt_encoder.mask_downscaling.3.", "prompt_encoder.mask_embed.conv2."),
+    ("prompt_encoder.mask_downscaling.4.", "prompt_encoder.mask_embed.layer_norm2."),
+    ("prompt_encoder.mask_downscaling.6.", "prompt_encoder.mask_embed.conv3."),
+    ("mask_decoder.transformer.layers.#.norm#.", "mask_decoder.transformer.layers.#.layer_norm#."),
+    ("mask_decoder.transformer.norm_final_attn.", "mask_decoder.transformer.layer_norm_final_attn."),
+    ("mask_decoder.output_upscaling.0.", "mask_decoder.upscale_conv1."),
+    ("mask_decoder.output_upscaling.1.", "mask_decoder.upscale_layer_norm."),
+    ("mask_decoder.output_upscaling.3.", "mask_decoder.upscale_conv2."),
+    ("mask_decoder.hf_token.", "mask_decoder.hq_token."),
+    ("mask_decoder.hf_mlp.", "mask_decoder.hq_mask_mlp."),
+    ("mask_decoder.compress_vit_feat.0.", "mask_decoder.compress_vit_conv1."),
+    ("mask_decoder.compress_vit_feat.1.", "mask_decoder.compress_vit_norm."),
+    ("mask_decoder.compress_vit_feat.3.", "mask_decoder.compress_vit_conv2."),
+    ("mask_decoder.embedding_encoder.0.", "mask_decoder.encoder_conv1."),
+    ("mask_decoder.embedding_encoder.1.", "mask_decoder.encoder_norm."),
+    ("mask_decoder.embedding_encoder.3.", "mask_decoder.encoder_conv2."),
+    ("mask_decoder.embedding_maskfeature.0.", "mask_decoder.mask_conv1."),
+    ("mask_decoder.embedding_maskfeature.1.", "mask_decoder.mask_norm."),
+    ("mask_decoder.embedding_maskfeature.3.", "mask_decoder.mask_conv2."),
+]
+_MLP = re.compile(r"^(mask_decoder\.(?:output_hypernetworks_mlps\.\d+|iou_prediction_head|hf_mlp|hq_mask_mlp))\.(.*)$")
+
+
+def _compile(src: str, dst: str) -> tuple[re.Pattern, str]:
+    pattern = "^" + re.escape(src).replace("\\#", "#").replace("#", r"(\d+)")
+    groups = iter(range(1, 10))
+    return re.compile(pattern), re.sub("#", lambda _: f"\\{next(groups)}", dst)
+
+
+_FORWARD = [_compile(a, b) for a, b in _RULES]
+_REVERSE = [_compile(b, a) for a, b in _RULES]
+
+
+def _rename(name: str, rules) -> str:
+    for pattern, repl in rules:
+        new, n = pattern.subn(repl, name, count=1)
+        if n:
+            return new
+    return name
+
+
+def _mlp_depths(names, official: bool) -> dict[str, int]:
+    depths: dict[str, int] = {}
+    for name in names:
+        m = _MLP.match(name)
+        if m:
+            prefix, rest = m.groups()
+            if official:
+                i = int(rest.split(".")[1])
+                depths[prefix] = max(depths.get(prefix, 0), i + 1)
+            elif rest.startswith("layers."):
+                depths[prefix] = max(depths.get(prefix, 2), int(rest.split(".")[1]) + 3)
+            else:
+                depths.setdefault(prefix, 2)
+    return depths
+
+
+def official_to_ours(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Rename an official SAM-HQ / SAM state dict to our (the seed's) parameter names."""
+    depths = _mlp_depths(state, official=True)
+    out = {}
+    for name, tensor in state.items():
+        if IGNORED_OFFICIAL.match(name):
+            continue
+        m = _MLP.match(name)
+        if m:  # MLP `layers.i` -> proj_in / layers.(i-1) / proj_out
+            prefix, rest = m.groups()
+            i, tail = rest.split(".", 2)[1:]
+            depth = depths[prefix]
+            sub = "proj_in" if int(i) == 0 else "proj_out" if int(i) == depth - 1 else f"layers.{int(i) - 1}"
+            name = f"{prefix}.{sub}.{tail}"
+        out[_rename(name, _FORWARD)] = tensor
+    if TIED[0] in out:
+        out[TIED[1]] = out[TIED[0]]
+    return out
+
+
+def ours_to_official(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Rename our state dict to the official names (loadable by `segment_anything_hq`)."""
+    depths = _mlp_depths(state, official=False)
+    out = {}
+    for name, tensor in state.items():
+        if name == TIED[1]:
+            continue
+        m = _MLP.match(name)
+        if m:
+            prefix, rest = m.groups()
+            depth = depths[prefix]
+            if rest.startswith("proj_in."):
+                i, tail = 0, rest[len("proj_in."):]
+            elif rest.startswith("proj_out."):
+                i, tail = depth - 1, rest[len("proj_out."):]
+            else:
+                _, j, tail = rest.split(".", 2)
+                i = int(j) + 1
+            prefix = prefix.replace("hq_mask_mlp", "hf_mlp")
+            out[f"{prefix}.layers.{i}.{tail}"] = tensor
+            continue
+        out[_rename(name, _REVERSE)] = tensor
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading files
+
+
+def _torch_load(path: Path) -> dict:
+    try:
+        try:
+            obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError as e:
+            if "mmap" not in str(e):
+                raise
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - every failure becomes one clear message
+        text = str(e).split("\n")[0]
+        if "Weights only load failed" in str(e) or "Unsupported global" in str(e):
+            raise CheckpointError(
+                f"{path}: refusing to load: the file holds pickled Python objects, not just tensors, and "
+                "loading it could run code. Convert it where you trust it, e.g. to safetensors."
+            ) from None
+        raise CheckpointError(f"{path}: not a readable PyTorch checkpoint (damaged or truncated?): {text}") from None
+    for key in ("model", "state_dict", "module"):
+        if isinstance(obj, dict) and isinstance(obj.get(key), dict):
+            obj = obj[key]
+    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise CheckpointError(f"{path}: not a state dict (a mapping of names to tensors)")
+    return {k[len("module."):] if k.startswith("module.") else k: v for k, v in obj.items()}
+
+
+def _safetensors_load(path: Path) -> tuple[dict, dict]:
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return {k: f.get_tensor(k) for k in f.keys()}, (f.metadata() or {})
+    except (SafetensorError, OSError, ValueError) as e:
+        raise CheckpointError(f"{path}: not a readable safetensors file (damaged or truncated?): {e}") from None
+
+
+def _read_state(path: Path) -> tuple[dict, dict]:
+    if path.suffix == ".safetensors":
+        return _safetensors_load(path)
+    with open(path, "rb") as f:
+        head = f.read(8)
+    if len(head) == 8 and head[:2] == b"PK" or path.suffix in (".pth", ".pt", ".bin", ".ckpt"):
+        return _torch_load(path), {}
+    # safetensors files start with a little-endian header length followed by '{'.
+    if len(head) == 8 and 0 < int.from_bytes(head, "little") < 1 << 30:
+        return _safetensors_load(path)
+    raise CheckpointError(f"{path}: not a checkpoint (expected .pth, .bin or .safetensors)")
+
+
+def _is_official(state: dict) -> bool:
+    return any(k.startswith(("image_encoder.", "prompt_encoder.pe_layer", "prompt_encoder.point_embeddings")) for k in state)
+
+
+# ---------------------------------------------------------------------------------------------
+# Inferring the configuration from tensor shapes
+
+
+def infer_config(state: dict[str, torch.Tensor], where: str = "checkpoint") -> SamHQConfig:
+    """Build the config that matches the tensors of a state dict in our naming."""
+    try:
+        if "vision_encoder.patch_embed.seq.0.c.weight" in state:
+            vision = _infer_tiny(state)
+        else:
+            vision = _infer_vit(state)
+        return SamHQConfig.from_variant("vit_b") if vision is None else SamHQConfig(
+            vision_config=vision,
+            mask_decoder_config={"vit_dim": vision.hq_feature_dim},
+        )
+    except (KeyError, IndexError, ValueError) as e:
+        raise CheckpointError(f"{where}: does not look like a SAM / SAM-HQ checkpoint ({e})") from None
+
+
+def _count(state, pattern) -> int:
+    idx = {int(m.group(1)) for k in state if (m := re.match(pattern, k))}
+    if not idx:
+        raise KeyError(f"no tensors match {pattern!r}")
+    return max(idx) + 1
+
+
+def _infer_vit(state) -> SamHQVisionConfig:
+    proj = state["vision_encoder.patch_embed.projection.weight"]
+    hidden, patch = proj.shape[0], proj.shape[-1]
+    depth = _count(state, r"vision_encoder\.layers\.(\d+)\.")
+    pos = state.get("vision_encoder.pos_embed")
+    grid = pos.shape[1] if pos is not None else 64
+    rel = [state.get(f"vision_encoder.layers.{i}.attn.rel_pos_h") for i in range(depth)]
+    use_rel = rel[0] is not None
+    if use_rel:
+        glob = [i for i, r in enumerate(rel) if r.shape[0] == 2 * grid - 1]
+        windowed = [r.shape[0] for r in rel if r.shape[0] != 2 * grid - 1]
+        window = (windowed[0] + 1) // 2 if windowed else 14
+        heads = hidden // rel[0].shape[1]
+    else:
+        glob, window, heads = [], 14, max(1, hidden // 64)
+    mlp = state["vision_encoder.layers.0.mlp.lin1.weight"].shape[0]
+    return SamHQVisionConfig(
+        hidden_size=hidden, num_hidden_layers=depth, num_attention_heads=heads, patch_size=patch,
+        image_size=grid * patch, global_attn_indexes=glob, window_size=window, use_rel_pos=use_rel,
+        use_abs_pos=pos is not None, mlp_dim=mlp, mlp_ratio=mlp / hidden,
+        output_channels=state["vision_encoder.neck.conv1.weight"].shape[0],
+    )
+
+
+def _infer_tiny(state) -> SamHQTinyViTConfig:
+    dims = [state["vision_encoder.patch_embed.seq.2.c.weight"].shape[0]]
+    depths = [_count(state, r"vision_encoder\.layers\.0\.blocks\.(\d+)\.")]
+    heads, windows = [1], [7]
+    for i in (1, 2, 3):
+        dims.append(state[f"vision_encoder.layers.{i}.blocks.0.attn.qkv.weight"].shape[1])
+        depths.append(_count(state, rf"vision_encoder\.layers\.{i}\.blocks\.(\d+)\."))
+        bias = state[f"vision_encoder.layers.{i}.blocks.0.attn.attention_biases"]
+        heads.append(bias.shape[0])
+        windows.append(math.isqrt(bias.shape[1]))
+    heads[0], windows[0] = {64: (2, 7)}.get(dims[0], (max(1, dims[0] // 32), 7))
+    return SamHQTinyViTConfig(embed_dims=dims, depths=depths, num_heads=heads, window_sizes=windows)
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading
+
+
+def resolve_source(source) -> Path:
+    """A local path for `source`: a path, a bundled model name, or a hub id (downloaded)."""
+    if isinstance(source, (str, os.PathLike)) and Path(source).exists():
+        return Path(source)
+    name = str(source)
+    if name in BUNDLED:
+        if not BUNDLED[name].exists():
+            raise CheckpointError(f"bundled model {name!r} is missing from this installation ({BUNDLED[name]})")
+        return BUNDLED[name]
+    if re.fullmatch(r"[\w.-]+/[\w.-]+", name) and not name.endswith((".pth", ".safetensors", ".bin")):
+        return _download(name)
+    raise CheckpointError(
+        f"{name}: no such file or directory, and not a bundled model ({', '.join(BUNDLED)}) or a hub id (org/name)"
+    )
+
+
+def _download(repo_id: str) -> Path:
+    try:
+        from huggingface_hub import snapshot_download
+    except ImportError:
+        raise CheckpointError(
+            f"{repo_id} looks like a hub id, but huggingface_hub is not installed: `pip install samhq[hub]`, "
+            f"or download the repository's config.json and model.safetensors and pass their folder"
+        ) from None
+    try:
+        return Path(snapshot_download(repo_id, allow_patterns=["config.json", "*.safetensors", "*.bin", "*.pth"]))
+    except Exception as e:  # noqa: BLE001
+        raise CheckpointError(
+            f"{repo_id}: could not fetch from the hub ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}). "
+            "If you are offline, download config.json and model.safetensors elsewhere and pass their folder."
+        ) from None
+
+
+def read_checkpoint(source) -> tuple[dict[str, torch.Tensor], SamHQConfig | None, str]:
+    """State dict in our naming, the config if the checkpoint carries one, and a description of the format."""
+    path = resolve_source(source)
+    config = None
+    if path.is_dir():
+        cfg_file = path / "config.json"
+        weights = next((path / n for n in ("model.safetensors", "pytorch_model.bin") if (path / n).exists()), None)
+        if weights is None:
+            found = sorted(p.name for p in path.glob("*.pth")) + sorted(p.name for p in path.glob("*.safetensors"))
+            if len(found) != 1:
+                raise CheckpointError(f"{path}: no model.safetensors or pytorch_model.bin in this directory")
+            weights = path / found[0]
+        if cfg_file.exists():
+            try:
+                config = SamHQConfig.from_json_file(cfg_file)
+            except (ValueError, TypeError) as e:
+                raise CheckpointError(f"{cfg_file}: {e}") from None
+        path = weights
+    state, meta = _read_state(path)
+    if config is None and "samhq_config" in meta:
+        config = SamHQConfig.from_dict(json.loads(meta["samhq_config"]))
+    fmt = "official" if _is_official(state) else "seed"
+    if fmt == "official":
+        state = official_to_ours(state)
+    elif TIED[0] in state or TIED[1] in state:
+        t = state.get(TIED[0], state.get(TIED[1]))
+        state[TIED[0]] = state[TIED[1]] = t
+    return state, config, f"{fmt}:{path}"
+
+
+def load_model(source, device=None, dtype=None, model_class=None, strict_hq: bool = False):
+    """Build and load a model from any supported checkpoint (see `SamHQModel.from_pretrained`)."""
+    from .modeling.model import SamHQModel, SamHQVisionModel
+
+    model_class = model_class or SamHQModel
+    state, config, where = read_checkpoint(source)
+    where = where.split(":", 1)[1]
+    if config is None:
+        config = infer_config(state, where)
+    if model_class is SamHQVisionModel:
+        state = {k: v for k, v in state.items() if k.startswith("vision_encoder.")}
+    with torch.device("meta"):
+        model = model_class(config)
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    hq_missing = [k for k in missing if k.startswith(HQ_PREFIXES)]
+    plain_sam = model_class is SamHQModel and hq_missing and len(hq_missing) == len(missing) and not strict_hq
+    if plain_sam:
+        hq_all = [k for k in expected if k.startswith(HQ_PREFIXES)]
+        if len(hq_missing) != len(hq_all):
+            raise CheckpointError(f"{where}: some HQ weights are present and some missing: {_short(hq_missing)}")
+        warnings.warn(
+            f"{where} is a plain SAM checkpoint without SAM-HQ weights; running as SAM (the HQ branch is off)",
+            stacklevel=3,
+        )
+        missing = []
+    if missing or unexpected:
+        variant = config.variant or "custom"
+        raise CheckpointError(
+            f"{where}: does not match the {variant} model: missing keys {_short(missing)}; unexpected keys {_short(unexpected)}"
+        )
+    bad = [f"{k}: file {tuple(state[k].shape)} vs model {tuple(v.shape)}" for k, v in expected.items()
+           if k in state and tuple(state[k].shape) != tuple(v.shape)]
+    if bad:
+        raise CheckpointError(f"{where}: tensor shapes disagree with the {config.variant or 'custom'} config: {_short(bad)}")
+    model.to_empty(device="cpu")
+    if plain_sam:
+        model.hq_enabled = False
+        state = {**{k: v for k, v in model.state_dict().items() if k.startswith(HQ_PREFIXES)}, **state}
+        for k in hq_all:
+            state[k] = torch.zeros_like(state[k])
+    model.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in state.items()})
+    for m in model.modules():
+        if hasattr(m, "init_buffers"):
+            m.init_buffers()
+    model.eval()
+    return model.to(device=device or "cpu", dtype=dtype or torch.float32)
+
+
+def _short(items, n: int = 6) -> str:
+    items = list(items)
+    if not items:
+        return "none"
+    return ", ".join(items[:n]) + (f" ... ({len(items)} in all)" if len(items) > n else "")
+
+
+# ---------------------------------------------------------------------------------------------
+# Writing
+
+
+def _refuse_overwrite(path: Path, overwrite: bool) -> None:
+    if path.exists() and not overwrite:
+        raise FileExistsError(f"{path} already exists; pass overwrite=True (or --force) to replace it")
+
+
+def save_pretrained(model, directory, safe_serialization: bool = True, overwrite: bool = True) -> Path:
+    """Write the seed's layout: `config.json` + `model.safetensors` (or `pytorch_model.bin`)."""
+    from safetensors.torch import save_file
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    weights = directory / ("model.safetensors" if safe_serialization else "pytorch_model.bin")
+    _refuse_overwrite(weights, overwrite)
+    config = model.config if isinstance(model.config, SamHQConfig) else None
+    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items() if k != TIED[1]}
+    if safe_serialization:
+        save_file(state, str(weights), metadata={"format": "pt"})
+    else:
+        torch.save(state, weights)
+    cfg = model.config.to_dict() if config is None else config.to_dict()
+    with open(directory / "config.json", "w", encoding="utf-8") as f:
+        json.dump(cfg, f, indent=2, sort_keys=True)
+    return directory
+
+
+def save_official(model, path, overwrite: bool = False) -> Path:
+    """Write an official-format `.pth` state dict (loadable by `segment_anything_hq`)."""
+    path = Path(path)
+    _refuse_overwrite(path, overwrite)
+    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    if not getattr(model, "hq_enabled", True):
+        state = {k: v for k, v in state.items() if not k.startswith(HQ_PREFIXES)}
+    torch.save(ours_to_official(state), path)
+    return path
+
+
+def convert(src, dst, overwrite: bool = False) -> Path:
+    """Convert between layouts: DST ending in .pth -> official; otherwise a seed-layout directory."""
+    model = load_model(src)
+    dst = Path(dst)
+    if dst.suffix in (".pth", ".pt"):
+        return save_official(model, dst, overwrite=overwrite)
+    if dst.exists() and any(dst.iterdir()) and not overwrite:
+        raise FileExistsError(f"{dst} exists and is not empty; pass --force to write into it")
+    return save_pretrained(model, dst)
+
+
+__all__ = ["CheckpointError", "load_model", "save_pretrained", "save_official", "convert", "official_to_ours",
+           "ours_to_official", "infer_config", "read_checkpoint", "VARIANTS"]

@@ -1,0 +1,171 @@
+"""SAM's ViT image encoder: patch embedding, windowed/global attention with decomposed
+relative positions, and a convolutional neck to 256 channels.
+
+One class serves ViT-B/L/H; the variant is the config.
+"""
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from ..config import SamHQVisionConfig
+from .common import LayerNorm2d, MLPBlock
+
+# Global attention over 64x64 tokens would need a (heads, 4096, 4096) bias; queries are processed in
+# row chunks so that no chunk's bias exceeds this many elements.
+_MAX_BIAS_ELEMENTS = 1 << 25
+
+
+def rel_pos_table(size: int, rel_pos: torch.Tensor) -> torch.Tensor:
+    """Relative-position embeddings for every (query, key) pair along one axis.
+
+    rel_pos: (L, C) learned table; resized linearly when L != 2 * size - 1.
+    Returns (size, size, C), entry [q, k] = rel_pos[q - k + size - 1].
+    """
+    length = 2 * size - 1
+    if rel_pos.shape[0] != length:
+        rel_pos = F.interpolate(rel_pos.T[None].float(), size=length, mode="linear")[0].T.to(rel_pos.dtype)
+    idx = torch.arange(size, device=rel_pos.device)
+    return rel_pos[idx[:, None] - idx[None, :] + size - 1]
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention on a (B, H, W, C) grid, with optional decomposed relative positions."""
+
+    def __init__(self, dim: int, num_heads: int, qkv_bias: bool, use_rel_pos: bool, input_size: int):
+        super().__init__()
+        self.num_heads = num_heads
+        head_dim = dim // num_heads
+        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
+        self.proj = nn.Linear(dim, dim)
+        self.use_rel_pos = use_rel_pos
+        if use_rel_pos:
+            self.rel_pos_h = nn.Parameter(torch.zeros(2 * input_size - 1, head_dim))
+            self.rel_pos_w = nn.Parameter(torch.zeros(2 * input_size - 1, head_dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, h, w, c = x.shape
+        n = self.num_heads
+        q, k, v = self.qkv(x).reshape(b, h * w, 3, n, c // n).permute(2, 0, 3, 1, 4).unbind(0)  # (B, n, HW, d)
+        if not self.use_rel_pos:
+            out = F.scaled_dot_product_attention(q, k, v)
+        else:
+            rh = rel_pos_table(h, self.rel_pos_h)  # (H, H, d)
+            rw = rel_pos_table(w, self.rel_pos_w)  # (W, W, d)
+            rows = max(1, min(h, _MAX_BIAS_ELEMENTS // (b * n * w * h * w)))
+            chunks = []
+            for r0 in range(0, h, rows):
+                r1 = min(h, r0 + rows)
+                qc = q[:, :, r0 * w : r1 * w]
+                rq = qc.reshape(b, n, r1 - r0, w, -1)
+                bias_h = torch.einsum("bnhwd,hkd->bnhwk", rq, rh[r0:r1])
+                bias_w = torch.einsum("bnhwd,wkd->bnhwk", rq, rw)
+                bias = (bias_h[..., :, None] + bias_w[..., None, :]).reshape(b, n, (r1 - r0) * w, h * w)
+                chunks.append(F.scaled_dot_product_attention(qc, k, v, attn_mask=bias))
+            out = torch.cat(chunks, dim=2) if len(chunks) > 1 else chunks[0]
+        return self.proj(out.transpose(1, 2).reshape(b, h, w, c))
+
+
+def window_partition(x: torch.Tensor, window: int) -> tuple[torch.Tensor, tuple[int, int]]:
+    """(B, H, W, C) -> (B * nWindows, window, window, C), zero-padding H and W up to multiples of window."""
+    b, h, w, c = x.shape
+    ph, pw = (window - h % window) % window, (window - w % window) % window
+    if ph or pw:
+        x = F.pad(x, (0, 0, 0, pw, 0, ph))
+    hp, wp = h + ph, w + pw
+    x = x.view(b, hp // window, window, wp // window, window, c).transpose(2, 3)
+    return x.reshape(-1, window, window, c), (hp, wp)
+
+
+def window_unpartition(x: torch.Tensor, window: int, padded: tuple[int, int], size: tuple[int, int]) -> torch.Tensor:
+    """Inverse of `window_partition`, cropping the padding."""
+    hp, wp = padded
+    b = x.shape[0] // (hp * wp // window // window)
+    x = x.view(b, hp // window, wp // window, window, window, -1).transpose(2, 3).reshape(b, hp, wp, -1)
+    return x[:, : size[0], : size[1]].contiguous() if (hp, wp) != tuple(size) else x
+
+
+class VisionLayer(nn.Module):
+    """Pre-norm transformer block; `window_size == 0` means global attention."""
+
+    def __init__(self, config: SamHQVisionConfig, window_size: int):
+        super().__init__()
+        grid = config.image_size // config.patch_size
+        self.window_size = window_size
+        self.layer_norm1 = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.attn = Attention(
+            config.hidden_size,
+            config.num_attention_heads,
+            config.qkv_bias,
+            config.use_rel_pos,
+            window_size if window_size else grid,
+        )
+        self.layer_norm2 = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.mlp = MLPBlock(config.hidden_size, config.mlp_dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.layer_norm1(x)
+        if self.window_size:
+            size = y.shape[1:3]
+            y, padded = window_partition(y, self.window_size)
+            y = window_unpartition(self.attn(y), self.window_size, padded, size)
+        else:
+            y = self.attn(y)
+        x = x + y
+        return x + self.mlp(self.layer_norm2(x))
+
+
+class PatchEmbed(nn.Module):
+    def __init__(self, config: SamHQVisionConfig):
+        super().__init__()
+        p = config.patch_size
+        self.projection = nn.Conv2d(config.num_channels, config.hidden_size, kernel_size=p, stride=p)
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        return self.projection(pixel_values).permute(0, 2, 3, 1)
+
+
+class Neck(nn.Module):
+    """(B, C, H, W) -> (B, out, H, W): 1x1 conv, LayerNorm2d, 3x3 conv, LayerNorm2d."""
+
+    def __init__(self, in_channels: int, out_channels: int, eps: float = 1e-6):
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_channels, out_channels, kernel_size=1, bias=False)
+        self.layer_norm1 = LayerNorm2d(out_channels, eps)
+        self.conv2 = nn.Conv2d(out_channels, out_channels, kernel_size=3, padding=1, bias=False)
+        self.layer_norm2 = LayerNorm2d(out_channels, eps)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.layer_norm2(self.conv2(self.layer_norm1(self.conv1(x))))
+
+
+class VisionEncoder(nn.Module):
+    """pixel_values (B, 3, S, S) -> (embeddings (B, 256, S/16, S/16), [early features (B, S/16, S/16, C)]).
+
+    The list holds the output of every global-attention layer; SAM-HQ fuses the first one.
+    """
+
+    def __init__(self, config: SamHQVisionConfig):
+        super().__init__()
+        self.config = config
+        grid = config.image_size // config.patch_size
+        self.patch_embed = PatchEmbed(config)
+        self.pos_embed = nn.Parameter(torch.zeros(1, grid, grid, config.hidden_size)) if config.use_abs_pos else None
+        glob = set(config.global_attn_indexes)
+        self.layers = nn.ModuleList(
+            VisionLayer(config, 0 if i in glob else config.window_size) for i in range(config.num_hidden_layers)
+        )
+        self.neck = Neck(config.hidden_size, config.output_channels)
+
+    def forward(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        x = self.patch_embed(pixel_values)
+        if self.pos_embed is not None:
+            pos = self.pos_embed
+            if pos.shape[1:3] != x.shape[1:3]:
+                pos = F.interpolate(pos.permute(0, 3, 1, 2), size=x.shape[1:3], mode="bicubic").permute(0, 2, 3, 1)
+            x = x + pos
+        intermediate = []
+        for layer in self.layers:
+            x = layer(x)
+            if layer.window_size == 0:
+                intermediate.append(x)
+        return self.neck(x.permute(0, 3, 1, 2)), intermediate

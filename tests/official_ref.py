@@ -1,0 +1,119 @@
+"""Import the official `segment_anything_hq` package as a test oracle.
+
+The official code imports torchvision (resize, batched_nms) and timm (TinyViT helpers), neither
+of which has a CPU build usable here. This module registers small stand-ins for exactly those
+names before importing it. They live in the tests only; the library never uses them.
+"""
+import math
+import sys
+import types
+
+import numpy as np
+import torch
+from PIL import Image
+
+
+def _resize(img, size):
+    # torchvision's resize on a PIL image with a (h, w) size is PIL's bilinear resize.
+    h, w = size
+    return img.resize((w, h), Image.BILINEAR)
+
+
+def _to_pil_image(arr):
+    return Image.fromarray(np.asarray(arr))
+
+
+def _box_area(boxes):
+    return (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
+
+
+def _nms(boxes, scores, thresh):
+    order = torch.argsort(scores, descending=True, stable=True)
+    boxes = boxes.double()
+    keep = []
+    suppressed = torch.zeros(len(boxes), dtype=torch.bool)
+    area = _box_area(boxes)
+    for i in order.tolist():
+        if suppressed[i]:
+            continue
+        keep.append(i)
+        lt = torch.maximum(boxes[i, :2], boxes[:, :2])
+        rb = torch.minimum(boxes[i, 2:], boxes[:, 2:])
+        inter = (rb - lt).clamp(min=0).prod(dim=1)
+        iou = inter / (area[i] + area - inter)
+        suppressed |= iou > thresh
+    return torch.tensor(keep, dtype=torch.long)
+
+
+def _batched_nms(boxes, scores, idxs, thresh):
+    if boxes.numel() == 0:
+        return torch.empty(0, dtype=torch.long)
+    offsets = idxs.to(boxes) * (boxes.max() + 1)
+    return _nms(boxes + offsets[:, None], scores, thresh)
+
+
+def _trunc_normal_(t, std=1.0, **kw):
+    return torch.nn.init.trunc_normal_(t, std=std)
+
+
+class _DropPath(torch.nn.Module):
+    def __init__(self, drop_prob=None):
+        super().__init__()
+
+    def forward(self, x):
+        return x
+
+
+def _install_stand_ins():
+    if "torchvision" in sys.modules and not getattr(sys.modules["torchvision"], "_samhq_stub", False):
+        return
+    mods = {}
+    for name in [
+        "torchvision", "torchvision.ops", "torchvision.ops.boxes", "torchvision.transforms",
+        "torchvision.transforms.functional", "timm", "timm.models", "timm.models.layers",
+        "timm.models.registry",
+    ]:
+        mods[name] = sys.modules.get(name) or types.ModuleType(name)
+        mods[name]._samhq_stub = True
+    mods["torchvision.ops.boxes"].batched_nms = _batched_nms
+    mods["torchvision.ops.boxes"].box_area = _box_area
+    mods["torchvision.transforms.functional"].resize = _resize
+    mods["torchvision.transforms.functional"].to_pil_image = _to_pil_image
+    mods["timm.models.layers"].DropPath = _DropPath
+    mods["timm.models.layers"].to_2tuple = lambda x: tuple(x) if isinstance(x, (tuple, list)) else (x, x)
+    mods["timm.models.layers"].trunc_normal_ = _trunc_normal_
+    mods["timm.models.registry"].register_model = lambda fn: fn
+    sys.modules.update(mods)
+
+
+def load_official():
+    """Return the `segment_anything_hq` module, or None when it is not installed."""
+    try:
+        import importlib.util
+
+        if importlib.util.find_spec("segment_anything_hq") is None:
+            return None
+    except ValueError:
+        return None
+    _install_stand_ins()
+    import segment_anything_hq
+
+    return segment_anything_hq
+
+
+def perturb_(module, seed=0, scale=0.05):
+    """Give every parameter and buffer a non-trivial random value (BN stats kept positive)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, t in list(module.named_parameters()) + list(module.named_buffers()):
+            if not t.is_floating_point():
+                continue
+            noise = torch.randn(t.shape, generator=g, dtype=torch.float64).to(t.dtype)
+            if name.endswith("running_var"):
+                t.copy_(1.0 + noise.abs() * 0.5)
+            elif name.endswith(("weight",)) and t.ndim == 1:  # norms: keep near one
+                t.copy_(1.0 + noise * 0.2)
+            else:
+                fan = t[0].numel() if t.ndim > 1 else 1
+                t.copy_(noise * max(scale, 1.0 / math.sqrt(fan)) if t.ndim > 1 else noise * scale)
+    return module
