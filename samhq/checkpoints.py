@@ -411,6 +411,8 @@ def save_pretrained(model, directory, safe_serialization: bool = True, overwrite
     _refuse_overwrite(weights, overwrite)
     config = model.config if isinstance(model.config, SamHQConfig) else None
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items() if k != TIED[1]}
+    if not getattr(model, "hq_enabled", True):  # plain SAM stays plain SAM when reloaded
+        state = {k: v for k, v in state.items() if not k.startswith(HQ_PREFIXES)}
     if safe_serialization:
         save_file(state, str(weights), metadata={"format": "pt"})
     else:

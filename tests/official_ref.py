@@ -64,17 +64,14 @@ class _DropPath(torch.nn.Module):
         return x
 
 
-def _install_stand_ins():
-    if "torchvision" in sys.modules and not getattr(sys.modules["torchvision"], "_samhq_stub", False):
-        return
+def _stand_ins() -> dict:
     mods = {}
     for name in [
         "torchvision", "torchvision.ops", "torchvision.ops.boxes", "torchvision.transforms",
         "torchvision.transforms.functional", "timm", "timm.models", "timm.models.layers",
         "timm.models.registry",
     ]:
-        mods[name] = sys.modules.get(name) or types.ModuleType(name)
-        mods[name]._samhq_stub = True
+        mods[name] = types.ModuleType(name)
     mods["torchvision.ops.boxes"].batched_nms = _batched_nms
     mods["torchvision.ops.boxes"].box_area = _box_area
     mods["torchvision.transforms.functional"].resize = _resize
@@ -83,7 +80,7 @@ def _install_stand_ins():
     mods["timm.models.layers"].to_2tuple = lambda x: tuple(x) if isinstance(x, (tuple, list)) else (x, x)
     mods["timm.models.layers"].trunc_normal_ = _trunc_normal_
     mods["timm.models.registry"].register_model = lambda fn: fn
-    sys.modules.update(mods)
+    return mods
 
 
 def load_official():
@@ -95,9 +92,21 @@ def load_official():
             return None
     except ValueError:
         return None
-    _install_stand_ins()
-    import segment_anything_hq
-
+    if "segment_anything_hq" in sys.modules:
+        return sys.modules["segment_anything_hq"]
+    # The stand-ins are visible only while the package imports (it binds the names then), so that
+    # other libraries (transformers) still see that torchvision and timm are absent.
+    mods = _stand_ins()
+    saved = {name: sys.modules.get(name) for name in mods}
+    sys.modules.update(mods)
+    try:
+        import segment_anything_hq
+    finally:
+        for name, old in saved.items():
+            if old is None:
+                sys.modules.pop(name, None)
+            else:
+                sys.modules[name] = old
     return segment_anything_hq
 
 
@@ -106,7 +115,7 @@ def perturb_(module, seed=0, scale=0.05):
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, t in list(module.named_parameters()) + list(module.named_buffers()):
-            if not t.is_floating_point():
+            if not t.is_floating_point() or name in ("pixel_mean", "pixel_std"):
                 continue
             noise = torch.randn(t.shape, generator=g, dtype=torch.float64).to(t.dtype)
             if name.endswith("running_var"):

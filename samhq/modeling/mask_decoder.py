@@ -97,13 +97,17 @@ def select_masks(
     mode "seed" (transformers): multimask -> the 3 multimask masks sorted by predicted IoU.
     mode "official" (segment_anything_hq): multimask -> only the best of the 3.
     Either way the HQ mask is added to each SAM mask, or returned alone with `hq_token_only`.
+    Without an HQ mask (plain SAM weights) both modes return SAM's masks unsorted, as SAM does.
     Returns masks (B, P, M, H, W) and scores (B, P, M).
     """
     if mode not in ("seed", "official"):
         raise ValueError(f"mode must be 'seed' or 'official', got {mode!r}")
     has_hq = masks.shape[2] == iou.shape[2] + 1
-    if hq_token_only and not has_hq:
-        raise ValueError("hq_token_only=True needs the HQ token, but this model was loaded without HQ weights")
+    if not has_hq:  # plain SAM: all multimask masks in token order, as segment_anything returns them
+        if hq_token_only:
+            raise ValueError("hq_token_only=True needs the HQ token, but this model was loaded without HQ weights")
+        pick = slice(1, None) if multimask_output else slice(0, 1)
+        return masks[:, :, pick], iou[:, :, pick]
     if multimask_output:
         scores = iou[:, :, 1:]
         if mode == "seed":
@@ -114,8 +118,6 @@ def select_masks(
         sam = masks.gather(2, index)
     else:
         scores, sam = iou[:, :, :1], masks[:, :, :1]
-    if not has_hq:
-        return sam, scores
     hq = masks[:, :, -1:]
     if hq_token_only:
         return hq, scores  # as both references: the SAM tokens' scores are kept

@@ -1,0 +1,27 @@
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from official_ref import perturb_  # noqa: E402
+
+from samhq import SamHQConfig, SamHQMaskDecoderConfig, SamHQModel, SamHQVisionConfig  # noqa: E402
+
+
+def small_config(**vision) -> SamHQConfig:
+    """A narrow ViT (1024 input, 64x64 embedding grid) that runs in well under a second."""
+    v = dict(hidden_size=64, num_hidden_layers=3, num_attention_heads=2, global_attn_indexes=[1, 2], window_size=14)
+    v.update(vision)
+    return SamHQConfig(
+        vision_config=SamHQVisionConfig(**v),
+        mask_decoder_config=SamHQMaskDecoderConfig(vit_dim=v["hidden_size"]),
+    )
+
+
+@pytest.fixture
+def small_model() -> SamHQModel:
+    torch.manual_seed(0)
+    return perturb_(SamHQModel(small_config()), seed=3).eval()
