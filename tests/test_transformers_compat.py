@@ -55,7 +55,7 @@ def _inputs():
     g = torch.Generator().manual_seed(5)
     pixels = torch.randn(1, 3, 1024, 1024, generator=g)
     points = torch.tensor([[[[200.0, 300.0], [700.0, 650.0]], [[512.0, 100.0], [20.0, 900.0]]]])
-    labels = torch.tensor([[[1, 0], [1, 1]]])
+    labels = torch.tensor([[[1, 0], [1, -10]]])  # -10: the processor's padding
     boxes = torch.tensor([[[100.0, 150.0, 800.0, 900.0], [300.0, 50.0, 600.0, 400.0]]])
     return pixels, points, labels, boxes
 

@@ -1,0 +1,135 @@
+"""Model-level behaviour: shapes, batching invariants, the seed's call conventions, bad inputs."""
+import pytest
+import torch
+
+from samhq import SamHQModel, SamHQVisionModel, select_masks
+from samhq.modeling.image_encoder import rel_pos_table, window_partition, window_unpartition
+
+torch.set_grad_enabled(False)
+
+
+@pytest.fixture(scope="module")
+def setup():
+    from conftest import perturb_, small_config
+
+    torch.manual_seed(0)
+    model = perturb_(SamHQModel(small_config()), seed=3).eval()
+    pixels = torch.randn(2, 3, 1024, 1024, generator=torch.Generator().manual_seed(1))
+    emb, inter = model.get_image_embeddings(pixels)
+    return model, pixels, emb, inter
+
+
+def test_output_shapes_follow_the_seed(setup):
+    model, _, emb, inter = setup
+    points = torch.rand(2, 3, 4, 2) * 1024
+    out = model(image_embeddings=emb, intermediate_embeddings=inter, input_points=points)
+    assert out.iou_scores.shape == (2, 3, 3) and out.pred_masks.shape == (2, 3, 3, 256, 256)
+    assert (out.iou_scores[..., :-1] >= out.iou_scores[..., 1:]).all()  # sorted by predicted IoU
+    single = model(image_embeddings=emb, intermediate_embeddings=inter, input_points=points, multimask_output=False)
+    assert single.pred_masks.shape == (2, 3, 1, 256, 256)
+    hq = model(image_embeddings=emb, intermediate_embeddings=inter, input_points=points, hq_token_only=True)
+    assert hq.pred_masks.shape == (2, 3, 1, 256, 256) and hq.iou_scores.shape == (2, 3, 3)
+    assert out["pred_masks"] is out.pred_masks and out[0] is out.iou_scores and list(out) == ["iou_scores", "pred_masks"]
+
+
+def test_batch_equals_one_by_one(setup):
+    """Two images x two prompts at once equal each image and prompt on its own."""
+    model, _, emb, inter = setup
+    boxes = torch.tensor([[[10.0, 20, 500, 600], [300, 300, 900, 1000]], [[0.0, 0, 1023, 1023], [50, 60, 70, 80]]])
+    both = model(image_embeddings=emb, intermediate_embeddings=inter, input_boxes=boxes)
+    for b in range(2):
+        for p in range(2):
+            one = model(image_embeddings=emb[b : b + 1], intermediate_embeddings=[t[b : b + 1] for t in inter],
+                        input_boxes=boxes[b : b + 1, p : p + 1])
+            torch.testing.assert_close(both.pred_masks[b, p], one.pred_masks[0, 0], rtol=1e-4, atol=1e-4)
+            torch.testing.assert_close(both.iou_scores[b, p], one.iou_scores[0, 0], rtol=1e-4, atol=1e-5)
+
+
+def test_pixels_and_embeddings_paths_agree(setup):
+    model, pixels, emb, inter = setup
+    pts = torch.tensor([[[[100.0, 100.0]]], [[[800.0, 300.0]]]])
+    a = model(pixel_values=pixels, input_points=pts)
+    b = model(image_embeddings=emb, intermediate_embeddings=inter, input_points=pts)
+    torch.testing.assert_close(a.pred_masks, b.pred_masks)
+
+
+def test_padding_points_embed_to_zero_tokens(setup):
+    """A point labelled -10 (the processor's padding) becomes an all-zero token, as in the seed;
+    transformers parity with a padded point is checked in test_transformers_compat."""
+    model = setup[0]
+    points = torch.tensor([[[100.0, 200.0], [400.0, 500.0], [0.0, 0.0]]])
+    emb = model.prompt_encoder.embed_points(points, torch.tensor([[1, 0, -10]]), pad=False)
+    assert torch.count_nonzero(emb[0, 2]) == 0 and torch.count_nonzero(emb[0, :2]) > 0
+
+
+def test_per_prompt_mask_inputs(setup):
+    model, _, emb, inter = setup
+    pts = torch.rand(1, 2, 1, 2) * 1024
+    masks = torch.randn(1, 2, 256, 256)
+    both = model(image_embeddings=emb[:1], intermediate_embeddings=[t[:1] for t in inter], input_points=pts, input_masks=masks)
+    for p in range(2):
+        one = model(image_embeddings=emb[:1], intermediate_embeddings=[t[:1] for t in inter], input_points=pts[:, p : p + 1],
+                    input_masks=masks[:, p : p + 1])
+        torch.testing.assert_close(both.pred_masks[0, p], one.pred_masks[0, 0], rtol=1e-4, atol=1e-4)
+
+
+def test_processor_keys_are_accepted_and_unknown_keys_refused(setup):
+    model, _, emb, inter = setup
+    pts = torch.rand(2, 1, 1, 2) * 1024
+    model(image_embeddings=emb, intermediate_embeddings=inter, input_points=pts,
+          original_sizes=torch.tensor([[10, 10]]), reshaped_input_sizes=torch.tensor([[10, 10]]))
+    with pytest.raises(TypeError, match="unexpected arguments: \\['input_pointz'\\]"):
+        model(image_embeddings=emb, intermediate_embeddings=inter, input_pointz=pts)
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(input_points=torch.rand(1, 2, 2)), r"input_points must be \(batch, point_batch, points, 2\)"),
+        (dict(input_points=torch.rand(2, 1, 2, 2), input_labels=torch.ones(2, 1, 3)), "input_labels shape"),
+        (dict(input_points=torch.full((2, 1, 1, 2), float("nan"))), "NaN or infinite"),
+        (dict(input_boxes=torch.rand(2, 4)), r"input_boxes must be \(batch, boxes, 4\)"),
+        (dict(input_boxes=torch.tensor([[[0.0, 0, float("inf"), 5]]] * 2)), "NaN or infinite"),
+        (dict(input_points=torch.rand(2, 2, 1, 2), input_boxes=torch.rand(2, 3, 4)), "must agree"),
+        (dict(input_masks=torch.rand(2, 1, 64, 64)), r"input_masks must be \(batch, 1 or prompts, 256, 256\)"),
+    ],
+)
+def test_bad_prompts_give_clear_errors(setup, kwargs, message):
+    model, _, emb, inter = setup
+    with pytest.raises(ValueError, match=message):
+        model(image_embeddings=emb, intermediate_embeddings=inter, **kwargs)
+
+
+def test_bad_images_and_missing_features(setup):
+    model, _, emb, _ = setup
+    with pytest.raises(ValueError, match=r"pixel_values must have shape \(B, 3, 1024, 1024\)"):
+        model(pixel_values=torch.rand(1, 3, 512, 512))
+    with pytest.raises(ValueError, match="exactly one of pixel_values and image_embeddings"):
+        model()
+    with pytest.raises(ValueError, match="intermediate_embeddings"):
+        model(image_embeddings=emb)
+    with pytest.raises(TypeError, match="SamHQProcessor"):
+        SamHQVisionModel(model.config)(pixel_values=[[0.0]])
+
+
+def test_select_masks_by_hand():
+    masks = torch.arange(5.0).view(1, 1, 5, 1, 1).expand(1, 1, 5, 2, 2)  # token i has value i
+    iou = torch.tensor([[[0.9, 0.1, 0.7, 0.3]]])
+    m, s = select_masks(masks, iou, True, False, "seed")
+    assert m[0, 0, :, 0, 0].tolist() == [2 + 4, 3 + 4, 1 + 4] and s[0, 0].tolist() == pytest.approx([0.7, 0.3, 0.1])
+    m, s = select_masks(masks, iou, True, False, "official")
+    assert m[0, 0, :, 0, 0].tolist() == [6] and s[0, 0].tolist() == pytest.approx([0.7])
+    m, s = select_masks(masks, iou, False, True, "official")
+    assert m[0, 0, :, 0, 0].tolist() == [4] and s[0, 0].tolist() == pytest.approx([0.9])
+    with pytest.raises(ValueError, match="mode must be"):
+        select_masks(masks, iou, True, False, "best")
+
+
+def test_window_partition_round_trip_and_rel_pos_table():
+    x = torch.randn(2, 30, 17, 5)
+    win, padded = window_partition(x, 14)
+    assert win.shape == (2 * 3 * 2, 14, 14, 5) and padded == (42, 28)
+    assert torch.equal(window_unpartition(win, 14, padded, (30, 17)), x)
+    table = torch.arange(7.0)[:, None]  # (2*4-1, 1)
+    r = rel_pos_table(4, table)
+    assert r[0, 0].item() == 3 and r[3, 0].item() == 6 and r[0, 3].item() == 0  # q - k + 3
