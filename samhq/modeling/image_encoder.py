@@ -44,25 +44,31 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, h, w, c = x.shape
-        n = self.num_heads
-        q, k, v = self.qkv(x).reshape(b, h * w, 3, n, c // n).permute(2, 0, 3, 1, 4).unbind(0)  # (B, n, HW, d)
-        if not self.use_rel_pos:
-            out = F.scaled_dot_product_attention(q, k, v)
+        q, k, v = self.qkv(x).reshape(b, h * w, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4).unbind(0)  # (B, n, HW, d)
+        if self.use_rel_pos:
+            out = self._rel_pos_attention(q, k, v, h, w)
         else:
-            rh = rel_pos_table(h, self.rel_pos_h)  # (H, H, d)
-            rw = rel_pos_table(w, self.rel_pos_w)  # (W, W, d)
-            rows = max(1, min(h, _MAX_BIAS_ELEMENTS // (b * n * w * h * w)))
-            chunks = []
-            for r0 in range(0, h, rows):
-                r1 = min(h, r0 + rows)
-                qc = q[:, :, r0 * w : r1 * w]
-                rq = qc.reshape(b, n, r1 - r0, w, -1)
-                bias_h = torch.einsum("bnhwd,hkd->bnhwk", rq, rh[r0:r1])
-                bias_w = torch.einsum("bnhwd,wkd->bnhwk", rq, rw)
-                bias = (bias_h[..., :, None] + bias_w[..., None, :]).reshape(b, n, (r1 - r0) * w, h * w)
-                chunks.append(F.scaled_dot_product_attention(qc, k, v, attn_mask=bias))
-            out = torch.cat(chunks, dim=2) if len(chunks) > 1 else chunks[0]
-        return self.proj(out.transpose(1, 2).reshape(b, h, w, c))
+            out = F.scaled_dot_product_attention(q, k, v).transpose(1, 2)
+        return self.proj(out.reshape(b, h, w, c))
+
+    def _rel_pos_attention(self, q, k, v, h: int, w: int) -> torch.Tensor:
+        """SDPA with the decomposed relative-position bias; q, k, v (B, n, HW, d) -> (B, HW, n, d).
+
+        The bias of a query row block is the sum of a per-key-row and a per-key-column term; it is
+        built contiguously (broadcasting over strided einsum outputs is several times slower) and
+        only for `rows` query rows at a time, so the (HW, HW) matrix never exists whole.
+        """
+        b, n, _, d = q.shape
+        rq = q.reshape(b, n, h, w, d)
+        bias_h = torch.einsum("bnhwd,hkd->bnhwk", rq, rel_pos_table(h, self.rel_pos_h)).contiguous()
+        bias_w = torch.einsum("bnhwd,wkd->bnhwk", rq, rel_pos_table(w, self.rel_pos_w)).contiguous()
+        rows = max(1, min(h, _MAX_BIAS_ELEMENTS // (b * n * w * h * w)))
+        chunks = []
+        for r0 in range(0, h, rows):
+            r1 = min(h, r0 + rows)
+            bias = (bias_h[:, :, r0:r1, :, :, None] + bias_w[:, :, r0:r1, :, None, :]).view(b, n, (r1 - r0) * w, h * w)
+            chunks.append(F.scaled_dot_product_attention(q[:, :, r0 * w : r1 * w], k, v, attn_mask=bias).transpose(1, 2))
+        return torch.cat(chunks, dim=1) if len(chunks) > 1 else chunks[0]
 
 
 def window_partition(x: torch.Tensor, window: int) -> tuple[torch.Tensor, tuple[int, int]]:
