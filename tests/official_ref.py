@@ -45,11 +45,12 @@ def _nms(boxes, scores, thresh):
     return torch.tensor(keep, dtype=torch.long)
 
 
-def _batched_nms(boxes, scores, idxs, thresh):
+def _batched_nms(boxes, scores, idxs, iou_threshold):
+    # same signature as torchvision.ops.boxes.batched_nms (the official generator passes iou_threshold=)
     if boxes.numel() == 0:
         return torch.empty(0, dtype=torch.long)
     offsets = idxs.to(boxes) * (boxes.max() + 1)
-    return _nms(boxes + offsets[:, None], scores, thresh)
+    return _nms(boxes + offsets[:, None], scores, iou_threshold)
 
 
 def _trunc_normal_(t, std=1.0, **kw):
@@ -126,3 +127,91 @@ def perturb_(module, seed=0, scale=0.05):
                 fan = t[0].numel() if t.ndim > 1 else 1
                 t.copy_(noise * max(scale, 1.0 / math.sqrt(fan)) if t.ndim > 1 else noise * scale)
     return module
+
+
+def official_from_ours(model):
+    """An official `Sam` with our model's architecture (any ViT config or vit_tiny) and its weights.
+
+    Used to compare whole pipelines (predictor, post-processing) on configs the official registry
+    has no builder for, such as small test ViTs with a smaller image size.
+    """
+    from functools import partial
+
+    from samhq.checkpoints import ours_to_official
+    from samhq.config import SamHQTinyViTConfig
+
+    sah = load_official()
+    cfg = model.config
+    v, p, d = cfg.vision_config, cfg.prompt_encoder_config, cfg.mask_decoder_config
+    m = sah.modeling
+    if isinstance(v, SamHQTinyViTConfig):
+        official = sah.sam_model_registry["vit_tiny"]()
+    else:
+        grid = v.image_size // v.patch_size
+        official = m.Sam(
+            image_encoder=m.ImageEncoderViT(
+                img_size=v.image_size, patch_size=v.patch_size, embed_dim=v.hidden_size, depth=v.num_hidden_layers,
+                num_heads=v.num_attention_heads, mlp_ratio=v.mlp_dim / v.hidden_size, out_chans=v.output_channels,
+                qkv_bias=v.qkv_bias, norm_layer=partial(torch.nn.LayerNorm, eps=v.layer_norm_eps),
+                use_abs_pos=v.use_abs_pos, use_rel_pos=v.use_rel_pos, window_size=v.window_size,
+                global_attn_indexes=v.global_attn_indexes,
+            ),
+            prompt_encoder=m.PromptEncoder(
+                embed_dim=p.hidden_size, image_embedding_size=(grid, grid),
+                input_image_size=(p.image_size, p.image_size), mask_in_chans=p.mask_input_channels,
+            ),
+            mask_decoder=m.MaskDecoderHQ(
+                num_multimask_outputs=d.num_multimask_outputs,
+                transformer=m.TwoWayTransformer(depth=d.num_hidden_layers, embedding_dim=d.hidden_size,
+                                                mlp_dim=d.mlp_dim, num_heads=d.num_attention_heads),
+                transformer_dim=d.hidden_size, iou_head_depth=d.iou_head_depth,
+                iou_head_hidden_dim=d.iou_head_hidden_dim, vit_dim=d.vit_dim,
+            ),
+            pixel_mean=[123.675, 116.28, 103.53],
+            pixel_std=[58.395, 57.12, 57.375],
+        )
+    result = official.load_state_dict(ours_to_official(model.state_dict()), strict=False)
+    assert not result.unexpected_keys, result.unexpected_keys
+    assert all(".head." in k or "norm_head" in k for k in result.missing_keys), result.missing_keys
+    return official.eval()  # eval() also refreshes TinyViT's cached attention biases
+
+
+def official_like(model):
+    """An official `Sam` (ViT encoder, HQ decoder) with the shape of our `model`'s config, holding its weights.
+
+    Lets parity tests run on small configs (narrow ViT, image_size 256) the official registry has no
+    builder for. Returns None when the official package is not installed.
+    """
+    from functools import partial
+
+    from samhq.checkpoints import ours_to_official
+
+    sah = load_official()
+    if sah is None:
+        return None
+    m = sah.modeling
+    v, p, d = model.config.vision_config, model.config.prompt_encoder_config, model.config.mask_decoder_config
+    grid = v.image_size // v.patch_size
+    sam = m.Sam(
+        image_encoder=m.ImageEncoderViT(
+            img_size=v.image_size, patch_size=v.patch_size, embed_dim=v.hidden_size, depth=v.num_hidden_layers,
+            num_heads=v.num_attention_heads, mlp_ratio=v.mlp_ratio, out_chans=v.output_channels, qkv_bias=True,
+            norm_layer=partial(torch.nn.LayerNorm, eps=1e-6), use_abs_pos=v.use_abs_pos, use_rel_pos=v.use_rel_pos,
+            window_size=v.window_size, global_attn_indexes=tuple(v.global_attn_indexes),
+        ),
+        prompt_encoder=m.PromptEncoder(
+            embed_dim=p.hidden_size, image_embedding_size=(grid, grid), input_image_size=(v.image_size, v.image_size),
+            mask_in_chans=p.mask_input_channels,
+        ),
+        mask_decoder=m.MaskDecoderHQ(
+            num_multimask_outputs=d.num_multimask_outputs,
+            transformer=m.TwoWayTransformer(depth=d.num_hidden_layers, embedding_dim=d.hidden_size, mlp_dim=d.mlp_dim,
+                                            num_heads=d.num_attention_heads),
+            transformer_dim=d.hidden_size, iou_head_depth=d.iou_head_depth, iou_head_hidden_dim=d.iou_head_hidden_dim,
+            vit_dim=d.vit_dim,
+        ),
+        pixel_mean=[123.675, 116.28, 103.53],
+        pixel_std=[58.395, 57.12, 57.375],
+    )
+    sam.load_state_dict(ours_to_official(model.state_dict()))
+    return sam.eval()

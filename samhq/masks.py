@@ -1,0 +1,213 @@
+"""Mask utilities for automatic mask generation.
+
+Point grids and crop boxes, stability scores, boxes from masks, box NMS (torch, no torchvision),
+run-length encoding (uncompressed, and COCO via pycocotools), small-region removal (scipy).
+Boxes are XYXY pixel coordinates unless a name says XYWH. An uncompressed RLE is
+`{"size": [H, W], "counts": [...]}` over the column-major (Fortran-order) pixels, starting with a
+run of zeros, as pycocotools expects.
+"""
+from __future__ import annotations
+
+import math
+import warnings
+from itertools import product
+
+import numpy as np
+import torch
+
+# ---------------------------------------------------------------------------------------------
+# Prompt points and crops
+
+
+def build_point_grid(n_per_side: int) -> np.ndarray:
+    """(n*n, 2) (x, y) points on a regular grid in [0, 1]^2, cell centres, x varying fastest."""
+    half = 1 / (2 * n_per_side)
+    side = np.linspace(half, 1 - half, n_per_side)
+    xs, ys = np.meshgrid(side, side)
+    return np.stack([xs.ravel(), ys.ravel()], axis=-1)
+
+
+def build_point_grids(n_per_side: int, n_layers: int, downscale: int) -> list[np.ndarray]:
+    """One grid per crop layer; layer i has int(n_per_side / downscale**i) points a side."""
+    return [build_point_grid(int(n_per_side / downscale**i)) for i in range(n_layers + 1)]
+
+
+def generate_crop_boxes(im_size: tuple[int, int], n_layers: int, overlap_ratio: float) -> tuple[list[list[int]], list[int]]:
+    """XYXY crop boxes and their layer index: the whole image, then (2^i)^2 overlapping crops for layer i."""
+    im_h, im_w = im_size
+    boxes, layers = [[0, 0, im_w, im_h]], [0]
+    for layer in range(1, n_layers + 1):
+        n = 2**layer
+        overlap = int(overlap_ratio * min(im_h, im_w) * 2 / n)
+        crop_w = math.ceil((overlap * (n - 1) + im_w) / n)
+        crop_h = math.ceil((overlap * (n - 1) + im_h) / n)
+        x0s = [int((crop_w - overlap) * i) for i in range(n)]
+        y0s = [int((crop_h - overlap) * i) for i in range(n)]
+        for x0, y0 in product(x0s, y0s):
+            boxes.append([x0, y0, min(x0 + crop_w, im_w), min(y0 + crop_h, im_h)])
+            layers.append(layer)
+    return boxes, layers
+
+
+# ---------------------------------------------------------------------------------------------
+# Scores and boxes
+
+
+def stability_score(logits: torch.Tensor, mask_threshold: float, offset: float) -> torch.Tensor:
+    """IoU of the masks thresholded at mask_threshold +- offset: (..., H, W) -> (...)."""
+    inner = (logits > mask_threshold + offset).sum((-2, -1))
+    outer = (logits > mask_threshold - offset).sum((-2, -1))
+    return inner.float() / outer.float()
+
+
+def masks_to_boxes(masks: torch.Tensor) -> torch.Tensor:
+    """Tight XYXY boxes (inclusive pixel indices) around bool masks (..., H, W) -> (..., 4) int64; empty -> 0s."""
+    h, w = masks.shape[-2:]
+    if masks.numel() == 0:
+        return torch.zeros(*masks.shape[:-2], 4, dtype=torch.int64, device=masks.device)
+    rows, cols = masks.any(-1), masks.any(-2)
+    top = rows.int().argmax(-1)
+    bottom = h - 1 - rows.flip(-1).int().argmax(-1)
+    left = cols.int().argmax(-1)
+    right = w - 1 - cols.flip(-1).int().argmax(-1)
+    boxes = torch.stack([left, top, right, bottom], dim=-1)
+    return boxes * rows.any(-1, keepdim=True)
+
+
+def box_xyxy_to_xywh(boxes: torch.Tensor) -> torch.Tensor:
+    """(..., 4) XYXY -> XYWH."""
+    return torch.cat([boxes[..., :2], boxes[..., 2:] - boxes[..., :2]], dim=-1)
+
+
+def box_area(boxes: torch.Tensor) -> torch.Tensor:
+    return (boxes[..., 2] - boxes[..., 0]) * (boxes[..., 3] - boxes[..., 1])
+
+
+def box_iou(boxes: torch.Tensor) -> torch.Tensor:
+    """Pairwise IoU of (N, 4) XYXY boxes -> (N, N), computed in the boxes' float dtype."""
+    area = box_area(boxes)
+    lt = torch.maximum(boxes[:, None, :2], boxes[None, :, :2])
+    rb = torch.minimum(boxes[:, None, 2:], boxes[None, :, 2:])
+    inter = (rb - lt).clamp(min=0).prod(-1)
+    return inter / (area[:, None] + area[None, :] - inter)
+
+
+def box_nms(boxes: torch.Tensor, scores: torch.Tensor, iou_threshold: float) -> torch.Tensor:
+    """Greedy non-maximum suppression: indices of the kept boxes, highest score first.
+
+    Ties in score keep their input order; a box is dropped when its IoU with a kept, better box
+    is above iou_threshold (torchvision.ops.nms semantics). boxes (N, 4) XYXY, scores (N,).
+    """
+    if len(boxes) == 0:
+        return torch.empty(0, dtype=torch.int64, device=boxes.device)
+    order = torch.sort(scores, descending=True, stable=True).indices
+    over = (box_iou(boxes[order].float()) > iou_threshold).cpu().numpy()
+    suppressed = np.zeros(len(order), dtype=bool)
+    keep = []
+    for i in range(len(order)):
+        if not suppressed[i]:
+            keep.append(i)
+            suppressed |= over[i]
+    return order[torch.as_tensor(keep, device=order.device)]
+
+
+def is_box_near_crop_edge(boxes: torch.Tensor, crop_box: list[int], orig_box: list[int], atol: float = 20.0) -> torch.Tensor:
+    """(N,) True where a box (XYXY, crop frame) lies within atol of a crop edge that is not an image edge."""
+    crop = torch.as_tensor(crop_box, dtype=torch.float32, device=boxes.device)
+    orig = torch.as_tensor(orig_box, dtype=torch.float32, device=boxes.device)
+    boxes = (boxes + crop[[0, 1, 0, 1]]).float()
+    near_crop = (boxes - crop).abs() <= atol
+    near_image = (boxes - orig).abs() <= atol
+    return (near_crop & ~near_image).any(dim=-1)
+
+
+def uncrop_masks(masks: torch.Tensor, crop_box: list[int], orig_h: int, orig_w: int) -> torch.Tensor:
+    """Place (N, h, w) crop masks into zero (N, orig_h, orig_w) masks."""
+    x0, y0, x1, y1 = crop_box
+    if (x0, y0, x1, y1) == (0, 0, orig_w, orig_h):
+        return masks
+    return torch.nn.functional.pad(masks, (x0, orig_w - x1, y0, orig_h - y1), value=0)
+
+
+# ---------------------------------------------------------------------------------------------
+# Run-length encoding
+
+
+def mask_to_rle(masks: torch.Tensor) -> list[dict]:
+    """Bool masks (N, H, W) -> N uncompressed RLEs (pycocotools' column-major runs, zeros first)."""
+    n, h, w = masks.shape
+    flat = masks.transpose(1, 2).reshape(n, h * w)
+    which, where = (flat[:, 1:] != flat[:, :-1]).nonzero(as_tuple=True)
+    per_mask = torch.bincount(which, minlength=n).tolist()
+    ends = np.split((where + 1).cpu().numpy(), np.cumsum(per_mask)[:-1])
+    first = flat[:, 0].tolist() if h * w else [False] * n
+    out = []
+    for i in range(n):
+        counts = np.diff(np.concatenate([[0], ends[i], [h * w]])).tolist()
+        out.append({"size": [h, w], "counts": ([0] + counts) if first[i] else counts})
+    return out
+
+
+def rle_to_mask(rle: dict) -> np.ndarray:
+    """Uncompressed RLE -> bool (H, W) mask."""
+    h, w = rle["size"]
+    counts = np.asarray(rle["counts"], dtype=np.int64)
+    values = np.arange(len(counts)) % 2 == 1
+    flat = np.repeat(values, counts)
+    if flat.size != h * w:
+        raise ValueError(f"RLE counts sum to {flat.size} pixels but its size is {h}x{w}")
+    return np.ascontiguousarray(flat.reshape(w, h).T)
+
+
+def area_from_rle(rle: dict) -> int:
+    return int(sum(rle["counts"][1::2]))
+
+
+def rle_to_coco(rle: dict) -> dict:
+    """Uncompressed RLE -> COCO compressed RLE with a str `counts` (JSON-ready). Needs pycocotools."""
+    from pycocotools import mask as mask_utils
+
+    h, w = rle["size"]
+    coco = mask_utils.frPyObjects(rle, h, w)
+    return {"size": [int(s) for s in coco["size"]], "counts": coco["counts"].decode("ascii")}
+
+
+def coco_to_mask(rle: dict) -> np.ndarray:
+    """COCO compressed RLE (str or bytes counts) -> bool (H, W) mask. Needs pycocotools."""
+    from pycocotools import mask as mask_utils
+
+    counts = rle["counts"]
+    rle = {"size": list(rle["size"]), "counts": counts.encode("ascii") if isinstance(counts, str) else counts}
+    with warnings.catch_warnings():  # pycocotools' own NumPy-2 copy-keyword deprecation notice
+        warnings.simplefilter("ignore", DeprecationWarning)
+        return mask_utils.decode(rle).astype(bool)
+
+
+# ---------------------------------------------------------------------------------------------
+# Small regions
+
+_EIGHT = np.ones((3, 3), dtype=bool)
+
+
+def remove_small_regions(mask: np.ndarray, area_thresh: float, mode: str) -> tuple[np.ndarray, bool]:
+    """Fill holes ("holes") or drop islands ("islands") smaller than area_thresh pixels (8-connected).
+
+    When every island is small the largest one is kept. Returns the new (H, W) bool mask and
+    whether anything changed.
+    """
+    from scipy import ndimage
+
+    if mode not in ("holes", "islands"):
+        raise ValueError(f"mode must be 'holes' or 'islands', got {mode!r}")
+    holes = mode == "holes"
+    labels, n = ndimage.label(~mask if holes else mask, structure=_EIGHT)
+    sizes = np.bincount(labels.ravel(), minlength=n + 1)[1:]
+    small = sizes < area_thresh
+    if not small.any():
+        return mask, False
+    if holes:
+        fill = np.concatenate([[True], small])  # the mask itself (label 0) plus the small holes
+    else:
+        big = ~small if (~small).any() else np.arange(n) == np.argmax(sizes)
+        fill = np.concatenate([[False], big])
+    return fill[labels], True
