@@ -1,0 +1,296 @@
+"""Image and prompt preprocessing shared by the predictor and `SamHQProcessor`.
+
+The pipeline both references use: resize the longest side to the model's image size (PIL bilinear),
+normalise with ImageNet mean / std (on the 0..255 scale), pad bottom / right to a square. Prompt
+coordinates are scaled by new / old size per axis. Low-resolution mask logits go back to the
+original size by upsampling to the padded square, cropping the padding, and resizing.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.nn import functional as F
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+# The official code normalises on the 0..255 scale with these float32 constants.
+PIXEL_MEAN = torch.tensor([123.675, 116.28, 103.53]).view(3, 1, 1)
+PIXEL_STD = torch.tensor([58.395, 57.12, 57.375]).view(3, 1, 1)
+
+
+def preprocess_shape(height: int, width: int, long_side: int) -> tuple[int, int]:
+    """(h, w) after scaling the longest side to `long_side`, rounded half up as SAM does."""
+    scale = long_side / max(height, width)
+    return int(height * scale + 0.5), int(width * scale + 0.5)
+
+
+def resize_rgb(image: np.ndarray, long_side: int) -> np.ndarray:
+    """(H, W, 3) uint8 -> (h, w, 3) uint8 with the longest side `long_side` (PIL bilinear, antialiased)."""
+    h, w = preprocess_shape(image.shape[0], image.shape[1], long_side)
+    return np.array(Image.fromarray(image).resize((w, h), Image.BILINEAR))
+
+
+def normalize_and_pad(pixels: torch.Tensor, image_size: int) -> torch.Tensor:
+    """(B, 3, h, w) values in 0..255 -> (B, 3, S, S) float32, normalised and zero-padded bottom / right."""
+    x = (pixels.float() - PIXEL_MEAN.to(pixels.device)) / PIXEL_STD.to(pixels.device)
+    h, w = x.shape[-2:]
+    return F.pad(x, (0, image_size - w, 0, image_size - h))
+
+
+def scale_coords(coords, original_size: tuple[int, int], long_side: int):
+    """Scale (..., 2) x, y coordinates from the original (H, W) frame to the resized input frame.
+
+    Works on numpy arrays (returns float64) and torch tensors (returns float32); the input is not modified.
+    """
+    old_h, old_w = original_size
+    new_h, new_w = preprocess_shape(old_h, old_w, long_side)
+    factor = [new_w / old_w, new_h / old_h]
+    if isinstance(coords, torch.Tensor):
+        return coords.to(torch.float) * torch.tensor(factor, dtype=torch.float, device=coords.device)
+    return np.asarray(coords, dtype=np.float64) * np.asarray(factor)
+
+
+def upscale_logits(
+    low_res: torch.Tensor, input_size: tuple[int, int], original_size: tuple[int, int], pad_size
+) -> torch.Tensor:
+    """Low-res logits (..., h, w) -> (..., H, W) at the original size: upsample to the padded input
+    (`pad_size`, an int S or (S_h, S_w)), crop the padding to `input_size`, then resize to
+    `original_size` (bilinear, float32)."""
+    pad = (pad_size, pad_size) if isinstance(pad_size, int) else tuple(pad_size)
+    lead = low_res.shape[:-2]
+    x = low_res.float().reshape(1, -1, *low_res.shape[-2:])
+    x = F.interpolate(x, pad, mode="bilinear", align_corners=False)
+    x = x[..., : int(input_size[0]), : int(input_size[1])]
+    x = F.interpolate(x, tuple(int(v) for v in original_size), mode="bilinear", align_corners=False)
+    return x.reshape(*lead, *x.shape[-2:])
+
+
+class BatchFeature(dict):
+    """The processor's output: a dict (so `model(**batch)` works) with attribute access and `.to()`."""
+
+    def __getattr__(self, name):
+        try:
+            return self[name]
+        except KeyError:
+            raise AttributeError(name) from None
+
+    def to(self, device=None, dtype=None) -> "BatchFeature":
+        """Move every tensor to `device`; `dtype` applies to floating-point tensors only."""
+        for k, v in self.items():
+            if isinstance(v, torch.Tensor):
+                self[k] = v.to(device=device, dtype=dtype if v.is_floating_point() else None)
+        return self
+
+
+def _is_batch(images) -> bool:
+    if isinstance(images, (list, tuple)):
+        return True
+    return isinstance(images, (np.ndarray, torch.Tensor)) and images.ndim == 4
+
+
+def _nested(x):
+    return x.tolist() if isinstance(x, (np.ndarray, torch.Tensor)) else x
+
+
+def _depth(x) -> int:
+    d = 0
+    while isinstance(x, (list, tuple)):
+        if not x:
+            raise ValueError("prompt lists must not be empty")
+        x, d = x[0], d + 1
+    return d
+
+
+class SamHQImageProcessor:
+    """Images to `pixel_values` (B, 3, S, S), segmentation maps to `labels`; masks back to full size.
+
+    S is the model's input size (1024 for the released models). Images are converted to RGB by
+    `samhq.image_io.to_rgb_array` (see there for every accepted kind), resized so the longest side
+    is S (PIL bilinear), rescaled to [0, 1], normalised with ImageNet mean / std and zero-padded
+    bottom / right. Segmentation maps are resized (nearest) so the longest side is S / 4 and
+    padded with 0 to S / 4 x S / 4.
+    """
+
+    def __init__(self, image_size: int = 1024):
+        self.size = {"longest_edge": image_size}
+        self.pad_size = {"height": image_size, "width": image_size}
+        self.mask_size = {"longest_edge": image_size // 4}
+        self.mask_pad_size = {"height": image_size // 4, "width": image_size // 4}
+        self.image_mean, self.image_std = list(IMAGENET_MEAN), list(IMAGENET_STD)
+
+    def __call__(self, images, segmentation_maps=None, return_tensors="pt") -> BatchFeature:
+        return self.preprocess(images, segmentation_maps, return_tensors)
+
+    def preprocess(self, images, segmentation_maps=None, return_tensors="pt") -> BatchFeature:
+        from .image_io import check_image_size, to_rgb_array
+
+        s = self.size["longest_edge"]
+        images = list(images) if _is_batch(images) else [images]
+        if not images:
+            raise ValueError("no images given")
+        pixels, original, reshaped = [], [], []
+        for image in images:
+            rgb = to_rgb_array(image)
+            check_image_size(rgb.shape[0], rgb.shape[1], s)
+            resized = resize_rgb(rgb, s)
+            original.append(rgb.shape[:2])
+            reshaped.append(resized.shape[:2])
+            pixels.append(normalize_and_pad(torch.from_numpy(resized).permute(2, 0, 1)[None], s)[0])
+        data = {
+            "pixel_values": torch.stack(pixels),
+            "original_sizes": torch.tensor(original, dtype=torch.int64),
+            "reshaped_input_sizes": torch.tensor(reshaped, dtype=torch.int64),
+        }
+        if segmentation_maps is not None:
+            maps = list(segmentation_maps) if _is_batch(segmentation_maps) else [segmentation_maps]
+            if len(maps) != len(images):
+                raise ValueError(f"got {len(images)} images but {len(maps)} segmentation maps")
+            data["labels"] = torch.stack([self._label(m, size) for m, size in zip(maps, original)])
+        out = BatchFeature(data)
+        return out if return_tensors == "pt" else BatchFeature({k: v.numpy() for k, v in out.items()})
+
+    def _label(self, seg, image_size) -> torch.Tensor:
+        arr = np.asarray(seg.convert("I") if isinstance(seg, Image.Image) else _nested(seg) if isinstance(seg, torch.Tensor) else seg)
+        if arr.ndim == 3 and 1 in (arr.shape[0], arr.shape[-1]):
+            arr = arr.squeeze(0 if arr.shape[0] == 1 else -1)
+        if arr.ndim != 2:
+            raise ValueError(f"a segmentation map must be (H, W), got shape {arr.shape}")
+        if tuple(arr.shape) != tuple(image_size):
+            raise ValueError(f"segmentation map is {arr.shape[1]}x{arr.shape[0]} but its image is {image_size[1]}x{image_size[0]}")
+        m = self.mask_size["longest_edge"]
+        h, w = preprocess_shape(arr.shape[0], arr.shape[1], m)
+        small = np.asarray(Image.fromarray(arr.astype(np.int32)).resize((w, h), Image.NEAREST)).astype(np.int64)
+        out = np.zeros((self.mask_pad_size["height"], self.mask_pad_size["width"]), np.int64)
+        out[:h, :w] = small
+        return torch.from_numpy(out)
+
+    def post_process_masks(self, masks, original_sizes, reshaped_input_sizes, mask_threshold=0.0, binarize=True,
+                           pad_size=None) -> list[torch.Tensor]:
+        """Low-res logits per image (..., h, w) -> masks (..., H, W) at each original size.
+
+        masks: a list (one entry per image) or a batched tensor; sizes (B, 2) as returned by the
+        processor. Returns a list of bool masks (or float logits when `binarize=False`).
+        """
+        pad = self.pad_size if pad_size is None else pad_size
+        pad = (pad["height"], pad["width"]) if isinstance(pad, dict) else pad
+        original_sizes, reshaped_input_sizes = _nested(original_sizes), _nested(reshaped_input_sizes)
+        if len(masks) != len(original_sizes) or len(original_sizes) != len(reshaped_input_sizes):
+            raise ValueError(f"got masks for {len(masks)} images but {len(original_sizes)} original sizes "
+                             f"and {len(reshaped_input_sizes)} reshaped sizes")
+        out = []
+        for m, original, reshaped in zip(masks, original_sizes, reshaped_input_sizes):
+            m = torch.as_tensor(m)
+            full = upscale_logits(m, reshaped, original, pad)
+            out.append(full > mask_threshold if binarize else full)
+        return out
+
+
+class SamHQProcessor:
+    """The seed's processor call: images and prompts in, model inputs out.
+
+        processor = SamHQProcessor()
+        batch = processor(image, input_points=[[[450, 600]]], return_tensors="pt")
+        out = model(**batch)
+        masks = processor.image_processor.post_process_masks(out.pred_masks, batch["original_sizes"],
+                                                             batch["reshaped_input_sizes"])
+
+    Prompts are in original-image pixels and nested per image: points `[image][object][point][x, y]`
+    (or `[image][point][x, y]` for one object), labels `[image][object][point]` (default: all 1),
+    boxes `[image][box][x0, y0, x1, y1]`. They are scaled to the resized frame. Objects with fewer
+    points are padded with `point_pad_value` (coordinates and label), which the model ignores.
+    """
+
+    def __init__(self, image_processor: SamHQImageProcessor | None = None, point_pad_value: int = -10):
+        self.image_processor = image_processor or SamHQImageProcessor()
+        self.point_pad_value = point_pad_value
+
+    @property
+    def target_size(self) -> int:
+        return self.image_processor.size["longest_edge"]
+
+    @classmethod
+    def for_model(cls, model) -> "SamHQProcessor":
+        """A processor for a model's input size (`config.vision_config.image_size`)."""
+        return cls(SamHQImageProcessor(model.config.vision_config.image_size))
+
+    def __call__(self, images=None, segmentation_maps=None, input_points=None, input_labels=None, input_boxes=None,
+                 point_pad_value=None, return_tensors="pt") -> BatchFeature:
+        if images is None:
+            raise ValueError("images are required")
+        if return_tensors not in ("pt", "np", None):
+            raise ValueError(f"return_tensors must be 'pt' or 'np', got {return_tensors!r}")
+        batch = self.image_processor(images, segmentation_maps, return_tensors="pt")
+        sizes = batch["original_sizes"].tolist()
+        pad = self.point_pad_value if point_pad_value is None else point_pad_value
+        if input_points is not None:
+            batch["input_points"], batch["input_labels"] = self._points(input_points, input_labels, sizes, pad)
+        elif input_labels is not None:
+            raise ValueError("input_labels were given without input_points")
+        if input_boxes is not None:
+            batch["input_boxes"] = self._boxes(input_boxes, sizes)
+        return batch if return_tensors == "pt" else BatchFeature({k: v.numpy() for k, v in batch.items()})
+
+    def post_process_masks(self, *args, **kwargs):
+        return self.image_processor.post_process_masks(*args, **kwargs)
+
+    def _points(self, points, labels, sizes, pad):
+        points = _nested(points)
+        if not isinstance(points, (list, tuple)) or len(points) != len(sizes):
+            raise ValueError(f"input_points must be nested per image: {len(sizes)} image(s), "
+                             f"got {len(points) if isinstance(points, (list, tuple)) else type(points).__name__}")
+        depth = _depth(points)
+        if depth not in (3, 4):
+            raise ValueError("input_points must be nested [image][object][point][x, y] or [image][point][x, y]")
+        if depth == 3:
+            points = [[obj] for obj in points]
+        labels = _nested(labels)
+        if labels is None:
+            labels = [[[1] * len(obj) for obj in img] for img in points]
+        elif not isinstance(labels, (list, tuple)) or _depth(labels) != depth - 1:
+            raise ValueError("input_labels must be nested like input_points without the x, y level")
+        elif depth == 3:
+            labels = [[obj] for obj in labels]
+        counts = {len(img) for img in points}
+        if len(counts) > 1:
+            raise ValueError(f"every image needs the same number of point prompts, got {sorted(counts)}")
+        n = max(len(obj) for img in points for obj in img)
+        out_p, out_l = [], []
+        for i, (img_pts, img_lab, size) in enumerate(zip(points, labels, sizes)):
+            if len(img_lab) != len(img_pts):
+                raise ValueError(f"image {i}: {len(img_pts)} point prompts but {len(img_lab)} label lists")
+            rows_p, rows_l = [], []
+            for j, (obj, lab) in enumerate(zip(img_pts, img_lab)):
+                arr = np.asarray(obj, dtype=np.float64)
+                if arr.ndim != 2 or arr.shape[1] != 2:
+                    raise ValueError(f"image {i}, prompt {j}: points must be [x, y] pairs, got shape {arr.shape}")
+                if not np.isfinite(arr).all():
+                    raise ValueError(f"image {i}, prompt {j}: points contain NaN or infinite values")
+                if len(lab) != len(arr):
+                    raise ValueError(f"image {i}, prompt {j}: {len(arr)} points but {len(lab)} labels")
+                arr = scale_coords(arr, size, self.target_size)
+                rows_p.append(np.concatenate([arr, np.full((n - len(arr), 2), float(pad))]))
+                rows_l.append(list(lab) + [pad] * (n - len(arr)))
+            out_p.append(rows_p)
+            out_l.append(rows_l)
+        return torch.tensor(np.array(out_p), dtype=torch.float32), torch.tensor(out_l, dtype=torch.int64)
+
+    def _boxes(self, boxes, sizes):
+        boxes = _nested(boxes)
+        if not isinstance(boxes, (list, tuple)) or len(boxes) != len(sizes) or _depth(boxes) != 3:
+            raise ValueError(f"input_boxes must be nested [image][box][x0, y0, x1, y1] for {len(sizes)} image(s)")
+        counts = {len(img) for img in boxes}
+        if len(counts) > 1:
+            raise ValueError(f"every image needs the same number of boxes, got {sorted(counts)}")
+        out = []
+        for i, (img, size) in enumerate(zip(boxes, sizes)):
+            arr = np.asarray(img, dtype=np.float64)
+            if arr.ndim != 2 or arr.shape[1] != 4:
+                raise ValueError(f"image {i}: boxes must be [x0, y0, x1, y1], got shape {arr.shape}")
+            if not np.isfinite(arr).all():
+                raise ValueError(f"image {i}: boxes contain NaN or infinite values")
+            bad = (arr[:, 2] < arr[:, 0]) | (arr[:, 3] < arr[:, 1])
+            if bad.any():
+                raise ValueError(f"image {i}: box {arr[bad][0].tolist()} must have x1 >= x0 and y1 >= y0")
+            out.append(scale_coords(arr.reshape(-1, 2, 2), size, self.target_size).reshape(-1, 4))
+        return torch.tensor(np.array(out), dtype=torch.float32)
