@@ -1,12 +1,20 @@
 """samhq: SAM-HQ (Segment Anything in High Quality) for PyTorch."""
+from .automatic import SamHQAutomaticMaskGenerator
 from .checkpoints import CheckpointError, convert, load_model, save_official, save_pretrained
 from .config import SamHQConfig, SamHQMaskDecoderConfig, SamHQPromptEncoderConfig, SamHQTinyViTConfig, SamHQVisionConfig
+from .image_io import load_image, to_rgb_array
 from .modeling import SamHQModel, SamHQVisionModel, select_masks
+from .pipelines import pipeline
+from .predictor import ImageEmbedding, SamHQPredictor, model_fingerprint
+from .processing import BatchFeature, SamHQImageProcessor, SamHQProcessor
+from .visualize import draw_masks
 
 __version__ = "0.1.0"
 
 __all__ = [
     "SamHQConfig", "SamHQVisionConfig", "SamHQTinyViTConfig", "SamHQPromptEncoderConfig", "SamHQMaskDecoderConfig",
     "SamHQModel", "SamHQVisionModel", "select_masks", "CheckpointError", "load_model", "save_pretrained",
-    "save_official", "convert",
+    "save_official", "convert", "SamHQPredictor", "ImageEmbedding", "model_fingerprint", "SamHQProcessor",
+    "SamHQImageProcessor", "BatchFeature", "SamHQAutomaticMaskGenerator", "pipeline", "load_image", "to_rgb_array",
+    "draw_masks",
 ]
