@@ -214,6 +214,20 @@ class SamHQProcessor:
         """A processor for a model's input size (`config.vision_config.image_size`)."""
         return cls(SamHQImageProcessor(model.config.vision_config.image_size))
 
+    @classmethod
+    def from_pretrained(cls, source, **kwargs) -> "SamHQProcessor":
+        """A processor for a checkpoint (anything `SamHQModel.from_pretrained` takes), sized from its config."""
+        from .checkpoints import infer_config, read_checkpoint, resolve_source
+        from .config import SamHQConfig
+
+        path = resolve_source(source)
+        if path.is_dir() and (path / "config.json").exists():
+            config = SamHQConfig.from_json_file(path / "config.json")
+        else:
+            state, config, _ = read_checkpoint(path)
+            config = config or infer_config(state, str(path))
+        return cls(SamHQImageProcessor(config.vision_config.image_size), **kwargs)
+
     def __call__(self, images=None, segmentation_maps=None, input_points=None, input_labels=None, input_boxes=None,
                  point_pad_value=None, return_tensors="pt") -> BatchFeature:
         if images is None:

@@ -109,3 +109,18 @@ def test_bad_images():
         SamHQProcessor()(np.zeros((1, 1, 3), np.uint8))
     with pytest.raises(ValueError, match="not found"):
         SamHQProcessor()("/nonexistent/image.png")
+
+
+def test_from_pretrained_takes_the_input_size_from_the_checkpoint(tmp_path):
+    from conftest import small_config
+
+    from samhq import SamHQModel, SamHQProcessor, save_official
+
+    model = SamHQModel(small_config(image_size=256))
+    model.save_pretrained(tmp_path / "seed")
+    save_official(model, tmp_path / "official.pth")
+    for src in (tmp_path / "seed", tmp_path / "official.pth"):
+        proc = SamHQProcessor.from_pretrained(src)
+        batch = proc(np.zeros((40, 80, 3), np.uint8), input_points=[[[40, 20]]])
+        assert tuple(batch["pixel_values"].shape) == (1, 3, 256, 256)
+        assert batch["input_points"][0, 0, 0].tolist() == [128.0, 64.0]
