@@ -103,8 +103,8 @@ class PromptEncoder(nn.Module):
         if parts:
             sparse = torch.cat(parts, dim=2)
         else:
-            b = masks.shape[0] if masks is not None else 1
-            sparse = self.no_mask_embed.weight.new_zeros(b, 1, 0, self.config.hidden_size)
+            b, p = masks.shape[:2] if masks is not None else (1, 1)  # mask-only prompts: one per mask
+            sparse = self.no_mask_embed.weight.new_zeros(b, p, 0, self.config.hidden_size)
         if masks is not None:
             if masks.ndim == 5:
                 masks = masks.flatten(1, 2)
