@@ -1,6 +1,8 @@
 """samhq: SAM-HQ (Segment Anything in High Quality) for PyTorch."""
 from .automatic import SamHQAutomaticMaskGenerator
 from .checkpoints import CheckpointError, convert, load_model, save_official, save_pretrained
+from .export import export_onnx
+from .fast import bf16_supported, optimize, quantize_int8
 from .config import SamHQConfig, SamHQMaskDecoderConfig, SamHQPromptEncoderConfig, SamHQTinyViTConfig, SamHQVisionConfig
 from .image_io import load_image, to_rgb_array
 from .modeling import SamHQModel, SamHQVisionModel, select_masks
@@ -16,5 +18,5 @@ __all__ = [
     "SamHQModel", "SamHQVisionModel", "select_masks", "CheckpointError", "load_model", "save_pretrained",
     "save_official", "convert", "SamHQPredictor", "ImageEmbedding", "model_fingerprint", "SamHQProcessor",
     "SamHQImageProcessor", "BatchFeature", "SamHQAutomaticMaskGenerator", "pipeline", "load_image", "to_rgb_array",
-    "draw_masks",
+    "draw_masks", "export_onnx", "optimize", "quantize_int8", "bf16_supported",
 ]

@@ -173,7 +173,17 @@ class SamHQPredictor:
 
     mask_threshold = 0.0
 
-    def __init__(self, model) -> None:
+    def __new__(cls, model=None, engine: str = "torch"):
+        # engine="onnxruntime" exports the model to ONNX and returns the onnxruntime engine, which has this interface.
+        if engine == "onnxruntime":
+            from .export.ort import OnnxPredictor
+
+            return OnnxPredictor.from_model(model)
+        if engine != "torch":
+            raise ValueError(f"engine must be 'torch' or 'onnxruntime', got {engine!r}")
+        return super().__new__(cls)
+
+    def __init__(self, model, engine: str = "torch") -> None:
         self.model = model
         self.image_size = model.config.vision_config.image_size
         self.mask_size = 4 * model.config.prompt_encoder_config.image_embedding_size
@@ -186,6 +196,13 @@ class SamHQPredictor:
         from .modeling.model import SamHQModel
 
         return cls(SamHQModel.from_pretrained(source, device=device, dtype=dtype, **kwargs))
+
+    @staticmethod
+    def from_onnx(onnx_dir, threads: int | None = None):
+        """The onnxruntime engine over models written by `samhq export onnx SRC onnx_dir` (an `OnnxPredictor`)."""
+        from .export.ort import OnnxPredictor
+
+        return OnnxPredictor(onnx_dir, threads=threads)
 
     @property
     def device(self) -> torch.device:

@@ -1,0 +1,188 @@
+"""ONNX export and the onnxruntime engine: a small random model exported, run in onnxruntime and
+compared with the torch predictor (`SamHQPredictor`, the official output selection).
+
+Tolerances: image embeddings and HQ features max relative error (max |diff| / max |ref|) <= 1e-4;
+mask logits at the original size and low-res logits <= 1e-4 relative; scores <= 1e-4 absolute;
+thresholded masks IoU >= 0.999 per mask (float differences may flip pixels whose logit is ~0).
+"""
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("onnx")
+ort = pytest.importorskip("onnxruntime")
+
+from samhq.export.onnx import DECODER_FILE, ENCODER_FILE, META_FILE, check_standard_ops, export_onnx  # noqa: E402
+from samhq.export.ort import OnnxPredictor  # noqa: E402
+from samhq.predictor import SamHQPredictor  # noqa: E402
+
+torch.set_grad_enabled(False)
+
+# Operators onnxruntime-web's wasm backend runs (its CPU kernels); the decoder must use only these.
+WASM_DECODER_OPS = {
+    "Add", "ArgMax", "Cast", "Concat", "Constant", "ConstantOfShape", "Conv", "ConvTranspose", "Cos", "Div",
+    "Equal", "Erf", "Expand", "Floor", "Gather", "GatherElements", "Gemm", "Greater", "LayerNormalization",
+    "MatMul", "Mod", "Mul", "Reciprocal", "ReduceMax", "Relu", "Reshape", "Resize", "Shape", "Sin", "Slice",
+    "Softmax", "Sqrt", "Sub", "Transpose", "Unsqueeze", "Where", "Squeeze", "Range", "Pow", "Neg", "Tanh",
+    "Sigmoid", "Less", "Not", "And", "Or", "Max", "Min", "ReduceMean", "Identity",
+}
+
+
+def rel(a, b):
+    a, b = torch.as_tensor(a).double(), torch.as_tensor(b).double()
+    return ((a - b).abs().max() / b.abs().max().clamp_min(1e-12)).item()
+
+
+def mask_iou(a, b):
+    a, b = torch.as_tensor(a).flatten(-2), torch.as_tensor(b).flatten(-2)
+    union = (a | b).sum(-1)
+    return torch.where(union > 0, (a & b).sum(-1) / union.clamp_min(1), torch.ones(())).min().item()
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    from conftest import perturb_, small_config
+
+    from samhq import SamHQModel
+
+    torch.manual_seed(0)
+    model = perturb_(SamHQModel(small_config()), seed=3).eval()
+    out = tmp_path_factory.mktemp("onnx")
+    export_onnx(model, out)
+    image = (np.random.default_rng(0).random((600, 800, 3)) * 255).astype(np.uint8)
+    ref = SamHQPredictor(model)
+    ref.set_image(image)
+    eng = OnnxPredictor(out, threads=1)
+    eng.set_image(image)
+    return model, out, ref, eng
+
+
+def test_files_opset_and_standard_ops(exported):
+    _, out, _, _ = exported
+    assert {p.name for p in out.iterdir()} == {ENCODER_FILE, DECODER_FILE, META_FILE}
+    meta = json.loads((out / META_FILE).read_text())
+    assert meta["opset"] == 17 and meta["low_res_size"] == 256 and meta["config"]["model_type"] == "sam_hq"
+    ops = check_standard_ops(out / DECODER_FILE)
+    assert set(ops) <= WASM_DECODER_OPS, f"ops outside the onnxruntime-web list: {set(ops) - WASM_DECODER_OPS}"
+    check_standard_ops(out / ENCODER_FILE)
+
+
+def test_encoder_matches_torch(exported):
+    _, _, ref, eng = exported
+    assert rel(eng.features, ref.features) <= 1e-4
+    assert rel(eng.hq_features, ref.hq_features) <= 1e-4
+    assert eng.original_size == ref.original_size and eng.input_size == ref.input_size
+
+
+PTS = np.array([[120.0, 200.0], [500.0, 380.0], [700.0, 90.0]])
+LAB = np.array([1, 0, 1])
+BOX = np.array([60.0, 80.0, 520.0, 430.0])
+
+
+@pytest.mark.parametrize("multimask", [True, False])
+@pytest.mark.parametrize("hq_only", [False, True])
+@pytest.mark.parametrize("prompt", ["one_point", "points", "box", "box_and_point", "mask_and_point", "mask_only"])
+def test_decoder_matches_predictor(exported, prompt, multimask, hq_only):
+    _, _, ref, eng = exported
+    kw = {}
+    if prompt == "one_point":
+        kw = dict(point_coords=PTS[:1], point_labels=LAB[:1])
+    elif prompt == "points":
+        kw = dict(point_coords=PTS, point_labels=LAB)
+    elif prompt == "box":
+        kw = dict(box=BOX)
+    elif prompt == "box_and_point":
+        kw = dict(point_coords=PTS[:1], point_labels=LAB[:1], box=BOX)
+    if prompt.startswith("mask"):
+        _, _, low = ref.predict(point_coords=PTS[1:2], point_labels=LAB[:1])
+        kw["mask_input"] = low * 2.0
+        if prompt == "mask_and_point":
+            kw.update(point_coords=PTS[:1], point_labels=LAB[:1])
+    a = ref.predict(multimask_output=multimask, hq_token_only=hq_only, return_logits=True, **kw)
+    b = eng.predict(multimask_output=multimask, hq_token_only=hq_only, return_logits=True, **kw)
+    assert [x.shape for x in a] == [x.shape for x in b] == [(1, 600, 800), (1,), (1, 256, 256)]
+    assert rel(b[0], a[0]) <= 1e-4 and rel(b[2], a[2]) <= 1e-4
+    assert np.abs(b[1] - a[1]).max() <= 1e-4
+    assert mask_iou(a[0] > 0, b[0] > 0) >= 0.999
+    masks, _, _ = eng.predict(multimask_output=multimask, hq_token_only=hq_only, **kw)
+    assert masks.dtype == bool and (masks == (b[0] > 0)).all()
+
+
+def test_many_boxes_and_points_at_once(exported):
+    """Dynamic prompt count and point count: 5 boxes, then 4 prompts of 6 points, in one decoder call each."""
+    _, _, ref, eng = exported
+    g = torch.Generator().manual_seed(1)
+    xy = torch.rand(5, 2, 2, generator=g) * 500
+    boxes = torch.cat([xy.min(1).values, xy.max(1).values + 20], dim=1)
+    a, b = ref.predict_torch(None, None, boxes, return_logits=True), eng.predict_torch(None, None, boxes, return_logits=True)
+    assert a[0].shape == b[0].shape == (5, 1, 600, 800)
+    assert rel(b[0], a[0]) <= 1e-4 and (b[1] - a[1]).abs().max() <= 1e-4
+    pts = torch.rand(4, 6, 2, generator=g) * 1000
+    lab = (torch.rand(4, 6, generator=g) > 0.3).int()
+    a, b = ref.predict_torch(pts, lab, return_logits=True), eng.predict_torch(pts, lab, return_logits=True)
+    assert rel(b[0], a[0]) <= 1e-4 and rel(b[2], a[2]) <= 1e-4
+    assert torch.allclose(eng.upscale_masks(b[2]), b[0], atol=1e-4 * a[0].abs().max().item())
+
+
+def test_engine_errors(exported, tmp_path):
+    _, out, _, _ = exported
+    with pytest.raises(ValueError, match="samhq export onnx"):
+        OnnxPredictor(tmp_path)
+    eng = OnnxPredictor(out, threads=1)
+    with pytest.raises(RuntimeError, match="set_image"):
+        eng.predict(point_coords=PTS, point_labels=LAB)
+    eng.set_image(np.zeros((20, 30, 3), np.uint8))
+    with pytest.raises(ValueError, match="point_labels"):
+        eng.predict(point_coords=PTS)
+    with pytest.raises(ValueError, match="at least one prompt"):
+        eng.predict_torch()
+    with pytest.raises(ValueError, match="mask_input"):
+        eng.predict(point_coords=PTS, point_labels=LAB, mask_input=np.zeros((1, 64, 64)))
+
+
+def test_export_refuses_plain_sam_and_overwrite(exported, tmp_path):
+    model, out, _, _ = exported
+    with pytest.raises(FileExistsError, match="overwrite"):
+        export_onnx(model, out)
+    import copy
+
+    plain = copy.deepcopy(model)
+    plain.hq_enabled = False
+    with pytest.raises(ValueError, match="plain SAM"):
+        export_onnx(plain, tmp_path / "x")
+
+
+def test_cli_export(tmp_path, small_model):
+    small_model.save_pretrained(tmp_path / "seed")
+
+    def cli(*args):
+        return subprocess.run([sys.executable, "-m", "samhq.cli", "export", *map(str, args)], capture_output=True, text=True)
+
+    r = cli("onnx", tmp_path / "seed", tmp_path / "out", "--decoder-only")
+    assert r.returncode == 0, r.stderr
+    assert (tmp_path / "out" / DECODER_FILE).exists() and not (tmp_path / "out" / ENCODER_FILE).exists()
+    r = cli("onnx", tmp_path / "seed", tmp_path / "out", "--decoder-only")
+    assert r.returncode == 2 and "--force" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    r = cli("onnx", tmp_path / "missing", tmp_path / "out2")
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1
+
+
+def test_predictor_engine_option(exported):
+    model, out, ref, _ = exported
+    eng = SamHQPredictor(model, engine="onnxruntime")
+    assert isinstance(eng, OnnxPredictor) and eng.model is model
+    image = (np.random.default_rng(0).random((600, 800, 3)) * 255).astype(np.uint8)
+    eng.set_image(image)
+    a = ref.predict(point_coords=PTS, point_labels=LAB, return_logits=True)
+    b = eng.predict(point_coords=PTS, point_labels=LAB, return_logits=True)
+    assert rel(b[0], a[0]) <= 1e-4
+    loaded = SamHQPredictor.from_onnx(out, threads=1)
+    loaded.set_image(image)
+    assert rel(loaded.predict(box=BOX, return_logits=True)[0], ref.predict(box=BOX, return_logits=True)[0]) <= 1e-4
+    with pytest.raises(ValueError, match="engine"):
+        SamHQPredictor(model, engine="tensorrt")
+    assert type(SamHQPredictor(model)) is SamHQPredictor
