@@ -22,6 +22,15 @@ class ConvBN(nn.Sequential):
         self.add_module("c", nn.Conv2d(cin, cout, kernel, stride, kernel // 2, groups=groups, bias=False))
         self.add_module("bn", nn.BatchNorm2d(cout))
 
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.training:
+            return self.bn(self.c(x))
+        # Inference: fold the batch norm into the convolution (one pass over the activations, not two).
+        c, bn = self.c, self.bn
+        scale = bn.weight * torch.rsqrt(bn.running_var + bn.eps)
+        bias = bn.bias - bn.running_mean * scale
+        return F.conv2d(x, c.weight * scale[:, None, None, None], bias, c.stride, c.padding, c.dilation, c.groups)
+
 
 class PatchEmbed(nn.Module):
     """(B, 3, S, S) -> (B, C, S/4, S/4)."""
@@ -93,7 +102,8 @@ class TinyAttention(nn.Module):
         b, n, _ = x.shape
         qkv = self.qkv(self.norm(x)).view(b, n, self.num_heads, 3 * self.key_dim).transpose(1, 2)
         q, k, v = qkv.split(self.key_dim, dim=-1)
-        bias = self.attention_biases[:, self.attention_bias_idxs].to(q.dtype)
+        # a 4-D mask: CPU flash attention refuses 3-D ones and falls back to the slow math path
+        bias = self.attention_biases[:, self.attention_bias_idxs].to(q.dtype)[None]
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
         return self.proj(out.transpose(1, 2).reshape(b, n, -1))
 
