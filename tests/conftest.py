@@ -25,3 +25,10 @@ def small_config(**vision) -> SamHQConfig:
 def small_model() -> SamHQModel:
     torch.manual_seed(0)
     return perturb_(SamHQModel(small_config()), seed=3).eval()
+
+
+@pytest.fixture(autouse=True)
+def _grad_mode(request):
+    """Grad mode per test: off where the module sets NO_GRAD = True, on otherwise (never leaking between modules)."""
+    with torch.set_grad_enabled(not getattr(request.module, "NO_GRAD", False)):
+        yield

@@ -18,7 +18,7 @@ from samhq.automatic import SamHQAutomaticMaskGenerator
 
 sah = load_official()
 needs_official = pytest.mark.skipif(sah is None, reason="segment-anything-hq is not installed")
-torch.set_grad_enabled(False)
+NO_GRAD = True  # conftest runs this module's tests without autograd
 
 
 def tiny_256_config() -> SamHQConfig:

@@ -14,7 +14,7 @@ from samhq.checkpoints import infer_config, official_to_ours, ours_to_official
 
 sah = load_official()
 needs_official = pytest.mark.skipif(sah is None, reason="segment-anything-hq is not installed")
-torch.set_grad_enabled(False)
+NO_GRAD = True  # conftest runs this module's tests without autograd
 
 
 def _shapes(state):

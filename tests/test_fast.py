@@ -24,7 +24,7 @@ with warnings.catch_warnings():
     warnings.simplefilter("ignore", DeprecationWarning)
     from torch.ao.nn.quantized.dynamic import Linear as QLinear
 
-torch.set_grad_enabled(False)
+NO_GRAD = True  # conftest runs this module's tests without autograd
 
 IMAGE = (np.random.default_rng(0).random((600, 800, 3)) * 255).astype(np.uint8)
 _g = torch.Generator().manual_seed(1)

@@ -5,7 +5,7 @@ import torch
 from samhq import SamHQModel, SamHQVisionModel, select_masks
 from samhq.modeling.image_encoder import rel_pos_table, window_partition, window_unpartition
 
-torch.set_grad_enabled(False)
+NO_GRAD = True  # conftest runs this module's tests without autograd
 
 
 @pytest.fixture(scope="module")

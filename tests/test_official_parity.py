@@ -9,7 +9,7 @@ from samhq import SamHQModel
 
 sah = load_official()
 pytestmark = pytest.mark.skipif(sah is None, reason="segment-anything-hq is not installed")
-torch.set_grad_enabled(False)
+NO_GRAD = True  # conftest runs this module's tests without autograd
 
 TOL = 1e-4
 

@@ -20,7 +20,7 @@ from samhq.export.onnx import DECODER_FILE, ENCODER_FILE, META_FILE, check_stand
 from samhq.export.ort import OnnxPredictor  # noqa: E402
 from samhq.predictor import SamHQPredictor  # noqa: E402
 
-torch.set_grad_enabled(False)
+NO_GRAD = True  # conftest runs this module's tests without autograd
 
 # Operators onnxruntime-web's wasm backend runs (its CPU kernels); the decoder must use only these.
 WASM_DECODER_OPS = {

@@ -15,7 +15,7 @@ from samhq.predictor import SamHQPredictor, model_fingerprint
 
 sah = load_official()
 needs_official = pytest.mark.skipif(sah is None, reason="segment-anything-hq is not installed")
-torch.set_grad_enabled(False)
+NO_GRAD = True  # conftest runs this module's tests without autograd
 
 TOL = 1e-4
 

@@ -6,7 +6,7 @@ import torch
 
 from samhq.processing import BatchFeature, SamHQImageProcessor, SamHQProcessor
 
-torch.set_grad_enabled(False)
+NO_GRAD = True  # conftest runs this module's tests without autograd
 
 
 @pytest.fixture(scope="module")

@@ -17,7 +17,7 @@ from transformers import SamHQModel as HFSamHQModel  # noqa: E402
 
 from samhq import SamHQModel  # noqa: E402
 
-torch.set_grad_enabled(False)
+NO_GRAD = True  # conftest runs this module's tests without autograd
 
 
 def _patch_like_official(hf):
