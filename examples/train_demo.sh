@@ -47,13 +47,19 @@ $PY -m samhq.cli train --model "$RUN/stage1/model" --data synthetic:200000:128:3
   --lr 5e-4 --warmup-steps 20 --save-every 50 --log-every 10 --seed 3 --threads "$THREADS" \
   --output "$RUN/stage1b" --resume
 
+# Stage 1c: continued again on fresh images (stage 1 was still improving when its schedule ended).
+$PY -m samhq.cli train --model "$RUN/stage1b/model" --data synthetic:200000:128:4 \
+  --recipe full --outputs sam --targets coarse --steps 1500 --batch-size 8 --masks-per-image 3 \
+  --lr 5e-4 --warmup-steps 20 --save-every 100 --log-every 10 --seed 4 --threads "$THREADS" \
+  --output "$RUN/stage1c" --resume
+
 # Stage 2: freeze it; train only the HQ parts on the fine masks.
-$PY -m samhq.cli train --model "$RUN/stage1b/model" --data synthetic:3000:128:1 \
-  --recipe hq --targets fine --steps 600 --batch-size 8 --masks-per-image 4 \
-  --lr 1e-3 --warmup-steps 30 --save-every 50 --log-every 10 --seed 1 --threads "$THREADS" \
-  --output "$RUN/stage2" --resume
+$PY -m samhq.cli train --model "$RUN/stage1c/model" --data synthetic:3000:128:1 \
+  --recipe hq --targets fine --steps 900 --batch-size 8 --masks-per-image 4 \
+  --lr 1e-3 --warmup-steps 30 --save-every 100 --log-every 10 --seed 1 --threads "$THREADS" \
+  --output "$RUN/stage2c" --resume
 
 mkdir -p samhq/weights/samhq-tiny-shapes
-cp "$RUN/stage2/model/config.json" "$RUN/stage2/model/model.safetensors" samhq/weights/samhq-tiny-shapes/
+cp "$RUN/stage2c/model/config.json" "$RUN/stage2c/model/model.safetensors" samhq/weights/samhq-tiny-shapes/
 chmod 644 samhq/weights/samhq-tiny-shapes/*
 echo "demo model written to samhq/weights/samhq-tiny-shapes"
