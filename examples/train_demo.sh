@@ -1,17 +1,17 @@
 #!/usr/bin/env bash
-# Reproduces the bundled demo model samhq/weights/samhq-tiny-shapes on a CPU: about 36 minutes of
-# training on a (shared) 2-core machine with 1 thread: stage 1 21 min, stage 1b 8.5 min, stage 2 6 min.
+# Reproduces the bundled demo model samhq/weights/samhq-tiny-shapes on a CPU: 65 minutes of training
+# on a (shared) 2-core machine with 1 thread: stage 1 21 min, 1b 8.5 min, 1c 28 min, stage 2 8 min.
 #
 # The paper's recipe in miniature:
 #   stage 1: a small SAM-HQ (ViT 192 wide, 6 layers, 256x256 input, 64x64 low-res masks) trained
 #            from scratch, all weights, on SA-1B-like *coarse* masks (fine masks passed through
-#            samhq.data.coarsen), loss on the SAM tokens (+ IoU head) only; 1200 + 500 steps of 8
-#            images (stage 1b continues stage 1 on new images with a lower learning rate);
+#            samhq.data.coarsen), loss on the SAM tokens (+ IoU head) only; 1200 + 500 + 1500 steps of
+#            8 images (stages 1b and 1c continue stage 1 on new images with a lower learning rate);
 #   stage 2: that model frozen, only the HQ parts (HQ token, its MLP, fusion convolutions) trained
 #            on the *fine* masks, image embeddings computed once per image.
 #
 # Data: SyntheticShapes drawn at 128x128 (upsampled to the model's 256 input, so a low-res mask
-# cell is 2 image pixels). Training seeds 0 (stage 1), 3 (stage 1b) and 1 (stage 2). The held-out set
+# cell is 2 image pixels). Training seeds 0 (stage 1), 3 (1b), 4 (1c) and 1 (stage 2). The held-out set
 # is SyntheticShapes(num_images=250, image_size=128, seed=1000): never trained on.
 #
 # Usage: bash examples/train_demo.sh   (RUN=folder to choose the run folder; rerun to resume)
