@@ -125,16 +125,6 @@ def coco_json(image_path: Path, height: int, width: int, records: list[dict], se
     }
 
 
-def overlay(image: np.ndarray, masks: list[np.ndarray], alpha: float = 0.5, seed: int = 0) -> np.ndarray:
-    """(H, W, 3) uint8 image with each mask blended in its own colour; larger masks first, so small ones stay visible."""
-    out = image.astype(np.float32)
-    colours = np.random.default_rng(seed).integers(40, 256, (len(masks), 3))
-    for i in sorted(range(len(masks)), key=lambda i: -masks[i].sum()):
-        m = masks[i]
-        out[m] = (1 - alpha) * out[m] + alpha * colours[i]
-    return np.round(out).astype(np.uint8)
-
-
 def _progress(items):
     try:
         from tqdm import tqdm
@@ -153,6 +143,7 @@ def run(args) -> int:
     from ..image_io import to_rgb_array
     from ..masks import rle_to_mask
     from ..pipelines import load_for_inference
+    from ..visualize import draw_masks
 
     images = list_images(args.input)
     out_dir = Path(args.out)
@@ -197,7 +188,8 @@ def run(args) -> int:
                 if "masks" in todo_files:
                     _atomic_write(todo_files["masks"], lambda t: _write_mask_pngs(t, masks))
                 if "overlay" in todo_files:
-                    pic = Image.fromarray(overlay(image, masks))
+                    # larger masks first, so the small ones stay visible on top
+                    pic = Image.fromarray(draw_masks(image, sorted(masks, key=lambda m: -int(m.sum()))))
                     _atomic_write(todo_files["overlay"], lambda t: pic.save(t, format="PNG"))
             done += 1
             n_masks += len(records)
