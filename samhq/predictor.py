@@ -25,7 +25,7 @@ import torch
 
 from .image_io import check_image_size, to_rgb_array
 from .modeling.mask_decoder import select_masks
-from .processing import normalize_and_pad, preprocess_shape, resize_rgb, scale_coords, upscale_logits
+from .processing import check_boxes, normalize_and_pad, preprocess_shape, resize_rgb, scale_coords, upscale_logits
 
 EMBEDDING_FORMAT = "samhq-image-embedding/1"
 
@@ -153,15 +153,6 @@ def _as_array(x, name: str, dtype=np.float64) -> np.ndarray:
     if arr.dtype.kind == "f" and not np.isfinite(arr).all():
         raise ValueError(f"{name} contain NaN or infinite values")
     return arr
-
-
-def _check_boxes(boxes: np.ndarray | torch.Tensor, name: str = "box") -> None:
-    b = boxes.reshape(-1, 4)
-    bad = (b[:, 2] < b[:, 0]) | (b[:, 3] < b[:, 1])
-    if bad.any():
-        i = int(np.flatnonzero(np.asarray(bad))[0]) if not isinstance(bad, torch.Tensor) else int(bad.nonzero()[0, 0])
-        x0, y0, x1, y1 = (float(v) for v in b[i])
-        raise ValueError(f"{name} ({x0:g}, {y0:g}, {x1:g}, {y1:g}) must have x1 >= x0 and y1 >= y0 (format x0,y0,x1,y1)")
 
 
 class SamHQPredictor:
@@ -357,7 +348,7 @@ class SamHQPredictor:
             b = _as_array(box, "box")
             if b.size != 4:
                 raise ValueError(f"box must be 4 numbers x0, y0, x1, y1, got shape {b.shape}; use predict_torch for many boxes")
-            _check_boxes(b)
+            check_boxes(b)
             boxes = torch.as_tensor(self.transform.apply_boxes(b, self.original_size), dtype=torch.float, device=self.device)
         if mask_input is not None:
             m = _as_array(mask_input, "mask_input", np.float32)
@@ -430,7 +421,7 @@ class SamHQPredictor:
                 raise ValueError(f"boxes must be (B, 4), got {tuple(boxes.shape)}")
             if not torch.isfinite(boxes).all():
                 raise ValueError("boxes contain NaN or infinite values")
-            _check_boxes(boxes, "boxes")
+            check_boxes(boxes, "boxes")
             sizes.append(boxes.reshape(-1, 4).shape[0])
         if masks is not None:
             m = self.mask_size

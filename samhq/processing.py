@@ -51,6 +51,16 @@ def scale_coords(coords, original_size: tuple[int, int], long_side: int):
     return np.asarray(coords, dtype=np.float64) * np.asarray(factor)
 
 
+def check_boxes(boxes: np.ndarray | torch.Tensor, name: str = "box") -> None:
+    """Raise ValueError naming the first box (..., 4) with x1 < x0 or y1 < y0."""
+    b = boxes.reshape(-1, 4)
+    bad = (b[:, 2] < b[:, 0]) | (b[:, 3] < b[:, 1])
+    if bad.any():
+        i = int(np.flatnonzero(np.asarray(bad))[0]) if not isinstance(bad, torch.Tensor) else int(bad.nonzero()[0, 0])
+        x0, y0, x1, y1 = (float(v) for v in b[i])
+        raise ValueError(f"{name} ({x0:g}, {y0:g}, {x1:g}, {y1:g}) must have x1 >= x0 and y1 >= y0 (format x0,y0,x1,y1)")
+
+
 def upscale_logits(
     low_res: torch.Tensor, input_size: tuple[int, int], original_size: tuple[int, int], pad_size
 ) -> torch.Tensor:
@@ -303,8 +313,6 @@ class SamHQProcessor:
                 raise ValueError(f"image {i}: boxes must be [x0, y0, x1, y1], got shape {arr.shape}")
             if not np.isfinite(arr).all():
                 raise ValueError(f"image {i}: boxes contain NaN or infinite values")
-            bad = (arr[:, 2] < arr[:, 0]) | (arr[:, 3] < arr[:, 1])
-            if bad.any():
-                raise ValueError(f"image {i}: box {arr[bad][0].tolist()} must have x1 >= x0 and y1 >= y0")
+            check_boxes(arr, f"image {i}: box")
             out.append(scale_coords(arr.reshape(-1, 2, 2), size, self.target_size).reshape(-1, 4))
         return torch.tensor(np.array(out), dtype=torch.float32)
