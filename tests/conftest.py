@@ -8,15 +8,19 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 from official_ref import perturb_  # noqa: E402
 
-from samhq import SamHQConfig, SamHQMaskDecoderConfig, SamHQModel, SamHQVisionConfig  # noqa: E402
+from samhq import SamHQConfig, SamHQMaskDecoderConfig, SamHQModel, SamHQPromptEncoderConfig, SamHQVisionConfig  # noqa: E402
 
 
 def small_config(**vision) -> SamHQConfig:
-    """A narrow ViT (1024 input, 64x64 embedding grid) that runs in well under a second."""
+    """A narrow ViT (1024 input, 64x64 embedding grid by default) that runs in well under a second.
+
+    Vision fields override the defaults; `image_size` sets the prompt encoder's too.
+    """
     v = dict(hidden_size=64, num_hidden_layers=3, num_attention_heads=2, global_attn_indexes=[1, 2], window_size=14)
     v.update(vision)
     return SamHQConfig(
         vision_config=SamHQVisionConfig(**v),
+        prompt_encoder_config=SamHQPromptEncoderConfig(image_size=v.get("image_size", 1024)),
         mask_decoder_config=SamHQMaskDecoderConfig(vit_dim=v["hidden_size"]),
     )
 

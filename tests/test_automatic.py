@@ -10,9 +10,10 @@ import functools
 import numpy as np
 import pytest
 import torch
+from conftest import small_config
 from official_ref import load_official, official_like, perturb_
 
-from samhq import SamHQConfig, SamHQMaskDecoderConfig, SamHQModel, SamHQPromptEncoderConfig, SamHQVisionConfig
+from samhq import SamHQConfig, SamHQModel
 from samhq import masks as M
 from samhq.automatic import SamHQAutomaticMaskGenerator
 
@@ -22,10 +23,7 @@ NO_GRAD = True  # conftest runs this module's tests without autograd
 
 
 def tiny_256_config() -> SamHQConfig:
-    v = SamHQVisionConfig(hidden_size=64, num_hidden_layers=3, num_attention_heads=2, global_attn_indexes=[1, 2],
-                          window_size=8, image_size=256)
-    return SamHQConfig(vision_config=v, prompt_encoder_config=SamHQPromptEncoderConfig(image_size=256),
-                       mask_decoder_config=SamHQMaskDecoderConfig(vit_dim=64))
+    return small_config(image_size=256, window_size=8)
 
 
 @pytest.fixture(scope="module")

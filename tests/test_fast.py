@@ -16,7 +16,9 @@ import pytest
 import torch
 from torch import nn
 
-from samhq import SamHQConfig, SamHQMaskDecoderConfig, SamHQModel, SamHQPromptEncoderConfig, SamHQVisionConfig
+from conftest import small_config
+
+from samhq import SamHQConfig, SamHQModel
 from samhq.fast import bf16_supported, compile_encoder, optimize, quantize_int8
 from samhq.predictor import SamHQPredictor
 
@@ -35,10 +37,7 @@ BOXES = torch.tensor([[12.0, 15.0, 100.0, 125.0], [0.0, 0.0, 250.0, 175.0], [150
 
 def config_256() -> SamHQConfig:
     """A narrow ViT on 256-pixel inputs (16x16 embedding grid): bf16 is slow on CPUs without BF16 units."""
-    v = SamHQVisionConfig(image_size=256, hidden_size=64, num_hidden_layers=3, num_attention_heads=2,
-                          global_attn_indexes=[1, 2], window_size=14)
-    return SamHQConfig(vision_config=v, prompt_encoder_config=SamHQPromptEncoderConfig(image_size=256),
-                       mask_decoder_config=SamHQMaskDecoderConfig(vit_dim=64))
+    return small_config(image_size=256)
 
 
 def outputs(model):

@@ -10,7 +10,6 @@ from official_ref import load_official, official_from_ours, perturb_
 from PIL import Image
 
 from samhq import SamHQConfig, SamHQModel
-from samhq.config import SamHQPromptEncoderConfig
 from samhq.predictor import SamHQPredictor, model_fingerprint
 
 sah = load_official()
@@ -22,10 +21,8 @@ TOL = 1e-4
 
 def small_256(seed=3) -> SamHQModel:
     """A narrow ViT with a 256-pixel input (16x16 embedding grid, 64x64 mask inputs)."""
-    config = small_config(image_size=256)
-    config.prompt_encoder_config = SamHQPromptEncoderConfig(image_size=256)
     torch.manual_seed(0)
-    return perturb_(SamHQModel(config), seed=seed).eval()
+    return perturb_(SamHQModel(small_config(image_size=256)), seed=seed).eval()
 
 
 def build(variant) -> SamHQModel:
