@@ -133,3 +133,21 @@ def test_window_partition_round_trip_and_rel_pos_table():
     table = torch.arange(7.0)[:, None]  # (2*4-1, 1)
     r = rel_pos_table(4, table)
     assert r[0, 0].item() == 3 and r[3, 0].item() == 6 and r[0, 3].item() == 0  # q - k + 3
+
+
+@pytest.mark.parametrize("with_masks", [False, True])
+def test_many_prompts_decoded_in_chunks_equal_one_pass(setup, monkeypatch, with_masks):
+    """More prompts than DECODE_CHUNK (decoded a few at a time) give the one-pass results."""
+    import samhq.modeling.mask_decoder as md
+
+    model, _, emb, inter = setup
+    g = torch.Generator().manual_seed(5)
+    p = md.DECODE_CHUNK * 2 + 3
+    kwargs = dict(image_embeddings=emb, intermediate_embeddings=inter, input_points=torch.rand(2, p, 2, 2, generator=g) * 1024)
+    if with_masks:
+        kwargs["input_masks"] = torch.randn(2, p, 256, 256, generator=g)
+    chunked = model(**kwargs)
+    monkeypatch.setattr(md, "DECODE_CHUNK", 10_000)
+    whole = model(**kwargs)
+    torch.testing.assert_close(chunked.pred_masks, whole.pred_masks, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(chunked.iou_scores, whole.iou_scores, rtol=1e-4, atol=1e-5)

@@ -14,7 +14,11 @@ class LayerNorm2d(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.layer_norm(x.permute(0, 2, 3, 1), self.weight.shape, self.weight, self.bias, self.eps).permute(0, 3, 1, 2)
+        return self.last_dim(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+
+    def last_dim(self, x: torch.Tensor) -> torch.Tensor:
+        """The same normalisation for a channels-last (B, H, W, C) tensor."""
+        return F.layer_norm(x, self.weight.shape, self.weight, self.bias, self.eps)
 
 
 class MLPBlock(nn.Module):

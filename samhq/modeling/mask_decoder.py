@@ -10,6 +10,9 @@ from ..config import SamHQMaskDecoderConfig
 from .common import FeedForward, LayerNorm2d
 from .two_way_transformer import TwoWayTransformer
 
+# Prompts decoded together after the transformer (see MaskDecoder.forward).
+DECODE_CHUNK = 8
+
 
 class MaskDecoder(nn.Module):
     def __init__(self, config: SamHQMaskDecoderConfig):
@@ -64,28 +67,67 @@ class MaskDecoder(nn.Module):
         """
         b, p = sparse.shape[:2]
         c, h, w = image_embeddings.shape[1:]
+        # Many prompts make large tensors (C x hw and C/4 x 16hw per prompt); decoded a few at a time
+        # they stay in cache. A traced (ONNX) graph keeps one pass so the prompt count stays dynamic.
+        if p > DECODE_CHUNK and not torch.jit.is_tracing():
+            parts = [self(image_embeddings, image_pe, sparse[:, i:i + DECODE_CHUNK],
+                          dense[:, i:i + DECODE_CHUNK] if dense.shape[1] > 1 else dense, hq_features)
+                     for i in range(0, p, DECODE_CHUNK)]
+            return torch.cat([m for m, _ in parts], dim=1), torch.cat([q for _, q in parts], dim=1)
         tokens = [self.iou_token.weight, self.mask_tokens.weight]
         if hq_features is not None:
             tokens.append(self.hq_token.weight)
         out_tokens = torch.cat(tokens).to(sparse.dtype)
-        tokens = torch.cat([out_tokens.expand(b, p, -1, -1), sparse], dim=2).flatten(0, 1)
-        src = (image_embeddings[:, None] + dense).expand(b, p, c, h, w).reshape(b * p, c, h, w)
-        pos = image_pe.to(src.dtype).expand(b * p, -1, -1, -1)
-        hs, keys = self.transformer(src, pos, tokens)
+        tokens = torch.cat([out_tokens.expand(b, p, -1, -1), sparse], dim=2)
+        src = image_embeddings[:, None] + dense  # (B, 1 or P, C, h, w): shared by the prompts without a mask input
+        hs, keys = self.transformer(src, image_pe.to(src.dtype), tokens)
+        hs, keys = hs.flatten(0, 1), keys.expand(b, p, -1, -1).reshape(b * p, h, w, c)
 
-        src = keys.transpose(1, 2).reshape(b * p, c, h, w)
-        up = F.gelu(self.upscale_layer_norm(self.upscale_conv1(src)))
-        up = F.gelu(self.upscale_conv2(up))  # (BP, C/8, 4h, 4w)
         n = self.num_mask_tokens
         hyper = torch.stack([mlp(hs[:, 1 + i]) for i, mlp in enumerate(self.output_hypernetworks_mlps)], dim=1)
-        masks = hyper @ up.flatten(2)  # (BP, 4, 16hw)
+        hyper_hq = self.hq_mask_mlp(hs[:, 1 + n]) if hq_features is not None else None
+        if torch.jit.is_tracing():
+            masks = self._masks(keys, hyper, hyper_hq)  # (BP, K, 16hw)
+        else:  # one prompt at a time: its C/4 x 16hw fusion tensors stay in cache
+            masks = torch.cat([self._masks(keys[i:i + 1], hyper[i:i + 1], None if hyper_hq is None else hyper_hq[i:i + 1])
+                               for i in range(b * p)])
         if hq_features is not None:
-            up_hq = self.mask_conv2(F.gelu(self.mask_norm(self.mask_conv1(up))))
-            up_hq = (up_hq.view(b, p, *up_hq.shape[1:]) + hq_features[:, None].to(up_hq.dtype)).flatten(0, 1)
-            hq = self.hq_mask_mlp(hs[:, 1 + n])[:, None] @ up_hq.flatten(2)
-            masks = torch.cat([masks, hq], dim=1)
+            glob = hyper_hq.view(b, p, -1) @ hq_features.flatten(2).to(hyper_hq.dtype)  # (B, P, 16hw)
+            masks = torch.cat([masks[:, :n], masks[:, n:] + glob.view(b * p, 1, -1)], dim=1)
         iou = self.iou_prediction_head(hs[:, 0])
-        return masks.view(b, p, -1, *up.shape[2:]), iou.view(b, p, -1)
+        return masks.view(b, p, -1, 4 * h, 4 * w), iou.view(b, p, -1)
+
+    def _masks(self, keys: torch.Tensor, hyper: torch.Tensor, hyper_hq: torch.Tensor | None) -> torch.Tensor:
+        """Mask logits of N prompts, (N, 4 or 5, 16hw), the HQ one without the image-only hq_features term.
+
+        keys (N, h, w, C) image tokens after the transformer, hyper (N, 4, C/8), hyper_hq (N, C/8) or None.
+        Everything runs channels-last (N, H, W, C): the 2x2 transposed convolutions become matmuls and the
+        channel LayerNorms need no permutes. mask_conv2 is linear, so the HQ hypernetwork vector is
+        folded into its weights: one output channel per prompt instead of C/8, computed as a matmul
+        per kernel tap plus shifted adds.
+        """
+        up = F.gelu(self.upscale_layer_norm.last_dim(_deconv2x2(keys, self.upscale_conv1)))
+        up = F.gelu(_deconv2x2(up, self.upscale_conv2))  # (N, H, W, C/8), H = 4h
+        nb, hh, ww, _ = up.shape
+        masks = hyper @ up.view(nb, hh * ww, -1).transpose(1, 2)  # (N, 4, HW)
+        if hyper_hq is None:
+            return masks
+        g = self.mask_conv1(up.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)  # channels-last memory in and out
+        g = F.gelu(self.mask_norm.last_dim(g))  # (N, H, W, C/4)
+        w2 = self.mask_conv2.weight  # (C/8, C/4, 3, 3)
+        taps = (hyper_hq @ w2.flatten(1)).view(nb, w2.shape[1], 9).transpose(1, 2)  # (N, 9, C/4)
+        r = F.pad((taps @ g.reshape(nb, hh * ww, -1).transpose(1, 2)).view(nb, 9, hh, ww), (1, 1, 1, 1))
+        hq = sum(r[:, 3 * ky + kx, ky:ky + hh, kx:kx + ww] for ky in range(3) for kx in range(3))
+        hq = hq.reshape(nb, 1, hh * ww) + (hyper_hq @ self.mask_conv2.bias)[:, None, None]
+        return torch.cat([masks, hq], dim=1)
+
+
+def _deconv2x2(x: torch.Tensor, conv: nn.ConvTranspose2d) -> torch.Tensor:
+    """A kernel-2, stride-2 transposed convolution on channels-last x (N, H, W, Cin) -> (N, 2H, 2W, Cout)."""
+    n, h, w, _ = x.shape
+    cout = conv.weight.shape[1]
+    y = F.linear(x, conv.weight.permute(2, 3, 1, 0).flatten(0, 2), conv.bias.repeat(4))  # (N, H, W, 2*2*Cout)
+    return y.view(n, h, w, 2, 2, cout).transpose(2, 3).reshape(n, 2 * h, 2 * w, cout)
 
 
 def select_masks(

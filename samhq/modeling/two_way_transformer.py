@@ -74,9 +74,13 @@ class TwoWayTransformer(nn.Module):
         self.layer_norm_final_attn = nn.LayerNorm(config.hidden_size, eps=NORM_EPS)
 
     def forward(self, image: torch.Tensor, image_pe: torch.Tensor, tokens: torch.Tensor):
-        """image and image_pe (B, C, h, w), tokens (B, T, C) -> (tokens (B, T, C), image tokens (B, h*w, C))."""
-        keys = image.flatten(2).transpose(1, 2)
-        key_pe = image_pe.flatten(2).transpose(1, 2)
+        """image (..., C, h, w), image_pe (1, C, h, w), tokens (..., T, C) -> (tokens (..., T, C), image tokens (..., h*w, C)).
+
+        The leading dims broadcast: an image shared by P prompts can be given once, (B, 1, C, h, w) with
+        tokens (B, P, T, C), and the first layer's image projections are then computed once, not P times.
+        """
+        keys = image.flatten(-2).transpose(-1, -2)
+        key_pe = image_pe.flatten(-2).transpose(-1, -2)
         queries = tokens
         for layer in self.layers:
             queries, keys = layer(queries, keys, tokens, key_pe)
