@@ -6,8 +6,11 @@ mask logits at the original size and low-res logits <= 1e-4 relative; scores <= 
 thresholded masks IoU >= 0.999 per mask (float differences may flip pixels whose logit is ~0).
 """
 import json
+import os
+import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -28,7 +31,7 @@ WASM_DECODER_OPS = {
     "Equal", "Erf", "Expand", "Floor", "Gather", "GatherElements", "Gemm", "Greater", "LayerNormalization",
     "MatMul", "Mod", "Mul", "Reciprocal", "ReduceMax", "Relu", "Reshape", "Resize", "Shape", "Sin", "Slice",
     "Softmax", "Sqrt", "Sub", "Transpose", "Unsqueeze", "Where", "Squeeze", "Range", "Pow", "Neg", "Tanh",
-    "Sigmoid", "Less", "Not", "And", "Or", "Max", "Min", "ReduceMean", "Identity",
+    "Sigmoid", "Less", "Not", "And", "Or", "Max", "Min", "ReduceMean", "Identity", "Tile", "Pad", "Flatten",
 }
 
 
@@ -186,3 +189,35 @@ def test_predictor_engine_option(exported):
     with pytest.raises(ValueError, match="engine"):
         SamHQPredictor(model, engine="tensorrt")
     assert type(SamHQPredictor(model)) is SamHQPredictor
+
+
+def _ort_web_dir() -> Path | None:
+    """onnxruntime-web's npm package: $SAMHQ_ORT_WEB, or node_modules in the repository or .ci-node/."""
+    root = Path(__file__).resolve().parents[1]
+    for d in (os.environ.get("SAMHQ_ORT_WEB"), root / "node_modules" / "onnxruntime-web",
+              root / ".ci-node" / "node_modules" / "onnxruntime-web"):
+        if d and (Path(d) / "dist" / "ort.wasm.min.mjs").exists():
+            return Path(d)
+    return None
+
+
+def test_decoder_runs_in_onnxruntime_web(exported, tmp_path):
+    """The decoder model in onnxruntime-web's wasm backend (what a browser page runs) gives onnxruntime's outputs."""
+    web = _ort_web_dir()
+    if shutil.which("node") is None or web is None:
+        pytest.skip("needs node and the onnxruntime-web npm package (npm install onnxruntime-web, or set SAMHQ_ORT_WEB)")
+    from samhq.export.onnx import DECODER_INPUTS, DECODER_OUTPUTS, decoder_example_inputs
+
+    model, out, _, _ = exported
+    inputs = {n: t.numpy().astype(np.float32) for n, t in zip(DECODER_INPUTS, decoder_example_inputs(model, 3, 2))}
+    (tmp_path / "in.json").write_text(json.dumps({n: {"dims": list(a.shape), "data": a.ravel().tolist()} for n, a in inputs.items()}))
+    script = Path(__file__).with_name("ort_web_run.mjs")
+    r = subprocess.run(["node", str(script), str(web), str(out / DECODER_FILE), str(tmp_path / "in.json"), str(tmp_path / "out.json")],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    got = json.loads((tmp_path / "out.json").read_text())
+    ref = ort.InferenceSession(str(out / DECODER_FILE), providers=["CPUExecutionProvider"]).run(None, inputs)
+    for name, want in zip(DECODER_OUTPUTS, ref):
+        arr = np.asarray(got[name]["data"], dtype=np.float32).reshape(got[name]["dims"])
+        assert arr.shape == want.shape, name
+        assert rel(arr, want) <= 1e-4, name
