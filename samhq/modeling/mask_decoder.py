@@ -7,7 +7,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from ..config import SamHQMaskDecoderConfig
-from .common import FeedForward, LayerNorm2d
+from .common import FeedForward, LayerNorm2d, gelu
 from .two_way_transformer import TwoWayTransformer
 
 # Prompts decoded together after the transformer (see MaskDecoder.forward).
@@ -46,9 +46,9 @@ class MaskDecoder(nn.Module):
 
         image_embeddings (B, C, h, w), early_features (B, h, w, Cv) -> (B, C/8, 4h, 4w).
         """
-        glob = self.encoder_conv2(F.gelu(self.encoder_norm(self.encoder_conv1(image_embeddings))))
+        glob = self.encoder_conv2(gelu(self.encoder_norm(self.encoder_conv1(image_embeddings))))
         local = early_features.permute(0, 3, 1, 2).to(image_embeddings.dtype)
-        local = self.compress_vit_conv2(F.gelu(self.compress_vit_norm(self.compress_vit_conv1(local))))
+        local = self.compress_vit_conv2(gelu(self.compress_vit_norm(self.compress_vit_conv1(local))))
         return glob + local
 
     def forward(
@@ -106,14 +106,14 @@ class MaskDecoder(nn.Module):
         folded into its weights: one output channel per prompt instead of C/8, computed as a matmul
         per kernel tap plus shifted adds.
         """
-        up = F.gelu(self.upscale_layer_norm.last_dim(_deconv2x2(keys, self.upscale_conv1)))
-        up = F.gelu(_deconv2x2(up, self.upscale_conv2))  # (N, H, W, C/8), H = 4h
+        up = gelu(self.upscale_layer_norm.last_dim(_deconv2x2(keys, self.upscale_conv1)))
+        up = gelu(_deconv2x2(up, self.upscale_conv2))  # (N, H, W, C/8), H = 4h
         nb, hh, ww, _ = up.shape
         masks = hyper @ up.view(nb, hh * ww, -1).transpose(1, 2)  # (N, 4, HW)
         if hyper_hq is None:
             return masks
         g = self.mask_conv1(up.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)  # channels-last memory in and out
-        g = F.gelu(self.mask_norm.last_dim(g))  # (N, H, W, C/4)
+        g = gelu(self.mask_norm.last_dim(g))  # (N, H, W, C/4)
         w2 = self.mask_conv2.weight  # (C/8, C/4, 3, 3)
         taps = (hyper_hq @ w2.flatten(1)).view(nb, w2.shape[1], 9).transpose(1, 2)  # (N, 9, C/4)
         r = F.pad((taps @ g.reshape(nb, hh * ww, -1).transpose(1, 2)).view(nb, 9, hh, ww), (1, 1, 1, 1))
