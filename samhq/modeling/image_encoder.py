@@ -64,9 +64,13 @@ class Attention(nn.Module):
         bias_w = torch.einsum("bnhwd,wkd->bnhwk", rq, rel_pos_table(w, self.rel_pos_w)).contiguous()
         rows = max(1, min(h, _MAX_BIAS_ELEMENTS // (b * n * w * h * w)))
         chunks = []
+        # Without autograd one bias buffer serves every chunk: a fresh 100 MB tensor per chunk costs page faults.
+        buf = None if torch.is_grad_enabled() and q.requires_grad else q.new_empty(b, n, rows, w, h, w)
         for r0 in range(0, h, rows):
             r1 = min(h, r0 + rows)
-            bias = (bias_h[:, :, r0:r1, :, :, None] + bias_w[:, :, r0:r1, :, None, :]).view(b, n, (r1 - r0) * w, h * w)
+            bh, bw = bias_h[:, :, r0:r1, :, :, None], bias_w[:, :, r0:r1, :, None, :]
+            bias = torch.add(bh, bw, out=buf[:, :, : r1 - r0]) if buf is not None else bh + bw
+            bias = bias.view(b, n, (r1 - r0) * w, h * w) if bias.is_contiguous() else bias.reshape(b, n, (r1 - r0) * w, h * w)
             chunks.append(F.scaled_dot_product_attention(q[:, :, r0 * w : r1 * w], k, v, attn_mask=bias).transpose(1, 2))
         return torch.cat(chunks, dim=1) if len(chunks) > 1 else chunks[0]
 
