@@ -211,3 +211,11 @@ def remove_small_regions(mask: np.ndarray, area_thresh: float, mode: str) -> tup
         big = ~small if (~small).any() else np.arange(n) == np.argmax(sizes)
         fill = np.concatenate([[False], big])
     return fill[labels], True
+
+
+def mask_bbox(mask) -> list[int]:
+    """(H, W) bool -> [x, y, width, height] of the mask's pixels ([0, 0, 0, 0] when empty)."""
+    ys, xs = np.nonzero(mask)
+    if len(xs) == 0:
+        return [0, 0, 0, 0]
+    return [int(xs.min()), int(ys.min()), int(xs.max() - xs.min() + 1), int(ys.max() - ys.min() + 1)]

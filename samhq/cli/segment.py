@@ -101,22 +101,13 @@ def rle_encode(mask):
     return {"size": [int(v) for v in rle["size"]], "counts": rle["counts"].decode("ascii")}
 
 
-def mask_bbox(mask) -> list[int]:
-    """(H, W) bool -> [x, y, width, height] of the mask's pixels ([0, 0, 0, 0] when empty)."""
-    import numpy as np
-
-    ys, xs = np.nonzero(mask)
-    if len(xs) == 0:
-        return [0, 0, 0, 0]
-    return [int(xs.min()), int(ys.min()), int(xs.max() - xs.min() + 1), int(ys.max() - ys.min() + 1)]
-
-
 def run(args) -> int:
     import numpy as np
     import torch
     from PIL import Image
 
     from ..image_io import check_image_size, to_rgb_array
+    from ..masks import mask_bbox
     from ..predictor import SamHQPredictor
     from ..visualize import draw_masks
 
