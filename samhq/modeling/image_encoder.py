@@ -65,7 +65,8 @@ class Attention(nn.Module):
         rows = max(1, min(h, _MAX_BIAS_ELEMENTS // (b * n * w * h * w)))
         chunks = []
         # Without autograd one bias buffer serves every chunk: a fresh 100 MB tensor per chunk costs page faults.
-        buf = None if torch.is_grad_enabled() and q.requires_grad else q.new_empty(b, n, rows, w, h, w)
+        traced_or_grad = torch.jit.is_tracing() or (torch.is_grad_enabled() and q.requires_grad)
+        buf = None if traced_or_grad else q.new_empty(b, n, rows, w, h, w)
         for r0 in range(0, h, rows):
             r1 = min(h, r0 + rows)
             bh, bw = bias_h[:, :, r0:r1, :, :, None], bias_w[:, :, r0:r1, :, None, :]
