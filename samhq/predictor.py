@@ -155,6 +155,88 @@ def _as_array(x, name: str, dtype=np.float64) -> np.ndarray:
     return arr
 
 
+def prompt_from_numpy(predictor, point_coords=None, point_labels=None, box=None, mask_input=None):
+    """One prompt in original-image pixels (as `predict` takes it), checked and moved to the resized frame.
+
+    Returns coords (1, N, 2), labels (1, N), box (1, 4), mask (1, 1, m, m) tensors, each None when not given.
+    `predictor` gives transform, original_size, mask_size and device (the torch and onnxruntime engines).
+    """
+    if point_coords is None and box is None and mask_input is None:
+        raise ValueError("give a prompt: point_coords with point_labels, a box, or a mask_input")
+    coords = labels = boxes = masks = None
+    if point_coords is not None:
+        pts = _as_array(point_coords, "point_coords")
+        if pts.ndim != 2 or pts.shape[1] != 2 or len(pts) == 0:
+            raise ValueError(f"point_coords must be an (N, 2) array of x, y with N >= 1, got shape {pts.shape}")
+        if point_labels is None:
+            raise ValueError("point_labels are required with point_coords: 1 for foreground, 0 for background")
+        lab = _as_array(point_labels, "point_labels").reshape(-1)
+        if len(lab) != len(pts):
+            raise ValueError(f"got {len(pts)} points but {len(lab)} labels; give one label (1 or 0) per point")
+        if not np.isin(lab, (0, 1, -1)).all():
+            raise ValueError(f"point labels must be 1 (foreground), 0 (background) or -1 (ignored), got {np.unique(lab).tolist()}")
+        _warn_outside(pts, predictor.original_size)
+        coords = predictor.transform.apply_coords(pts, predictor.original_size)
+        coords = torch.as_tensor(coords, dtype=torch.float, device=predictor.device)[None]
+        labels = torch.as_tensor(lab, dtype=torch.int, device=predictor.device)[None]
+    elif point_labels is not None:
+        raise ValueError("point_labels were given without point_coords")
+    if box is not None:
+        b = _as_array(box, "box")
+        if b.size != 4:
+            raise ValueError(f"box must be 4 numbers x0, y0, x1, y1, got shape {b.shape}; use predict_torch for many boxes")
+        check_boxes(b)
+        boxes = predictor.transform.apply_boxes(b, predictor.original_size)
+        boxes = torch.as_tensor(boxes, dtype=torch.float, device=predictor.device)
+    if mask_input is not None:
+        m, size = _as_array(mask_input, "mask_input", np.float32), predictor.mask_size
+        if m.shape not in ((1, size, size), (size, size)):
+            raise ValueError(f"mask_input must be (1, {size}, {size}) low-res logits (as returned by predict), got shape {m.shape}")
+        masks = torch.as_tensor(m, device=predictor.device).reshape(1, 1, size, size)
+    return coords, labels, boxes, masks
+
+
+def _warn_outside(pts: np.ndarray, original_size) -> None:
+    h, w = original_size
+    outside = (pts[:, 0] < 0) | (pts[:, 0] > w) | (pts[:, 1] < 0) | (pts[:, 1] > h)
+    if outside.any():
+        x, y = pts[np.flatnonzero(outside)[0]]
+        warnings.warn(f"point ({x:g}, {y:g}) lies outside the {w}x{h} image; SAM accepts it, but check the coordinates",
+                      stacklevel=4)
+
+
+def check_torch_prompts(points, labels, boxes, masks, mask_size: int) -> int:
+    """Validate batched prompts in the resized frame (see `SamHQPredictor.predict_torch`); returns the batch size B."""
+    sizes = []
+    if points is not None:
+        if labels is None:
+            raise ValueError("point_labels are required with point_coords: 1 for foreground, 0 for background")
+        if points.ndim != 3 or points.shape[-1] != 2:
+            raise ValueError(f"point_coords must be (B, N, 2), got {tuple(points.shape)}")
+        if tuple(labels.shape) != tuple(points.shape[:2]):
+            raise ValueError(f"point_labels {tuple(labels.shape)} must be (B, N) to match point_coords {tuple(points.shape)}")
+        if not torch.isfinite(points).all():
+            raise ValueError("point_coords contain NaN or infinite values")
+        sizes.append(points.shape[0])
+    if boxes is not None:
+        if boxes.shape[-1] != 4 or boxes.ndim not in (1, 2, 3):
+            raise ValueError(f"boxes must be (B, 4), got {tuple(boxes.shape)}")
+        if not torch.isfinite(boxes).all():
+            raise ValueError("boxes contain NaN or infinite values")
+        check_boxes(boxes, "boxes")
+        sizes.append(boxes.reshape(-1, 4).shape[0])
+    if masks is not None:
+        m = mask_size
+        if masks.ndim != 4 or tuple(masks.shape[1:]) != (1, m, m):
+            raise ValueError(f"mask_input must be (B, 1, {m}, {m}) low-res logits, got {tuple(masks.shape)}")
+        sizes.append(masks.shape[0])
+    if not sizes:
+        raise ValueError("give a prompt: point_coords with point_labels, boxes, or mask_input")
+    if len(set(sizes)) > 1:
+        raise ValueError(f"prompt batch sizes disagree (points, boxes, masks): {sizes}")
+    return sizes[0]
+
+
 class SamHQPredictor:
     """Embed an image once with `set_image`, then `predict` masks for any number of prompts.
 
@@ -325,49 +407,9 @@ class SamHQPredictor:
         float logits with `return_logits`), scores (C,) and low-res logits (C, 256, 256); C = 1.
         """
         self._require_image()
-        if point_coords is None and box is None and mask_input is None:
-            raise ValueError("give a prompt: point_coords with point_labels, a box, or a mask_input")
-        coords = labels = boxes = masks = None
-        if point_coords is not None:
-            pts = _as_array(point_coords, "point_coords")
-            if pts.ndim != 2 or pts.shape[1] != 2 or len(pts) == 0:
-                raise ValueError(f"point_coords must be an (N, 2) array of x, y with N >= 1, got shape {pts.shape}")
-            if point_labels is None:
-                raise ValueError("point_labels are required with point_coords: 1 for foreground, 0 for background")
-            lab = _as_array(point_labels, "point_labels").reshape(-1)
-            if len(lab) != len(pts):
-                raise ValueError(f"got {len(pts)} points but {len(lab)} labels; give one label (1 or 0) per point")
-            if not np.isin(lab, (0, 1, -1)).all():
-                raise ValueError(f"point labels must be 1 (foreground), 0 (background) or -1 (ignored), got {np.unique(lab).tolist()}")
-            self._warn_outside(pts)
-            coords = torch.as_tensor(self.transform.apply_coords(pts, self.original_size), dtype=torch.float, device=self.device)[None]
-            labels = torch.as_tensor(lab, dtype=torch.int, device=self.device)[None]
-        elif point_labels is not None:
-            raise ValueError("point_labels were given without point_coords")
-        if box is not None:
-            b = _as_array(box, "box")
-            if b.size != 4:
-                raise ValueError(f"box must be 4 numbers x0, y0, x1, y1, got shape {b.shape}; use predict_torch for many boxes")
-            check_boxes(b)
-            boxes = torch.as_tensor(self.transform.apply_boxes(b, self.original_size), dtype=torch.float, device=self.device)
-        if mask_input is not None:
-            m = _as_array(mask_input, "mask_input", np.float32)
-            if m.shape not in ((1, self.mask_size, self.mask_size), (self.mask_size, self.mask_size)):
-                raise ValueError(
-                    f"mask_input must be (1, {self.mask_size}, {self.mask_size}) low-res logits (as returned by predict), "
-                    f"got shape {m.shape}"
-                )
-            masks = torch.as_tensor(m, device=self.device).reshape(1, 1, self.mask_size, self.mask_size)
+        coords, labels, boxes, masks = prompt_from_numpy(self, point_coords, point_labels, box, mask_input)
         out = self.predict_torch(coords, labels, boxes, masks, multimask_output, return_logits, hq_token_only)
         return tuple(t[0].cpu().numpy() for t in out)
-
-    def _warn_outside(self, pts: np.ndarray) -> None:
-        h, w = self.original_size
-        outside = (pts[:, 0] < 0) | (pts[:, 0] > w) | (pts[:, 1] < 0) | (pts[:, 1] > h)
-        if outside.any():
-            x, y = pts[np.flatnonzero(outside)[0]]
-            warnings.warn(f"point ({x:g}, {y:g}) lies outside the {w}x{h} image; SAM accepts it, but check the coordinates",
-                          stacklevel=3)
 
     @torch.no_grad()
     def predict_torch(
@@ -387,7 +429,7 @@ class SamHQPredictor:
         scores (B, C) and low-res logits (B, C, 256, 256), float32.
         """
         self._require_image()
-        b = self._check_torch_prompts(point_coords, point_labels, boxes, mask_input)
+        b = check_torch_prompts(point_coords, point_labels, boxes, mask_input, self.mask_size)
         pts = point_coords[None] if point_coords is not None else None
         labels = point_labels[None].to(torch.int) if point_labels is not None else None
         box = boxes.reshape(1, b, 4) if boxes is not None else None
@@ -403,36 +445,6 @@ class SamHQPredictor:
         if not return_logits:
             full = full > self.mask_threshold
         return full, scores, low_res
-
-    def _check_torch_prompts(self, points, labels, boxes, masks) -> int:
-        sizes = []
-        if points is not None:
-            if labels is None:
-                raise ValueError("point_labels are required with point_coords: 1 for foreground, 0 for background")
-            if points.ndim != 3 or points.shape[-1] != 2:
-                raise ValueError(f"point_coords must be (B, N, 2), got {tuple(points.shape)}")
-            if tuple(labels.shape) != tuple(points.shape[:2]):
-                raise ValueError(f"point_labels {tuple(labels.shape)} must be (B, N) to match point_coords {tuple(points.shape)}")
-            if not torch.isfinite(points).all():
-                raise ValueError("point_coords contain NaN or infinite values")
-            sizes.append(points.shape[0])
-        if boxes is not None:
-            if boxes.shape[-1] != 4 or boxes.ndim not in (1, 2, 3):
-                raise ValueError(f"boxes must be (B, 4), got {tuple(boxes.shape)}")
-            if not torch.isfinite(boxes).all():
-                raise ValueError("boxes contain NaN or infinite values")
-            check_boxes(boxes, "boxes")
-            sizes.append(boxes.reshape(-1, 4).shape[0])
-        if masks is not None:
-            m = self.mask_size
-            if masks.ndim != 4 or tuple(masks.shape[1:]) != (1, m, m):
-                raise ValueError(f"mask_input must be (B, 1, {m}, {m}) low-res logits, got {tuple(masks.shape)}")
-            sizes.append(masks.shape[0])
-        if not sizes:
-            raise ValueError("give a prompt: point_coords with point_labels, boxes, or mask_input")
-        if len(set(sizes)) > 1:
-            raise ValueError(f"prompt batch sizes disagree (points, boxes, masks): {sizes}")
-        return sizes[0]
 
     def upscale_masks(self, low_res_logits: torch.Tensor) -> torch.Tensor:
         """Low-res logits (..., h, w) -> logits (..., H, W) at the current image's original size."""

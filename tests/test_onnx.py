@@ -141,8 +141,13 @@ def test_engine_errors(exported, tmp_path):
     eng.set_image(np.zeros((20, 30, 3), np.uint8))
     with pytest.raises(ValueError, match="point_labels"):
         eng.predict(point_coords=PTS)
-    with pytest.raises(ValueError, match="at least one prompt"):
+    with pytest.raises(ValueError, match="give a prompt"):
         eng.predict_torch()
+    # the same checks and messages as the torch predictor (one shared implementation)
+    with pytest.raises(ValueError, match="x1 >= x0"):
+        eng.predict(box=np.array([10, 10, 5, 20]))
+    with pytest.raises(ValueError, match="1 \\(foreground\\), 0 \\(background\\)"):
+        eng.predict(point_coords=PTS, point_labels=np.full(len(PTS), 7))
     with pytest.raises(ValueError, match="mask_input"):
         eng.predict(point_coords=PTS, point_labels=LAB, mask_input=np.zeros((1, 64, 64)))
 

@@ -20,6 +20,7 @@ import torch
 
 from .. import processing
 from ..image_io import check_image_size, to_rgb_array
+from ..predictor import check_torch_prompts, prompt_from_numpy
 from .onnx import DECODER_FILE, ENCODER_FILE, META_FILE, export_onnx
 
 
@@ -82,6 +83,7 @@ class OnnxPredictor:
         self.meta = meta
         self.image_size = int(meta["image_size"])
         self.low_res_size = int(meta["low_res_size"])
+        self.mask_size, self.device = self.low_res_size, torch.device("cpu")  # what prompt checks read
         self.mask_threshold = float(meta["mask_threshold"])
         self.encoder_path = onnx_dir / ENCODER_FILE
         self.decoder_path = onnx_dir / DECODER_FILE
@@ -145,81 +147,43 @@ class OnnxPredictor:
 
     def predict(self, point_coords=None, point_labels=None, box=None, mask_input=None, multimask_output: bool = True,
                 return_logits: bool = False, hq_token_only: bool = False):
-        """One prompt in original-image coordinates: point_coords (N, 2), point_labels (N,), box (4,) or
-        (B, 4) for several boxes, mask_input (1, 256, 256) low-res logits.
+        """One prompt in original-image coordinates, checked as `SamHQPredictor.predict` checks it:
+        point_coords (N, 2), point_labels (N,), box (4,), mask_input (1, 256, 256) low-res logits.
 
-        Returns masks (C, H, W) (or (B, C, H, W) for B boxes), scores (C,), low-res logits (C, 256, 256); C = 1.
+        Returns masks (C, H, W), scores (C,), low-res logits (C, 256, 256) as numpy arrays; C = 1.
         """
         self._need_image()
-        coords = labels = boxes = masks = None
-        if point_coords is not None:
-            if point_labels is None:
-                raise ValueError("point_labels must be given with point_coords (1 foreground, 0 background)")
-            pc = np.asarray(point_coords, dtype=np.float64)
-            pl = np.asarray(point_labels)
-            if pc.ndim != 2 or pc.shape[1] != 2 or pl.shape != pc.shape[:1]:
-                raise ValueError(f"point_coords must be (N, 2) and point_labels (N,), got {pc.shape} and {pl.shape}")
-            coords = torch.as_tensor(self.transform.apply_coords(pc, self.original_size), dtype=torch.float)[None]
-            labels = torch.as_tensor(pl, dtype=torch.float)[None]
-        if box is not None:
-            b = np.asarray(box, dtype=np.float64)
-            if b.shape[-1] != 4 or b.ndim > 2:
-                raise ValueError(f"box must be (4,) or (B, 4) as x0, y0, x1, y1, got shape {b.shape}")
-            boxes = torch.as_tensor(self.transform.apply_boxes(b, self.original_size), dtype=torch.float)
-            if coords is not None and len(boxes) > 1:
-                coords, labels = coords.expand(len(boxes), -1, -1), labels.expand(len(boxes), -1)
-        if mask_input is not None:
-            masks = torch.as_tensor(np.asarray(mask_input), dtype=torch.float)
-            if masks.ndim == 3:
-                masks = masks[None]
+        coords, labels, boxes, masks = prompt_from_numpy(self, point_coords, point_labels, box, mask_input)
         out = self.predict_torch(coords, labels, boxes, masks, multimask_output, return_logits, hq_token_only)
-        masks, scores, low = (t.numpy() for t in out)
-        if box is not None and np.asarray(box).ndim == 2:
-            return masks, scores, low
-        return masks[0], scores[0], low[0]
+        return tuple(t[0].numpy() for t in out)
 
     def predict_torch(self, point_coords=None, point_labels=None, boxes=None, mask_input=None,
                       multimask_output: bool = True, return_logits: bool = False, hq_token_only: bool = False):
         """B prompts in the resized input frame: point_coords (B, N, 2), point_labels (B, N), boxes (B, 4),
-        mask_input (B or 1, 1, 256, 256). Returns masks (B, 1, H, W) (bool unless return_logits),
+        mask_input (B, 1, 256, 256), checked as `SamHQPredictor.predict_torch` checks them. Returns masks (B, 1, H, W) (bool unless return_logits),
         scores (B, 1), low-res logits (B, 1, 256, 256) as torch tensors."""
         self._need_image()
-        if point_coords is None and boxes is None and mask_input is None:
-            raise ValueError("give at least one prompt: point_coords, boxes or mask_input")
+        point_coords, point_labels, boxes, mask_input = (
+            None if t is None else torch.as_tensor(t) for t in (point_coords, point_labels, boxes, mask_input))
+        b = check_torch_prompts(point_coords, point_labels, boxes, mask_input, self.mask_size)
         parts_c, parts_l = [], []
         if point_coords is not None:
-            if point_labels is None:
-                raise ValueError("point_labels must be given with point_coords")
-            pc = torch.as_tensor(point_coords, dtype=torch.float)
-            pl = torch.as_tensor(point_labels, dtype=torch.float)
-            if pc.ndim != 3 or pc.shape[-1] != 2 or tuple(pl.shape) != tuple(pc.shape[:2]):
-                raise ValueError(f"point_coords must be (B, N, 2) and point_labels (B, N), got {tuple(pc.shape)}, {tuple(pl.shape)}")
-            parts_c.append(pc)
-            parts_l.append(pl)
+            parts_c.append(point_coords.float())
+            parts_l.append(point_labels.float())
         if boxes is not None:
-            bx = torch.as_tensor(boxes, dtype=torch.float)
-            if bx.ndim != 2 or bx.shape[-1] != 4:
-                raise ValueError(f"boxes must be (B, 4), got {tuple(bx.shape)}")
+            bx = boxes.float().reshape(-1, 4)
             parts_c.append(bx.reshape(-1, 2, 2))
             parts_l.append(torch.tensor([[2.0, 3.0]]).expand(len(bx), 2))
         elif point_coords is not None:  # no box: SAM appends one padding point
             parts_c.append(torch.zeros(len(parts_c[0]), 1, 2))
             parts_l.append(torch.full((len(parts_c[0]), 1), -1.0))
         if parts_c:
-            n = max(len(c) for c in parts_c)
-            coords = torch.cat([c.expand(n, -1, -1) for c in parts_c], dim=1)
-            labels = torch.cat([lab.expand(n, -1) for lab in parts_l], dim=1)
+            coords, labels = torch.cat(parts_c, dim=1), torch.cat(parts_l, dim=1)
         else:  # a mask alone: no sparse tokens, as the official prompt encoder
-            n = len(mask_input)
-            coords, labels = torch.zeros(n, 0, 2), torch.zeros(n, 0)
-        if torch.isnan(coords).any() or torch.isinf(coords).any():
-            raise ValueError("point_coords / boxes contain NaN or infinite values")
+            coords, labels = torch.zeros(b, 0, 2), torch.zeros(b, 0)
         s = self.low_res_size
         if mask_input is not None:
-            mask = torch.as_tensor(mask_input, dtype=torch.float)
-            if mask.ndim != 4 or tuple(mask.shape[1:]) != (1, s, s) or mask.shape[0] not in (1, len(coords)):
-                raise ValueError(f"mask_input must be (1 or B, 1, {s}, {s}) low-res logits, got {tuple(mask.shape)}")
-            has_mask = 1.0
+            mask, has_mask = mask_input.float(), 1.0
         else:
             mask, has_mask = torch.zeros(1, 1, s, s), 0.0
         feeds = {
