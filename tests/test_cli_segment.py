@@ -76,7 +76,7 @@ BAD = [
     (["img.png", "--point", "1,2,1,1"], "expects X,Y or X,Y,LABEL"),
     (["img.png", "--point", "1,2,7"], "LABEL must be 1"),
     (["img.png", "--point", "nan,2"], "NaN or infinite"),
-    (["img.png", "--box", "50,5,10,40"], "X1 >= X0"),
+    (["img.png", "--box", "50,5,10,40"], "x1 >= x0"),
     (["img.png"], "give at least one prompt"),
     (["img.png", "--point", "1,2", "--box", "0,0,5,5", "--box", "1,1,9,9"], "one --box only"),
     (["img.png", "--point", "1,2", "--out", "existing.png"], "already exists; pass --force"),

@@ -14,6 +14,8 @@ import sys
 import warnings
 from pathlib import Path
 
+import numpy as np
+
 from ._common import add_model_arg, new_command, refuse_overwrite
 
 
@@ -62,10 +64,11 @@ def parse_prompts(points: list[str], boxes: list[str]):
             raise ValueError(f"--point {text!r}: LABEL must be 1 (object) or 0 (background)")
         pts.append(v[:2])
         labels.append(int(label))
+    from ..processing import check_boxes
+
     bxs = [_numbers(text, (4,), "box", "X0,Y0,X1,Y1") for text in boxes]
-    for text, (x0, y0, x1, y1) in zip(boxes, bxs):
-        if x1 < x0 or y1 < y0:
-            raise ValueError(f"--box {text!r}: needs X1 >= X0 and Y1 >= Y0")
+    for b in bxs:
+        check_boxes(np.asarray(b), "--box")
     if not pts and not bxs:
         raise ValueError("give at least one prompt: --point X,Y[,LABEL] or --box X0,Y0,X1,Y1")
     if pts and len(bxs) > 1:
