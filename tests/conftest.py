@@ -25,10 +25,14 @@ def small_config(**vision) -> SamHQConfig:
     )
 
 
+def random_model(seed: int = 3, **vision) -> SamHQModel:
+    """A `small_config(**vision)` model with every weight drawn from `seed` (perturb_), in eval mode."""
+    return perturb_(SamHQModel(small_config(**vision)), seed=seed).eval()
+
+
 @pytest.fixture
 def small_model() -> SamHQModel:
-    torch.manual_seed(0)
-    return perturb_(SamHQModel(small_config()), seed=3).eval()
+    return random_model()
 
 
 @pytest.fixture(autouse=True)

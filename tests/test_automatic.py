@@ -9,11 +9,10 @@ import functools
 
 import numpy as np
 import pytest
-import torch
-from conftest import small_config
-from official_ref import load_official, official_like, perturb_
+from conftest import random_model
+from official_ref import load_official, official_like
 
-from samhq import SamHQConfig, SamHQModel
+from samhq import SamHQModel
 from samhq import masks as M
 from samhq.automatic import SamHQAutomaticMaskGenerator
 
@@ -22,14 +21,13 @@ needs_official = pytest.mark.skipif(sah is None, reason="segment-anything-hq is 
 NO_GRAD = True  # conftest runs this module's tests without autograd
 
 
-def tiny_256_config() -> SamHQConfig:
-    return small_config(image_size=256, window_size=8)
+def tiny_256_model() -> SamHQModel:
+    return random_model(image_size=256, window_size=8)
 
 
 @pytest.fixture(scope="module")
 def model():
-    torch.manual_seed(0)
-    return perturb_(SamHQModel(tiny_256_config()), seed=3).eval()
+    return tiny_256_model()
 
 
 @pytest.fixture(scope="module")

@@ -6,7 +6,7 @@ import sys
 
 import pytest
 import torch
-from conftest import perturb_, small_config
+from conftest import perturb_
 from official_ref import load_official
 
 from samhq import CheckpointError, SamHQConfig, SamHQModel, SamHQVisionModel, convert, save_official

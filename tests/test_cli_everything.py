@@ -3,12 +3,9 @@ import json
 
 import numpy as np
 import pytest
-import torch
-from official_ref import perturb_
 from PIL import Image
-from test_automatic import tiny_256_config
+from test_automatic import tiny_256_model
 
-from samhq import SamHQModel
 from samhq.automatic import SamHQAutomaticMaskGenerator
 from samhq.cli import main
 from samhq.image_io import to_rgb_array
@@ -20,8 +17,7 @@ ARGS = ["--points-per-side", "4", "--pred-iou-thresh", "0.1", "--stability-thres
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("everything")
-    torch.manual_seed(0)
-    model = perturb_(SamHQModel(tiny_256_config()), seed=3).eval()
+    model = tiny_256_model()
     model.save_pretrained(root / "model")
     data = root / "data"
     (data / "sub").mkdir(parents=True)

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from samhq import SamHQModel, SamHQVisionModel, select_masks
+from samhq import SamHQVisionModel, select_masks
 from samhq.modeling.image_encoder import rel_pos_table, window_partition, window_unpartition
 
 NO_GRAD = True  # conftest runs this module's tests without autograd
@@ -10,10 +10,9 @@ NO_GRAD = True  # conftest runs this module's tests without autograd
 
 @pytest.fixture(scope="module")
 def setup():
-    from conftest import perturb_, small_config
+    from conftest import random_model
 
-    torch.manual_seed(0)
-    model = perturb_(SamHQModel(small_config()), seed=3).eval()
+    model = random_model()
     pixels = torch.randn(2, 3, 1024, 1024, generator=torch.Generator().manual_seed(1))
     emb, inter = model.get_image_embeddings(pixels)
     return model, pixels, emb, inter

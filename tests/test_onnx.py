@@ -48,12 +48,10 @@ def mask_iou(a, b):
 
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory):
-    from conftest import perturb_, small_config
+    from conftest import random_model
 
-    from samhq import SamHQModel
 
-    torch.manual_seed(0)
-    model = perturb_(SamHQModel(small_config()), seed=3).eval()
+    model = random_model()
     out = tmp_path_factory.mktemp("onnx")
     export_onnx(model, out)
     image = (np.random.default_rng(0).random((600, 800, 3)) * 255).astype(np.uint8)

@@ -2,12 +2,10 @@
 import numpy as np
 import pytest
 import torch
-from official_ref import perturb_
 from PIL import Image
-from test_automatic import tiny_256_config
+from test_automatic import tiny_256_model
 
 import samhq.pipelines as P
-from samhq import SamHQModel
 from samhq.automatic import SamHQAutomaticMaskGenerator
 from samhq.data.synthetic import SyntheticShapes
 
@@ -16,8 +14,7 @@ KW = dict(points_per_batch=7, pred_iou_thresh=0.1, stability_score_thresh=0.3, b
 
 @pytest.fixture(scope="module")
 def saved_model(tmp_path_factory):
-    torch.manual_seed(0)
-    model = perturb_(SamHQModel(tiny_256_config()), seed=3).eval()
+    model = tiny_256_model()
     path = tmp_path_factory.mktemp("model") / "tiny"
     model.save_pretrained(path)
     return model, path

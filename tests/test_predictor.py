@@ -5,7 +5,7 @@ import warnings
 import numpy as np
 import pytest
 import torch
-from conftest import small_config
+from conftest import random_model
 from official_ref import load_official, official_from_ours, perturb_
 from PIL import Image
 
@@ -21,8 +21,7 @@ TOL = 1e-4
 
 def small_256(seed=3) -> SamHQModel:
     """A narrow ViT with a 256-pixel input (16x16 embedding grid, 64x64 mask inputs)."""
-    torch.manual_seed(0)
-    return perturb_(SamHQModel(small_config(image_size=256)), seed=seed).eval()
+    return random_model(seed, image_size=256)
 
 
 def build(variant) -> SamHQModel:

@@ -20,7 +20,7 @@ def add_model_arg(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--model", "-m", default=DEMO_MODEL if has_demo else None, required=not has_demo, metavar="SRC",
         help="checkpoint: official .pth, a save_pretrained folder, a .safetensors file, a hub id, or a bundled "
-        f"model name" + (f" (default: the bundled demo model {DEMO_MODEL})" if has_demo else ""),
+        "model name" + (f" (default: the bundled demo model {DEMO_MODEL})" if has_demo else ""),
     )
     parser.add_argument("--device", default="cpu", help="torch device (default: cpu)")
 
