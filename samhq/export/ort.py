@@ -82,8 +82,8 @@ class OnnxPredictor:
             raise ValueError(f"{meta_path} is not a samhq ONNX export description")
         self.meta = meta
         self.image_size = int(meta["image_size"])
-        self.low_res_size = int(meta["low_res_size"])
-        self.mask_size, self.device = self.low_res_size, torch.device("cpu")  # what prompt checks read
+        self.mask_size = int(meta["low_res_size"])  # side of the low-res mask logits, as SamHQPredictor.mask_size
+        self.device = torch.device("cpu")
         self.mask_threshold = float(meta["mask_threshold"])
         self.encoder_path = onnx_dir / ENCODER_FILE
         self.decoder_path = onnx_dir / DECODER_FILE
@@ -159,9 +159,10 @@ class OnnxPredictor:
 
     def predict_torch(self, point_coords=None, point_labels=None, boxes=None, mask_input=None,
                       multimask_output: bool = True, return_logits: bool = False, hq_token_only: bool = False):
-        """B prompts in the resized input frame: point_coords (B, N, 2), point_labels (B, N), boxes (B, 4),
-        mask_input (B, 1, 256, 256), checked as `SamHQPredictor.predict_torch` checks them. Returns masks (B, 1, H, W) (bool unless return_logits),
-        scores (B, 1), low-res logits (B, 1, 256, 256) as torch tensors."""
+        """B prompts in the resized input frame, checked as `SamHQPredictor.predict_torch` checks them:
+        point_coords (B, N, 2), point_labels (B, N), boxes (B, 4), mask_input (B, 1, 256, 256).
+        Returns masks (B, 1, H, W) (bool unless return_logits), scores (B, 1), low-res logits
+        (B, 1, 256, 256) as torch tensors."""
         self._need_image()
         point_coords, point_labels, boxes, mask_input = (
             None if t is None else torch.as_tensor(t) for t in (point_coords, point_labels, boxes, mask_input))
@@ -181,7 +182,7 @@ class OnnxPredictor:
             coords, labels = torch.cat(parts_c, dim=1), torch.cat(parts_l, dim=1)
         else:  # a mask alone: no sparse tokens, as the official prompt encoder
             coords, labels = torch.zeros(b, 0, 2), torch.zeros(b, 0)
-        s = self.low_res_size
+        s = self.mask_size
         if mask_input is not None:
             mask, has_mask = mask_input.float(), 1.0
         else:

@@ -71,7 +71,7 @@ class Attention(nn.Module):
             r1 = min(h, r0 + rows)
             bh, bw = bias_h[:, :, r0:r1, :, :, None], bias_w[:, :, r0:r1, :, None, :]
             bias = torch.add(bh, bw, out=buf[:, :, : r1 - r0]) if buf is not None else bh + bw
-            bias = bias.view(b, n, (r1 - r0) * w, h * w) if bias.is_contiguous() else bias.reshape(b, n, (r1 - r0) * w, h * w)
+            bias = bias.reshape(b, n, (r1 - r0) * w, h * w)  # a view, except for the last, shorter chunk's buffer slice
             chunks.append(F.scaled_dot_product_attention(q[:, :, r0 * w : r1 * w], k, v, attn_mask=bias).transpose(1, 2))
         return torch.cat(chunks, dim=1) if len(chunks) > 1 else chunks[0]
 

@@ -10,7 +10,7 @@ from ..config import SamHQMaskDecoderConfig
 from .common import FeedForward, LayerNorm2d, gelu
 from .two_way_transformer import TwoWayTransformer
 
-# Prompts decoded together after the transformer (see MaskDecoder.forward).
+# Prompts per pass through the decoder's transformer (see MaskDecoder.forward).
 DECODE_CHUNK = 8
 
 
