@@ -163,19 +163,34 @@ def area_from_rle(rle: dict) -> int:
     return int(sum(rle["counts"][1::2]))
 
 
+def _coco_mask_api():
+    """pycocotools.mask, or an ImportError that says how to install it."""
+    try:
+        from pycocotools import mask as mask_utils
+    except ImportError:
+        raise ImportError("COCO RLE needs pycocotools, which is not installed: "
+                          "pip install 'samhq[amg]' (or pip install pycocotools)") from None
+    return mask_utils
+
+
+def _json_ready(coco: dict) -> dict:
+    return {"size": [int(s) for s in coco["size"]], "counts": coco["counts"].decode("ascii")}
+
+
+def mask_to_coco(mask: np.ndarray) -> dict:
+    """Bool (H, W) mask -> COCO compressed RLE {"size": [H, W], "counts": str} (JSON-ready). Needs pycocotools."""
+    return _json_ready(_coco_mask_api().encode(np.asfortranarray(np.asarray(mask, dtype=np.uint8))))
+
+
 def rle_to_coco(rle: dict) -> dict:
     """Uncompressed RLE -> COCO compressed RLE with a str `counts` (JSON-ready). Needs pycocotools."""
-    from pycocotools import mask as mask_utils
-
     h, w = rle["size"]
-    coco = mask_utils.frPyObjects(rle, h, w)
-    return {"size": [int(s) for s in coco["size"]], "counts": coco["counts"].decode("ascii")}
+    return _json_ready(_coco_mask_api().frPyObjects(rle, h, w))
 
 
 def coco_to_mask(rle: dict) -> np.ndarray:
     """COCO compressed RLE (str or bytes counts) -> bool (H, W) mask. Needs pycocotools."""
-    from pycocotools import mask as mask_utils
-
+    mask_utils = _coco_mask_api()
     counts = rle["counts"]
     rle = {"size": list(rle["size"]), "counts": counts.encode("ascii") if isinstance(counts, str) else counts}
     with warnings.catch_warnings():  # pycocotools' own NumPy-2 copy-keyword deprecation notice

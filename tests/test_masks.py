@@ -111,7 +111,16 @@ def test_rle_matches_official_and_round_trips():
         coco = M.rle_to_coco(rle)
         assert coco == amg.coco_encode_rle(rle)
         assert isinstance(coco["counts"], str)
+        assert M.mask_to_coco(mask) == coco  # straight from the mask, the same encoding
         np.testing.assert_array_equal(M.coco_to_mask(coco), mask)
+
+
+def test_coco_rle_without_pycocotools_says_how_to_install(monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "pycocotools", None)  # makes the import fail
+    with pytest.raises(ImportError, match=r"pip install 'samhq\[amg\]'"):
+        M.mask_to_coco(np.ones((2, 2), bool))
 
 
 def test_rle_of_no_masks_and_bad_rle():

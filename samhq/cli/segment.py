@@ -91,26 +91,12 @@ def output_paths(args, n: int) -> dict[str, list[Path]]:
     return paths
 
 
-def rle_encode(mask):
-    """(H, W) bool -> COCO RLE {"size": [H, W], "counts": str} (needs pycocotools)."""
-    import numpy as np
-
-    try:
-        from pycocotools import mask as mask_utils
-    except ImportError:
-        raise ImportError("--json writes COCO RLE with pycocotools, which is not installed: "
-                          "pip install 'samhq[amg]' (or pip install pycocotools)") from None
-    rle = mask_utils.encode(np.asfortranarray(mask.astype(np.uint8)))
-    return {"size": [int(v) for v in rle["size"]], "counts": rle["counts"].decode("ascii")}
-
-
 def run(args) -> int:
-    import numpy as np
     import torch
     from PIL import Image
 
     from ..image_io import check_image_size, to_rgb_array
-    from ..masks import mask_bbox
+    from ..masks import mask_bbox, mask_to_coco
     from ..predictor import SamHQPredictor
     from ..visualize import draw_masks
 
@@ -123,7 +109,7 @@ def run(args) -> int:
         if not p.parent.is_dir():
             raise ValueError(f"output folder {p.parent} does not exist")
     if args.json:
-        rle_encode(np.zeros((1, 1), bool))  # fail now, before any work, when pycocotools is missing
+        mask_to_coco(np.zeros((1, 1), bool))  # fail now, before any work, when pycocotools is missing
     image = to_rgb_array(args.image)
     check_image_size(*image.shape[:2])
 
@@ -153,7 +139,7 @@ def run(args) -> int:
             prompt["box"] = boxes[i] if len(boxes) > 1 else boxes[0]
         entry = {"score": float(score), "bbox": mask_bbox(mask), "area": int(mask.sum()), "prompt": prompt}
         if args.json:
-            entry["segmentation"] = rle_encode(mask)
+            entry["segmentation"] = mask_to_coco(mask)
         results.append(entry)
 
     for path, mask in zip(paths["mask"], masks):
