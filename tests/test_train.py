@@ -141,7 +141,24 @@ def test_train_config_validation():
         TrainConfig.from_dict({"stepz": 3})
     with pytest.raises(ValueError, match="prompt_mix"):
         TrainConfig(prompt_mix=(0, 0, 0))
+    with pytest.raises(ValueError, match="coarse_factor"):
+        TrainConfig(targets="coarse", coarse_factor=0)
     assert TrainConfig(recipe="full").outputs == "both"
+
+
+def test_coarse_targets_use_the_configured_coarsening(tmp_path):
+    from samhq.data.synthetic import coarsen
+    from samhq.train.data import preprocess_masks
+
+    data = SyntheticShapes(1, 64, seed=2, objects_per_image=(2, 2))
+    fine = [m for m in data[0]["masks"]]
+    for radius, factor in ((None, 4), (1, 1)):
+        cfg = TrainConfig(recipe="full", targets="coarse", coarse_radius=radius, coarse_factor=factor, progress=False)
+        _, masks = Trainer(tiny_model(), data, cfg, tmp_path)._sample(0, np.random.default_rng(0))
+        expected = preprocess_masks([coarsen(m, radius, factor) for m in fine], 128)
+        assert torch.equal(masks, expected)
+    assert not torch.equal(preprocess_masks([coarsen(m, 1, 1) for m in fine], 128),
+                           preprocess_masks([coarsen(m) for m in fine], 128))
 
 
 def test_prompt_sampling():

@@ -13,6 +13,9 @@ _FLAGS = {
     "outputs": (str, "which masks get a loss: hq, sam (SAM tokens + IoU head) or both (default: hq for the hq "
                 "recipe, both otherwise)", ("hq", "sam", "both")),
     "targets": (str, "fine masks as given, or coarse (SA-1B-like, via samhq.data.coarsen)", ("fine", "coarse")),
+    "coarse_radius": (int, "--targets coarse: opening/closing radius in pixels (default ~1.2%% of the short side, "
+                      "at least 2)", None),
+    "coarse_factor": (int, "--targets coarse: polygon-like simplification factor, 1 for none (default 4)", None),
     "steps": (int, "optimizer steps (default 1000)", None),
     "batch_size": (int, "images per step over all processes (default 4)", None),
     "masks_per_image": (int, "at most this many masks (prompts) per image (default 4)", None),

@@ -60,7 +60,8 @@ class TrainConfig:
     max_points: int = 5
     box_noise: float = 0.1
     label_size: int | None = None  # default: twice the low-resolution mask size
-    coarse_radius: int | None = None
+    coarse_radius: int | None = None  # `coarsen`'s radius and factor; scale them with the image size
+    coarse_factor: int = 4
     cache_embeddings: bool = True  # frozen encoder: embed each image once and keep it
     seed: int = 0
     save_every: int = 200
@@ -79,6 +80,8 @@ class TrainConfig:
             raise ValueError("the hq recipe trains only the HQ parts: use outputs='hq' (or the decoder/full recipe)")
         if self.targets not in ("fine", "coarse"):
             raise ValueError(f"targets must be 'fine' or 'coarse', got {self.targets!r}")
+        if self.coarse_factor < 1 or (self.coarse_radius is not None and self.coarse_radius < 1):
+            raise ValueError(f"coarse_radius and coarse_factor must be at least 1, got {self.coarse_radius} and {self.coarse_factor}")
         for name in ("steps", "batch_size", "masks_per_image", "save_every", "log_every", "max_points"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
@@ -244,7 +247,7 @@ class Trainer:
             keep = np.sort(rng.choice(len(masks), self.config.masks_per_image, replace=False))
             masks = [masks[i] for i in keep]
         if self.config.targets == "coarse":
-            masks = [coarsen(m, self.config.coarse_radius) for m in masks]
+            masks = [coarsen(m, self.config.coarse_radius, self.config.coarse_factor) for m in masks]
         return preprocess_image(item["image"], self.image_size), preprocess_masks(masks, self.image_size)
 
     def _embed(self, indices, pixels):
