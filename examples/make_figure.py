@@ -38,11 +38,11 @@ def find_objects(data, kinds):
     return [found[k] for k in kinds if k in found]
 
 
-def crop_box(mask, margin=0.2, min_side=48):
-    """A square crop (x0, y0, x1, y1) around the mask, clipped to the image."""
+def crop_box(mask, margin=0.2, min_fraction=0.375):
+    """A square crop (x0, y0, x1, y1) around the mask, at least min_fraction of the image side, clipped to the image."""
     h, w = mask.shape
     x0, y0, x1, y1 = box_prompt(mask)
-    side = max(x1 - x0, y1 - y0, min_side) * (1 + 2 * margin)
+    side = max(x1 - x0, y1 - y0, min_fraction * min(h, w)) * (1 + 2 * margin)
     cx, cy = (x0 + x1) / 2, (y0 + y1) / 2
     x0, y0 = int(max(0, cx - side / 2)), int(max(0, cy - side / 2))
     return x0, y0, int(min(w, x0 + side)), int(min(h, y0 + side))
@@ -85,7 +85,7 @@ def draw_prompt(image, prompt, xy, crop):
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default="samhq-tiny-shapes")
-    p.add_argument("--size", type=int, default=128, help="synthetic image size (the held-out set's: 128)")
+    p.add_argument("--size", type=int, default=64, help="synthetic image size (the held-out set's: 64)")
     p.add_argument("--num-images", type=int, default=250)
     p.add_argument("--seed", type=int, default=1000)
     p.add_argument("--kinds", default="wire,ring,comb,lattice,branch,holes")

@@ -12,7 +12,7 @@ from samhq.train.data import preprocess_image, resized_shape
 from samhq.train.prompts import mask_box
 
 NAME = "samhq-tiny-shapes"
-HELD_OUT = dict(num_images=250, image_size=128, seed=1000)  # never trained on (see examples/train_demo.sh)
+HELD_OUT = dict(num_images=250, image_size=64, seed=1000)  # never trained on (see examples/train_demo.sh)
 
 pytestmark = pytest.mark.skipif(not (BUNDLED[NAME] / "model.safetensors").exists(),
                                 reason="the bundled demo model is not in this checkout")
@@ -57,12 +57,13 @@ def test_demo_model_is_small_and_complete(demo):
 
 def test_demo_model_segments_held_out_images_from_boxes(demo):
     data = SyntheticShapes(**HELD_OUT)
-    sam_iou, hq_iou, hq_biou, box_biou = [], [], [], []
+    sam_iou, sam_biou, hq_iou, hq_biou, box_biou = [], [], [], [], []
     for i in range(12):
         item = data[i]
         sam, hq = _box_masks(demo, item)
         for k, gt in enumerate(item["masks"]):
             sam_iou.append(mask_iou(gt, sam[k].numpy()))
+            sam_biou.append(boundary_iou(gt, sam[k].numpy()))
             hq_iou.append(mask_iou(gt, hq[k].numpy()))
             hq_biou.append(boundary_iou(gt, hq[k].numpy()))
             x0, y0, x1, y1 = (int(round(v)) for v in mask_box(gt))
@@ -70,10 +71,11 @@ def test_demo_model_segments_held_out_images_from_boxes(demo):
             filled[y0 : y1 + 1, x0 : x1 + 1] = True  # a model that only fills the prompt box
             box_biou.append(boundary_iou(gt, filled))
     assert len(hq_iou) >= 20
-    # The masks follow the objects, not just the prompt box (README: 0.252 vs 0.121 on all 596 objects).
-    assert np.mean(hq_biou) > np.mean(box_biou) + 0.05
-    # Floors well above what an untrained or prompt-blind model gets (~0.05), below the measured
-    # values (see examples/train_demo.sh); thin wires limit IoU at 64x64 low-res masks.
-    assert np.mean(hq_iou) > 0.2
-    assert np.mean(hq_biou) > 0.1
-    assert np.mean(sam_iou) > 0.2
+    # On these 29 objects: SAM 0.51 / 0.42, HQ 0.60 / 0.57, box fill 0.14 mBIoU (README: all 593 objects).
+    # The masks follow the objects, not just the prompt box.
+    assert np.mean(hq_biou) > np.mean(box_biou) + 0.25
+    # The paper's claim in miniature: the HQ token, trained on fine masks over the frozen SAM, has the better boundary.
+    assert np.mean(hq_biou) > np.mean(sam_biou) + 0.08
+    # Floors below the measured values, far above an untrained or prompt-blind model (~0.05).
+    assert np.mean(hq_iou) > 0.5
+    assert np.mean(sam_iou) > 0.4
