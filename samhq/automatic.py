@@ -161,7 +161,8 @@ class SamHQAutomaticMaskGenerator:
         p = self.predictor
         coords = torch.as_tensor(p.transform.apply_coords(points, crop_size), device=p.device)
         labels = torch.ones(len(points), 1, dtype=torch.int, device=p.device)
-        all_masks, all_iou = p.model.predict_all(p.features, p.hq_features, coords[None, :, None], labels[None])
+        all_masks, all_iou = p.model.predict_all(p.features, p.hq_features, coords[None, :, None], labels[None],
+                                                context=p.decoder_context())
         low_res, iou = select_masks(all_masks, all_iou, multimask, hq_only, mode="official")
         n_per_point = low_res.shape[2]
         low_res, iou = low_res[0].flatten(0, 1).float(), iou[0].flatten().float()  # (P*M, h, w), (P*M,)

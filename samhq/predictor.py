@@ -289,6 +289,7 @@ class SamHQPredictor:
         self.hq_features = None
         self.original_size = None
         self.input_size = None
+        self._context = None
 
     # ------------------------------------------------------------------ images
 
@@ -326,9 +327,17 @@ class SamHQPredictor:
         self.features = features
         self.interm_features = interm
         self.hq_features = self.model.compute_hq_features(features, interm)
+        self._context = None
         self.original_size = tuple(int(v) for v in original_size)
         self.input_size = tuple(int(v) for v in input_size)
         self.is_image_set = True
+
+    def decoder_context(self) -> dict:
+        """The decoder's per-image work for this image (`SamHQModel.decoder_context`), made on first use."""
+        self._require_image()
+        if self._context is None or self._context[0] is not self.features:  # features may be assigned directly
+            self._context = (self.features, self.model.decoder_context(self.features))
+        return self._context[1]
 
     def get_image_embedding(self) -> torch.Tensor:
         """The current image's embedding, (1, 256, h, w)."""
@@ -437,7 +446,8 @@ class SamHQPredictor:
         if mask_input is not None:  # per prompt; a mask alone is a batch of B one-prompt "images"
             shape = (1, b) if pts is not None or box is not None else (b, 1)
             masks = mask_input.reshape(*shape, *mask_input.shape[-2:]).to(self.model.dtype)
-        all_masks, iou = self.model.predict_all(self.features, self.hq_features, pts, labels, box, masks)
+        all_masks, iou = self.model.predict_all(self.features, self.hq_features, pts, labels, box, masks,
+                                                None if masks is not None else self.decoder_context())
         all_masks, iou = all_masks.flatten(0, 1)[None], iou.flatten(0, 1)[None]
         low_res, scores = select_masks(all_masks, iou, multimask_output, hq_token_only, mode="official")
         low_res, scores = low_res[0].float(), scores[0].float()

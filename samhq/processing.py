@@ -72,7 +72,8 @@ def upscale_logits(
     x = low_res.float().reshape(1, -1, *low_res.shape[-2:])
     x = F.interpolate(x, pad, mode="bilinear", align_corners=False)
     x = x[..., : int(input_size[0]), : int(input_size[1])]
-    x = F.interpolate(x, tuple(int(v) for v in original_size), mode="bilinear", align_corners=False)
+    if tuple(x.shape[-2:]) != tuple(int(v) for v in original_size):  # a same-size bilinear resize is the identity
+        x = F.interpolate(x, tuple(int(v) for v in original_size), mode="bilinear", align_corners=False)
     return x.reshape(*lead, *x.shape[-2:])
 
 

@@ -221,7 +221,8 @@ def predict_tokens(predictor, prompt: str, xy: np.ndarray, sam_output: str = "si
     else:
         points = torch.as_tensor(predictor.transform.apply_coords(xy, size), dtype=torch.float, device=dev)[None, :, None]
         labels = torch.ones(points.shape[:-1], dtype=torch.int, device=dev)
-    masks, iou = predictor.model.predict_all(predictor.features, predictor.hq_features, points, labels, boxes)
+    masks, iou = predictor.model.predict_all(predictor.features, predictor.hq_features, points, labels, boxes,
+                                             context=predictor.decoder_context())
     masks, iou = masks[0], iou[0]  # (K, T, h, w), (K, 4)
     if sam_output == "single":
         sam = masks[:, 0]

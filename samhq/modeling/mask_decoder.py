@@ -12,6 +12,8 @@ from .two_way_transformer import TwoWayTransformer
 
 # Prompts per pass through the decoder's transformer (see MaskDecoder.forward).
 DECODE_CHUNK = 8
+# Pixels per band of rows in the HQ branch's full-resolution convolution (see MaskDecoder._masks).
+HQ_BAND_PIXELS = 16384
 
 
 class MaskDecoder(nn.Module):
@@ -51,6 +53,10 @@ class MaskDecoder(nn.Module):
         local = self.compress_vit_conv2(gelu(self.compress_vit_norm(self.compress_vit_conv1(local))))
         return glob + local
 
+    def image_context(self, image_embeddings: torch.Tensor, image_pe: torch.Tensor, dense: torch.Tensor) -> dict:
+        """The decoder's per-image work for prompts without a mask input (dense (B, 1, C, h, w) shared by all)."""
+        return self.transformer.image_context(image_embeddings[:, None] + dense, image_pe.to(image_embeddings.dtype))
+
     def forward(
         self,
         image_embeddings: torch.Tensor,
@@ -58,11 +64,13 @@ class MaskDecoder(nn.Module):
         sparse: torch.Tensor,
         dense: torch.Tensor,
         hq_features: torch.Tensor | None,
+        context: dict | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Masks from every output token.
 
         image_embeddings (B, C, h, w), image_pe (1, C, h, w), sparse (B, P, T, C), dense (B, 1 or P, C, h, w),
-        hq_features (B, C/8, 4h, 4w) or None for plain SAM.
+        hq_features (B, C/8, 4h, 4w) or None for plain SAM. context: `image_context(image_embeddings,
+        image_pe, dense)`, kept from an earlier call with the same image and no mask input.
         Returns mask logits (B, P, K, 4h, 4w), K = 5 with the HQ mask last (4 without), and IoU predictions (B, P, 4).
         """
         b, p = sparse.shape[:2]
@@ -71,7 +79,7 @@ class MaskDecoder(nn.Module):
         # they stay in cache. A traced (ONNX) graph keeps one pass so the prompt count stays dynamic.
         if p > DECODE_CHUNK and not torch.jit.is_tracing():
             parts = [self(image_embeddings, image_pe, sparse[:, i:i + DECODE_CHUNK],
-                          dense[:, i:i + DECODE_CHUNK] if dense.shape[1] > 1 else dense, hq_features)
+                          dense[:, i:i + DECODE_CHUNK] if dense.shape[1] > 1 else dense, hq_features, context)
                      for i in range(0, p, DECODE_CHUNK)]
             return torch.cat([m for m, _ in parts], dim=1), torch.cat([q for _, q in parts], dim=1)
         tokens = [self.iou_token.weight, self.mask_tokens.weight]
@@ -79,8 +87,11 @@ class MaskDecoder(nn.Module):
             tokens.append(self.hq_token.weight)
         out_tokens = torch.cat(tokens).to(sparse.dtype)
         tokens = torch.cat([out_tokens.expand(b, p, -1, -1), sparse], dim=2)
-        src = image_embeddings[:, None] + dense  # (B, 1 or P, C, h, w): shared by the prompts without a mask input
-        hs, keys = self.transformer(src, image_pe.to(src.dtype), tokens)
+        if context is None:
+            src = image_embeddings[:, None] + dense  # (B, 1 or P, C, h, w): shared by the prompts without a mask input
+            hs, keys = self.transformer(src, image_pe.to(src.dtype), tokens)
+        else:
+            hs, keys = self.transformer(None, None, tokens, context)
         hs, keys = hs.flatten(0, 1), keys.expand(b, p, -1, -1).reshape(b * p, h, w, c)
 
         n = self.num_mask_tokens
@@ -101,33 +112,57 @@ class MaskDecoder(nn.Module):
         """Mask logits of N prompts, (N, 4 or 5, 16hw), the HQ one without the image-only hq_features term.
 
         keys (N, h, w, C) image tokens after the transformer, hyper (N, 4, C/8), hyper_hq (N, C/8) or None.
-        Everything runs channels-last (N, H, W, C): the 2x2 transposed convolutions become matmuls and the
-        channel LayerNorms need no permutes. mask_conv2 is linear, so the HQ hypernetwork vector is
-        folded into its weights: one output channel per prompt instead of C/8, computed as a matmul
-        per kernel tap plus shifted adds.
+        Everything runs channels-last (N, H, W, C). mask_conv2 is linear, so the HQ hypernetwork vector
+        is folded into its weights: one output channel per prompt instead of C/8, computed as a matmul
+        per kernel tap plus shifted adds. The HQ branch runs a band of rows at a time (`_hq_rows`), so
+        its largest tensors stay small enough to be reused from call to call rather than freshly mapped.
         """
-        up = gelu(self.upscale_layer_norm.last_dim(_deconv2x2(keys, self.upscale_conv1)))
-        up = gelu(_deconv2x2(up, self.upscale_conv2))  # (N, H, W, C/8), H = 4h
+        up = self._upscale(keys)  # (N, H, W, C/8)
         nb, hh, ww, _ = up.shape
         masks = hyper @ up.view(nb, hh * ww, -1).transpose(1, 2)  # (N, 4, HW)
         if hyper_hq is None:
             return masks
-        g = self.mask_conv1(up.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)  # channels-last memory in and out
-        g = gelu(self.mask_norm.last_dim(g))  # (N, H, W, C/4)
         w2 = self.mask_conv2.weight  # (C/8, C/4, 3, 3)
         taps = (hyper_hq @ w2.flatten(1)).view(nb, w2.shape[1], 9).transpose(1, 2)  # (N, 9, C/4)
-        r = F.pad((taps @ g.reshape(nb, hh * ww, -1).transpose(1, 2)).view(nb, 9, hh, ww), (1, 1, 1, 1))
-        hq = sum(r[:, 3 * ky + kx, ky:ky + hh, kx:kx + ww] for ky in range(3) for kx in range(3))
+        step = hh if torch.jit.is_tracing() else max(1, HQ_BAND_PIXELS // ww)
+        hq = torch.cat([self._hq_rows(up, taps, r0, min(r0 + step, hh)) for r0 in range(0, hh, step)], dim=1)
         hq = hq.reshape(nb, 1, hh * ww) + (hyper_hq @ self.mask_conv2.bias)[:, None, None]
         return torch.cat([masks, hq], dim=1)
 
+    def _upscale(self, keys: torch.Tensor) -> torch.Tensor:
+        """Image tokens (N, h, w, C) -> the upscaled embedding (N, 4h, 4w, C/8), channels-last.
 
-def _deconv2x2(x: torch.Tensor, conv: nn.ConvTranspose2d) -> torch.Tensor:
-    """A kernel-2, stride-2 transposed convolution on channels-last x (N, H, W, Cin) -> (N, 2H, 2W, Cout)."""
-    n, h, w, _ = x.shape
-    cout = conv.weight.shape[1]
-    y = F.linear(x, conv.weight.permute(2, 3, 1, 0).flatten(0, 2), conv.bias.repeat(4))  # (N, H, W, 2*2*Cout)
-    return y.view(n, h, w, 2, 2, cout).transpose(2, 3).reshape(n, 2 * h, 2 * w, cout)
+        Both transposed convolutions (kernel 2, stride 2) are one matmul per pixel, and LayerNorm and
+        GELU act per pixel, so the chain runs on unshuffled sub-pixels; they are put in place once, at the end.
+        """
+        n, h, w, _ = keys.shape
+        x = F.linear(keys, *_deconv_matrix(self.upscale_conv1))  # (N, h, w, 2*2*C/4): sub-pixels (a, b)
+        x = gelu(self.upscale_layer_norm.last_dim(x.unflatten(-1, (4, -1))))
+        x = gelu(F.linear(x, *_deconv_matrix(self.upscale_conv2)))  # (N, h, w, 4, 2*2*C/8): then (c, d)
+        x = x.view(n, h, w, 2, 2, 2, 2, -1)  # (N, i, j, a, b, c, d, C/8) -> row 4i+2a+c, column 4j+2b+d
+        return x.permute(0, 1, 3, 5, 2, 4, 6, 7).reshape(n, 4 * h, 4 * w, -1)
+
+    def _hq_rows(self, up: torch.Tensor, taps: torch.Tensor, r0: int, r1: int) -> torch.Tensor:
+        """Rows r0:r1 of the HQ mask logits (N, r1-r0, W) from up (N, H, W, C/8) and the folded taps (N, 9, C/4)."""
+        hh, ww = up.shape[1:3]
+        lo, hi = max(r0 - 1, 0), min(r1 + 1, hh)  # rows of mask_conv1's output these need
+        ulo, uhi = max(lo - 1, 0), min(hi + 1, hh)  # rows of up those need
+        g = self.mask_conv1(up[:, ulo:uhi].permute(0, 3, 1, 2))  # channels-last memory in and out
+        g = gelu(self.mask_norm.last_dim(g[:, :, lo - ulo:hi - ulo].permute(0, 2, 3, 1)))  # (N, hi-lo, W, C/4)
+        nb, rows = g.shape[:2]
+        r = (taps @ g.reshape(nb, rows * ww, -1).transpose(1, 2)).view(nb, 9, rows, ww)
+        r = F.pad(r, (1, 1, int(r0 == 0), int(r1 == hh)))  # zeros beyond the image: rows r0-1 .. r1
+        m = r1 - r0
+        out = r[:, 0, :m, :ww].clone()
+        for k in range(1, 9):
+            ky, kx = divmod(k, 3)
+            out += r[:, k, ky:ky + m, kx:kx + ww]
+        return out
+
+
+def _deconv_matrix(conv: nn.ConvTranspose2d) -> tuple[torch.Tensor, torch.Tensor]:
+    """A kernel-2, stride-2 transposed convolution as a per-pixel linear map: weight (2*2*Cout, Cin), bias."""
+    return conv.weight.permute(2, 3, 1, 0).flatten(0, 2), conv.bias.repeat(4)
 
 
 def select_masks(

@@ -145,8 +145,13 @@ class SamHQModel(_PretrainedMixin, nn.Module):
         input_labels=None,
         input_boxes=None,
         input_masks=None,
+        context: dict | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Every output token's mask logits (B, P, 5, 4h, 4w) and IoU predictions (B, P, 4); see `select_masks`."""
+        """Every output token's mask logits (B, P, 5, 4h, 4w) and IoU predictions (B, P, 4); see `select_masks`.
+
+        context: `decoder_context(image_embeddings)`, kept while the image stays the same, saves the
+        decoder's per-image work; it is used for prompts without input_masks.
+        """
         if input_points is not None and input_labels is None:
             input_labels = torch.ones(input_points.shape[:-1], dtype=torch.int, device=input_points.device)
         sparse, dense = self.prompt_encoder(input_points, input_labels, input_boxes, input_masks)
@@ -158,7 +163,16 @@ class SamHQModel(_PretrainedMixin, nn.Module):
             image_embeddings = image_embeddings.expand(sparse.shape[0], -1, -1, -1)
             if hq_features is not None:
                 hq_features = hq_features.expand(sparse.shape[0], -1, -1, -1)
-        return self.mask_decoder(image_embeddings, self.get_image_wide_positional_embeddings(), sparse, dense, hq_features)
+        if input_masks is not None or (context is not None and context["keys"].shape[0] != sparse.shape[0]):
+            context = None
+        return self.mask_decoder(image_embeddings, self.get_image_wide_positional_embeddings() if context is None else None,
+                                 sparse, dense, hq_features, context)
+
+    @torch.no_grad()
+    def decoder_context(self, image_embeddings: torch.Tensor) -> dict:
+        """The mask decoder's per-image work for prompts without a mask input, (B, C, h, w) embeddings -> tensors for `predict_all`."""
+        dense = self.prompt_encoder.no_mask_embed.weight.view(1, 1, -1, 1, 1).to(image_embeddings.dtype)
+        return self.mask_decoder.image_context(image_embeddings, self.get_image_wide_positional_embeddings(), dense)
 
     def forward(
         self,
