@@ -19,7 +19,7 @@ cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
 RUN=${RUN:-runs/samhq-tiny-shapes}
 STEPS1=${STEPS1:-10000}
-STEPS2=${STEPS2:-2000}
+STEPS2=${STEPS2:-5000}
 TRAIN="$PY -m torch.distributed.run --standalone --nproc_per_node 2 -m samhq.cli train --threads 1"
 mkdir -p "$RUN"
 
@@ -45,9 +45,9 @@ $TRAIN --model-config "$RUN/model_config.json" --data synthetic:200000:64:0 \
   --output "$RUN/stage1" --resume
 
 # Stage 2: freeze it; train only the HQ parts on the fine masks.
-$TRAIN --model "$RUN/stage1/model" --data synthetic:4000:64:1 \
+$TRAIN --model "$RUN/stage1/model" --data synthetic:10000:64:1 \
   --recipe hq --targets fine --steps "$STEPS2" --batch-size 8 --masks-per-image 4 \
-  --lr 1e-3 --warmup-steps 50 --save-every 100 --log-every 20 --seed 1 \
+  --lr 1e-3 --warmup-steps 50 --save-every 250 --log-every 50 --seed 1 \
   --output "$RUN/stage2" --resume
 
 mkdir -p samhq/weights/samhq-tiny-shapes
