@@ -381,8 +381,10 @@ def load_model(source, device=None, dtype=None, model_class=None, strict_hq: boo
     for m in model.modules():
         if hasattr(m, "init_buffers"):
             m.init_buffers()
-    model.eval()
-    return model.to(device=device or "cpu", dtype=dtype or torch.float32)
+    model = model.eval().to(device=device or "cpu", dtype=torch.float32)
+    if dtype is not None and dtype != torch.float32:  # low precision where the time is; the small decoder stays fp32
+        model.vision_encoder.to(dtype)
+    return model
 
 
 def _short(items, n: int = 6) -> str:

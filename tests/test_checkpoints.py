@@ -267,4 +267,6 @@ def test_hub_id_without_network_gives_a_clear_error(monkeypatch):
 def test_from_pretrained_dtype_and_device(small_model, tmp_path):
     small_model.save_pretrained(tmp_path)
     m = SamHQModel.from_pretrained(tmp_path, device="cpu", dtype=torch.bfloat16)
-    assert m.dtype == torch.bfloat16 and m.device.type == "cpu"
+    assert m.device.type == "cpu"
+    assert {p.dtype for p in m.vision_encoder.parameters()} == {torch.bfloat16} == {m.encoder_dtype}
+    assert {p.dtype for n, p in m.named_parameters() if not n.startswith("vision_encoder.")} == {torch.float32} == {m.dtype}

@@ -59,7 +59,7 @@ def fp32(tmp_path_factory):
 def test_bf16_from_pretrained_matches_fp32(fp32):
     _, path, (masks, scores, low) = fp32
     model = SamHQModel.from_pretrained(path, dtype=torch.bfloat16)
-    assert model.dtype == torch.bfloat16
+    assert model.encoder_dtype == torch.bfloat16 and model.dtype == torch.float32  # the small decoder stays fp32
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         m, s, lo = outputs(model)
@@ -117,3 +117,22 @@ def test_compile_matches_eager(fp32):
     emb, inter = compiled.get_image_embeddings(x)
     assert ((emb - ref).abs().max() / ref.abs().max()).item() <= 1e-4
     assert ((inter[0] - ref_inter[0]).abs().max() / ref_inter[0].abs().max()).item() <= 1e-4
+
+
+def test_demo_model_agreement_on_held_out_images(tmp_path):
+    """benchmarks/agreement.py on a few held-out images of the demo model: the onnxruntime engine gives
+    the fp32 masks (IoU >= 0.98 per mask; in fact identical), bf16 within its stated cost (mean IoU >= 0.99)."""
+    import importlib.util
+    import json
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location("agreement", Path(__file__).parent.parent / "benchmarks" / "agreement.py")
+    agreement = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(agreement)
+    out = tmp_path / "agreement.json"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert agreement.main(["--num-images", "4", "--modes", "onnxruntime,bf16", "--out", str(out)]) == 0
+    report = json.loads(out.read_text())["modes"]
+    assert report["onnxruntime"]["masks"] >= 16 and report["onnxruntime"]["min_iou"] >= 0.98
+    assert report["bf16"]["mean_iou"] >= 0.99 and report["bf16"]["min_iou"] >= 0.9

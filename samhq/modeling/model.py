@@ -109,7 +109,17 @@ class SamHQModel(_PretrainedMixin, nn.Module):
 
     @property
     def dtype(self) -> torch.dtype:
+        """The prompt encoder's and mask decoder's dtype: image embeddings are given to them in it."""
         return self.mask_decoder.iou_token.weight.dtype
+
+    @property
+    def encoder_dtype(self) -> torch.dtype:
+        """The image encoder's dtype (bfloat16 after `from_pretrained(..., dtype=torch.bfloat16)`)."""
+        return next(self.vision_encoder.parameters()).dtype
+
+    def _encode(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        emb, inter = self.vision_encoder(pixel_values.to(self.encoder_dtype))
+        return emb.to(self.dtype), [t.to(self.dtype) for t in inter]
 
     def get_image_wide_positional_embeddings(self) -> torch.Tensor:
         """(1, C, h, w) positional encoding of the image-embedding grid."""
@@ -119,7 +129,7 @@ class SamHQModel(_PretrainedMixin, nn.Module):
     def get_image_embeddings(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """pixel_values (B, 3, S, S) -> image embeddings (B, 256, S/16, S/16) and intermediate embeddings."""
         _check_pixels(pixel_values, self.config.vision_config.image_size)
-        return self.vision_encoder(pixel_values.to(self.dtype))
+        return self._encode(pixel_values)
 
     @torch.no_grad()
     def get_prompt_embeddings(self, input_points=None, input_labels=None, input_boxes=None, input_masks=None):
@@ -204,7 +214,7 @@ class SamHQModel(_PretrainedMixin, nn.Module):
         _check_prompts(input_points, input_labels, input_boxes, input_masks, 4 * self.config.prompt_encoder_config.image_embedding_size)
         if pixel_values is not None:
             _check_pixels(pixel_values, self.config.vision_config.image_size)
-            image_embeddings, intermediate_embeddings = self.vision_encoder(pixel_values.to(self.dtype))
+            image_embeddings, intermediate_embeddings = self._encode(pixel_values)
         hq_features = self.compute_hq_features(image_embeddings, intermediate_embeddings)
         masks, iou = self.predict_all(image_embeddings, hq_features, input_points, input_labels, input_boxes, input_masks)
         pred_masks, scores = select_masks(masks, iou, multimask_output, hq_token_only, mask_selection)

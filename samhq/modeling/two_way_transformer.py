@@ -18,7 +18,7 @@ class Attention(nn.Module):
     between a few prompt tokens (T) and many image tokens (HW). While T is below the head width they
     never project the image tokens: the key and query projections are moved onto the T tokens' side
     of the product and the value and output projections applied after the weighted sum. The result
-    is the same function, with about 2 HT/inner of the image-side multiply-adds.
+    is the same function, with T/d (d the head width) of the image-side multiply-adds.
     """
 
     def __init__(self, dim: int, num_heads: int, downsample_rate: int = 1):
