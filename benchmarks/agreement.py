@@ -21,14 +21,17 @@ from pathlib import Path
 import numpy as np
 import torch
 
-ROOT = Path(__file__).resolve().parent.parent
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(HERE))
 
 from samhq import SamHQModel  # noqa: E402
 from samhq.data.synthetic import SyntheticShapes  # noqa: E402
 from samhq.eval.evaluate import box_prompt, point_prompt  # noqa: E402
 from samhq.fast import quantize_int8  # noqa: E402
 from samhq.predictor import SamHQPredictor  # noqa: E402
+from run import mask_ious  # noqa: E402
 
 MODES = ("bf16", "int8", "onnxruntime")
 FLOOR = 0.98
@@ -60,16 +63,6 @@ def masks_of(p, image: np.ndarray, gts: list[np.ndarray]) -> np.ndarray:
     return np.asarray(out, dtype=bool)
 
 
-def ious(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    a, b = a.reshape(*a.shape[:-2], -1), b.reshape(*b.shape[:-2], -1)
-    inter, union = (a & b).sum(-1), (a | b).sum(-1)
-    return np.where(union > 0, inter / np.maximum(union, 1), 1.0)
-
-
-def differing(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    return (a != b).reshape(*a.shape[:-2], -1).sum(-1)
-
-
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="samhq-tiny-shapes")
@@ -88,9 +81,9 @@ def main(argv=None) -> int:
             item = data[i]
             ref = masks_of(preds["fp32"], item["image"], item["masks"])
             for m in modes:
-                got = masks_of(preds[m], item["image"], item["masks"])
-                scores[m].append(ious(got, ref).reshape(-1, 4))
-                diffs[m].append(differing(got, ref).reshape(-1, 4))
+                got = masks_of(preds[m], item["image"], item["masks"]).reshape(-1, *ref.shape[-2:])
+                scores[m].append(mask_ious(got, ref.reshape(got.shape)).reshape(-1, 4))
+                diffs[m].append((got != ref.reshape(got.shape)).reshape(len(got), -1).sum(1).reshape(-1, 4))
         for m in modes:
             s = np.concatenate(scores[m])  # (objects, 4): box default, box HQ, point default, point HQ
             d = np.concatenate(diffs[m])

@@ -327,7 +327,6 @@ class SamHQPredictor:
         self.features = features
         self.interm_features = interm
         self.hq_features = self.model.compute_hq_features(features, interm)
-        self._context = None
         self.original_size = tuple(int(v) for v in original_size)
         self.input_size = tuple(int(v) for v in input_size)
         self.is_image_set = True
