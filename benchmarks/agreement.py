@@ -71,6 +71,11 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "agreement.json"))
     args = ap.parse_args(argv)
     modes = [m for m in args.modes.split(",") if m]
+    unknown = sorted(set(modes) - set(MODES))
+    if unknown or not modes:
+        ap.error(f"--modes takes a comma-separated list of {', '.join(MODES)}; got {args.modes!r}")
+    if args.num_images < 1:
+        ap.error(f"--num-images must be at least 1, got {args.num_images}")
     data = SyntheticShapes(args.num_images, 64, seed=1000)
     report = {"model": args.model, "dataset": f"synthetic:{args.num_images}:64:1000", "floor": FLOOR, "modes": {}}
     with tempfile.TemporaryDirectory() as tmp:
