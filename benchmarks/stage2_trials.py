@@ -19,14 +19,13 @@ import argparse
 import json
 import tempfile
 import time
-import types
 
 import torch
 
 TRIALS = {
     "hq": dict(recipe="hq"),
     "decoder": dict(recipe="decoder", outputs="hq"),
-    "full": dict(recipe="full", outputs="hq", lr=3e-4, cache_embeddings=False),
+    "full": dict(recipe="full", outputs="hq", lr=3e-4, step_fraction=0.5),
     "points": dict(recipe="hq", point_loss=True),
     "block0": dict(recipe="hq"),
     "block1": dict(recipe="hq"),
@@ -35,18 +34,15 @@ TRIALS = {
 
 def fuse_block(encoder, block: int) -> None:
     """Make the encoder return the output of `block` as its early (fused) feature."""
-    def forward(self, pixel_values):
-        x = self.patch_embed(pixel_values)
-        if self.pos_embed is not None:
-            x = x + self.pos_embed
-        early = None
-        for i, layer in enumerate(self.layers):
-            x = layer(x)
-            if i == block:
-                early = x
-        return self.neck(x.permute(0, 3, 1, 2)), [early]
+    seen = {}
+    encoder.layers[block].register_forward_hook(lambda module, args, out: seen.update(x=out))
+    forward = encoder.forward
 
-    encoder.forward = types.MethodType(forward, encoder)
+    def with_block(pixel_values):
+        embeddings, _ = forward(pixel_values)
+        return embeddings, [seen["x"]]
+
+    encoder.forward = with_block
 
 
 def run_trial(name: str, model_dir: str, steps: int) -> list[dict]:
@@ -56,8 +52,7 @@ def run_trial(name: str, model_dir: str, steps: int) -> list[dict]:
     from samhq.train.trainer import TrainConfig, Trainer
 
     opts = {"lr": 1e-3, **TRIALS[name]}
-    if name == "full":
-        steps //= 2
+    steps = max(3, int(steps * opts.pop("step_fraction", 1)))
     model = SamHQModel.from_pretrained(model_dir)
     if name.startswith("block"):
         fuse_block(model.vision_encoder, int(name[5:]))
