@@ -15,7 +15,6 @@ import torch
 
 from . import masks as M
 from .image_io import to_rgb_array
-from .modeling.mask_decoder import select_masks
 from .predictor import SamHQPredictor
 
 OUTPUT_MODES = ("binary_mask", "uncompressed_rle", "coco_rle")
@@ -96,7 +95,9 @@ class SamHQAutomaticMaskGenerator:
         Each record: `segmentation` (bool (H, W) array or an RLE dict, per `output_mode`), `area`
         (pixels), `bbox` [x, y, w, h], `predicted_iou`, `point_coords` [[x, y]], `stability_score`,
         `crop_box` [x, y, w, h]. `multimask_output` and `hq_token_only` select the decoder's mask as
-        the official predictor does.
+        the official predictor does. `bbox` follows the official generator: w = x_max - x_min over the
+        mask's pixel indices, one less than COCO's extent (w = x_max - x_min + 1, what pycocotools'
+        `toBbox` gives); writers of COCO files convert (`samhq.masks.mask_bbox` is COCO's).
         """
         image = to_rgb_array(image)
         data = self._generate(image, multimask_output, hq_token_only)
@@ -159,14 +160,12 @@ class SamHQAutomaticMaskGenerator:
 
     def _process_batch(self, points: np.ndarray, crop_size, crop_box, orig_size, multimask, hq_only) -> dict:
         p = self.predictor
-        coords = torch.as_tensor(p.transform.apply_coords(points, crop_size), device=p.device)
-        labels = torch.ones(len(points), 1, dtype=torch.int, device=p.device)
-        all_masks, all_iou = p.model.predict_all(p.features, p.hq_features, coords[None, :, None], labels[None],
-                                                context=p.decoder_context())
-        low_res, iou = select_masks(all_masks, all_iou, multimask, hq_only, mode="official")
-        n_per_point = low_res.shape[2]
-        low_res, iou = low_res[0].flatten(0, 1).float(), iou[0].flatten().float()  # (P*M, h, w), (P*M,)
-        points = torch.as_tensor(points, device=p.device).repeat_interleave(n_per_point, dim=0)
+        coords = torch.as_tensor(p.transform.apply_coords(points, crop_size), dtype=torch.float)[:, None]
+        labels = torch.ones(len(points), 1, dtype=torch.int)
+        low_res, iou = p.decode(coords, labels, multimask_output=multimask, hq_token_only=hq_only)  # (P, M, h, w), (P, M)
+        n_per_point = low_res.shape[1]
+        low_res, iou = low_res.flatten(0, 1), iou.flatten()  # (P*M, h, w), (P*M,)
+        points = torch.as_tensor(points, device=low_res.device).repeat_interleave(n_per_point, dim=0)
 
         if self.pred_iou_thresh > 0:
             keep = iou > self.pred_iou_thresh

@@ -1,9 +1,10 @@
-"""Reading and writing checkpoints: official `.pth` (SAM-HQ and plain SAM), the seed's directory
-layout (`config.json` + `model.safetensors` or `pytorch_model.bin`), single `.safetensors` files,
-hub ids and the models bundled with the package.
+"""Checkpoint files: official `.pth` (SAM-HQ and plain SAM), the transformers layout (a folder with
+`config.json` + `model.safetensors` or `pytorch_model.bin`), single `.safetensors` files, hub ids and
+the models bundled with the package. State dicts in, state dicts out: building a model from them is
+`SamHQModel.from_pretrained` (samhq.modeling), which sits above this module.
 
-Our parameter names are the seed's (transformers) names, so the seed layout is our state dict; the
-official layout is a renaming. Nothing here unpickles code: `torch.load(weights_only=True)`.
+Our parameter names are transformers' `SamHQModel` names, so the transformers layout is our state
+dict; the official layout is a renaming. Nothing here unpickles code: `torch.load(weights_only=True)`.
 """
 from __future__ import annotations
 
@@ -11,18 +12,16 @@ import json
 import math
 import os
 import re
-import warnings
 from pathlib import Path
 
 import torch
 
-from .config import SamHQConfig, SamHQTinyViTConfig, SamHQVisionConfig, VARIANTS
+from .config import VARIANTS, SamHQConfig, SamHQTinyViTConfig, SamHQVisionConfig
 
 BUNDLED_DIR = Path(__file__).parent / "weights"
-BUNDLED = {"samhq-tiny-shapes": BUNDLED_DIR / "samhq-tiny-shapes"}
+DEMO_MODEL = "samhq-tiny-shapes"  # trained by samhq on synthetic images, shipped in the package
+BUNDLED = {DEMO_MODEL: BUNDLED_DIR / DEMO_MODEL}
 
-HQ_PREFIXES = ("mask_decoder.hq_token", "mask_decoder.hq_mask_mlp", "mask_decoder.compress_vit",
-               "mask_decoder.encoder_conv", "mask_decoder.encoder_norm", "mask_decoder.mask_conv", "mask_decoder.mask_norm")
 TIED = ("shared_image_embedding.positional_embedding", "prompt_encoder.shared_embedding.positional_embedding")
 # Unused TinyViT classifier weights that official vit_tiny checkpoints carry.
 IGNORED_OFFICIAL = re.compile(r"^image_encoder\.(norm_head|head)\.")
@@ -105,7 +104,7 @@ def _mlp_depths(names, official: bool) -> dict[str, int]:
 
 
 def official_to_ours(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Rename an official SAM-HQ / SAM state dict to our (the seed's) parameter names."""
+    """Rename an official SAM-HQ / SAM state dict to our (transformers') parameter names."""
     depths = _mlp_depths(state, official=True)
     out = {}
     for name, tensor in state.items():
@@ -272,6 +271,11 @@ def _infer_tiny(state) -> SamHQTinyViTConfig:
 # Loading
 
 
+def demo_model_available() -> bool:
+    """True when the bundled demo model's files are installed."""
+    return BUNDLED[DEMO_MODEL].exists()
+
+
 def resolve_source(source) -> Path:
     """A local path for `source`: a path, a bundled model name, or a hub id (downloaded)."""
     if isinstance(source, (str, os.PathLike)) and Path(source).exists():
@@ -306,7 +310,7 @@ def _download(repo_id: str) -> Path:
 
 
 def read_checkpoint(source) -> tuple[dict[str, torch.Tensor], SamHQConfig | None, str]:
-    """State dict in our naming, the config if the checkpoint carries one, and a description of the format."""
+    """State dict in our naming, the config if the checkpoint carries one, and "official:PATH" or "transformers:PATH"."""
     path = resolve_source(source)
     config = None
     if path.is_dir():
@@ -326,7 +330,7 @@ def read_checkpoint(source) -> tuple[dict[str, torch.Tensor], SamHQConfig | None
     state, meta = _read_state(path)
     if config is None and "samhq_config" in meta:
         config = SamHQConfig.from_dict(json.loads(meta["samhq_config"]))
-    fmt = "official" if _is_official(state) else "seed"
+    fmt = "official" if _is_official(state) else "transformers"
     if fmt == "official":
         state = official_to_ours(state)
     elif TIED[0] in state or TIED[1] in state:
@@ -335,59 +339,7 @@ def read_checkpoint(source) -> tuple[dict[str, torch.Tensor], SamHQConfig | None
     return state, config, f"{fmt}:{path}"
 
 
-def load_model(source, device=None, dtype=None, model_class=None, strict_hq: bool = False):
-    """Build and load a model from any supported checkpoint (see `SamHQModel.from_pretrained`)."""
-    from .modeling.model import SamHQModel, SamHQVisionModel
-
-    model_class = model_class or SamHQModel
-    state, config, where = read_checkpoint(source)
-    where = where.split(":", 1)[1]
-    if config is None:
-        config = infer_config(state, where)
-    if model_class is SamHQVisionModel:
-        state = {k: v for k, v in state.items() if k.startswith("vision_encoder.")}
-    with torch.device("meta"):
-        model = model_class(config)
-    expected = model.state_dict()
-    missing = [k for k in expected if k not in state]
-    unexpected = [k for k in state if k not in expected]
-    hq_missing = [k for k in missing if k.startswith(HQ_PREFIXES)]
-    plain_sam = model_class is SamHQModel and hq_missing and len(hq_missing) == len(missing) and not strict_hq
-    if plain_sam:
-        hq_all = [k for k in expected if k.startswith(HQ_PREFIXES)]
-        if len(hq_missing) != len(hq_all):
-            raise CheckpointError(f"{where}: some HQ weights are present and some missing: {_short(hq_missing)}")
-        warnings.warn(
-            f"{where} is a plain SAM checkpoint without SAM-HQ weights; running as SAM (the HQ branch is off)",
-            stacklevel=3,
-        )
-        missing = []
-    if missing or unexpected:
-        variant = config.variant or "custom"
-        raise CheckpointError(
-            f"{where}: does not match the {variant} model: missing keys {_short(missing)}; unexpected keys {_short(unexpected)}"
-        )
-    bad = [f"{k}: file {tuple(state[k].shape)} vs model {tuple(v.shape)}" for k, v in expected.items()
-           if k in state and tuple(state[k].shape) != tuple(v.shape)]
-    if bad:
-        raise CheckpointError(f"{where}: tensor shapes disagree with the {config.variant or 'custom'} config: {_short(bad)}")
-    model.to_empty(device="cpu")
-    if plain_sam:
-        model.hq_enabled = False
-        state = {**{k: v for k, v in model.state_dict().items() if k.startswith(HQ_PREFIXES)}, **state}
-        for k in hq_all:
-            state[k] = torch.zeros_like(state[k])
-    model.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in state.items()})
-    for m in model.modules():
-        if hasattr(m, "init_buffers"):
-            m.init_buffers()
-    model = model.eval().to(device=device or "cpu", dtype=torch.float32)
-    if dtype is not None and dtype != torch.float32:  # low precision where the time is; the small decoder stays fp32
-        model.vision_encoder.to(dtype)
-    return model
-
-
-def _short(items, n: int = 6) -> str:
+def short_list(items, n: int = 6) -> str:
     items = list(items)
     if not items:
         return "none"
@@ -403,49 +355,32 @@ def _refuse_overwrite(path: Path, overwrite: bool) -> None:
         raise FileExistsError(f"{path} already exists; pass overwrite=True (or --force) to replace it")
 
 
-def save_pretrained(model, directory, safe_serialization: bool = True, overwrite: bool = True) -> Path:
-    """Write the seed's layout: `config.json` + `model.safetensors` (or `pytorch_model.bin`)."""
+def write_pretrained(state: dict[str, torch.Tensor], config, directory, safe_serialization: bool = True,
+                     overwrite: bool = True) -> Path:
+    """Write the transformers layout: `config.json` + `model.safetensors` (or `pytorch_model.bin`)."""
     from safetensors.torch import save_file
 
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     weights = directory / ("model.safetensors" if safe_serialization else "pytorch_model.bin")
     _refuse_overwrite(weights, overwrite)
-    config = model.config if isinstance(model.config, SamHQConfig) else None
-    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items() if k != TIED[1]}
-    if not getattr(model, "hq_enabled", True):  # plain SAM stays plain SAM when reloaded
-        state = {k: v for k, v in state.items() if not k.startswith(HQ_PREFIXES)}
+    state = {k: v.detach().contiguous().cpu() for k, v in state.items() if k != TIED[1]}
     if safe_serialization:
         save_file(state, str(weights), metadata={"format": "pt"})
     else:
         torch.save(state, weights)
-    cfg = model.config.to_dict() if config is None else config.to_dict()
     with open(directory / "config.json", "w", encoding="utf-8") as f:
-        json.dump(cfg, f, indent=2, sort_keys=True)
+        json.dump(config.to_dict(), f, indent=2, sort_keys=True)
     return directory
 
 
-def save_official(model, path, overwrite: bool = False) -> Path:
+def write_official(state: dict[str, torch.Tensor], path, overwrite: bool = False) -> Path:
     """Write an official-format `.pth` state dict (loadable by `segment_anything_hq`)."""
     path = Path(path)
     _refuse_overwrite(path, overwrite)
-    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-    if not getattr(model, "hq_enabled", True):
-        state = {k: v for k, v in state.items() if not k.startswith(HQ_PREFIXES)}
-    torch.save(ours_to_official(state), path)
+    torch.save(ours_to_official({k: v.detach().contiguous().cpu() for k, v in state.items()}), path)
     return path
 
 
-def convert(src, dst, overwrite: bool = False) -> Path:
-    """Convert between layouts: DST ending in .pth -> official; otherwise a seed-layout directory."""
-    model = load_model(src)
-    dst = Path(dst)
-    if dst.suffix in (".pth", ".pt"):
-        return save_official(model, dst, overwrite=overwrite)
-    if dst.exists() and any(dst.iterdir()) and not overwrite:
-        raise FileExistsError(f"{dst} exists and is not empty; pass --force to write into it")
-    return save_pretrained(model, dst)
-
-
-__all__ = ["CheckpointError", "load_model", "save_pretrained", "save_official", "convert", "official_to_ours",
-           "ours_to_official", "infer_config", "read_checkpoint", "VARIANTS"]
+__all__ = ["CheckpointError", "read_checkpoint", "resolve_source", "infer_config", "write_pretrained", "write_official",
+           "official_to_ours", "ours_to_official", "BUNDLED", "DEMO_MODEL", "VARIANTS"]

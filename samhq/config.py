@@ -1,4 +1,4 @@
-"""Configurations, with the seed's (transformers `SamHQConfig`) class names, fields and defaults.
+"""Configurations, with transformers' (`SamHQConfig`) class names, fields and defaults.
 
 A hub `config.json` (model_type "sam_hq") loads unchanged: unknown keys that transformers adds
 (`architectures`, `torch_dtype`, ...) are ignored. Light HQ-SAM's TinyViT encoder has a config of

@@ -3,7 +3,7 @@
 Accepted inputs and how they become RGB:
 - a file path (str or os.PathLike): opened with PIL, EXIF orientation applied, then as a PIL image;
 - a PIL image in any mode: modes with transparency (RGBA, LA, PA, P with a transparent colour) are
-  composited onto white, as the seed's processor does; 16-bit and 32-bit integer modes (I;16, I)
+  composited onto white, as transformers' processor does; 16-bit and 32-bit integer modes (I;16, I)
   are scaled from 0..65535 to 0..255 (value / 257, rounded); float mode F is read as 0..1; every
   other mode (L, 1, P, CMYK, YCbCr, ...) goes through PIL's own `convert("RGB")`;
 - a numpy array (H, W), (H, W, 1|3|4) or channel-first (1|3|4, H, W): uint8 as is, uint16 / other
@@ -91,8 +91,18 @@ def _array_to_rgb(arr: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(arr)
 
 
-def to_rgb_array(image) -> np.ndarray:
-    """Any supported image (see module docstring) -> (H, W, 3) uint8 RGB array."""
+def to_rgb_array(image, image_format: str = "RGB") -> np.ndarray:
+    """Any supported image (see module docstring) -> (H, W, 3) uint8 RGB array.
+
+    image_format: the channel order of an array or tensor, "RGB" or "BGR" (OpenCV's); files and PIL
+    images are decoded as RGB, so "BGR" with one of them is a ValueError.
+    """
+    if image_format not in ("RGB", "BGR"):
+        raise ValueError(f"image_format must be 'RGB' or 'BGR', got {image_format!r}")
+    raw = isinstance(image, np.ndarray) or type(image).__module__.startswith("torch")
+    if image_format == "BGR" and not raw:
+        raise ValueError("image_format='BGR' describes the channel order of an array or tensor; a file or PIL image "
+                         "is decoded as RGB, so leave image_format at 'RGB' for it")
     if isinstance(image, (str, os.PathLike)):
         image = load_image(image)
     if isinstance(image, Image.Image):
@@ -104,10 +114,11 @@ def to_rgb_array(image) -> np.ndarray:
         if image.dtype.is_floating_point:
             image = image.float()
         image = image.numpy()
-        if image.ndim == 3:
-            image = np.moveaxis(image, 0, -1)  # tensors are channel-first
+        if image.ndim == 3 and not (image.shape[-1] in (1, 3, 4) and image.shape[0] not in (1, 3, 4)):
+            image = np.moveaxis(image, 0, -1)  # tensors are channel-first, unless plainly (H, W, C)
     if isinstance(image, np.ndarray):
-        return _array_to_rgb(image)
+        rgb = _array_to_rgb(image)
+        return np.ascontiguousarray(rgb[..., ::-1]) if image_format == "BGR" else rgb
     raise TypeError(
         f"unsupported image type {type(image).__name__}: pass a file path, PIL image, numpy array or torch tensor"
     )

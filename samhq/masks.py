@@ -199,6 +199,42 @@ def coco_to_mask(rle: dict) -> np.ndarray:
 
 
 # ---------------------------------------------------------------------------------------------
+# Binary morphology with square structuring elements (numpy only: the synthetic data and the
+# metrics need no scipy or OpenCV)
+
+
+def _shift_reduce(mask: np.ndarray, radius: int, op, fill: bool) -> np.ndarray:
+    """Apply `op` (np.maximum / np.minimum) over a (2r+1)^2 square, separably; outside pixels are `fill`."""
+    out = mask.astype(bool, copy=True)
+    if radius <= 0:
+        return out
+    for axis in (0, 1):
+        src = out
+        pad = [(0, 0), (0, 0)]
+        pad[axis] = (radius, radius)
+        padded = np.pad(src, pad, constant_values=fill)
+        n = src.shape[axis]
+        acc = src.copy()
+        for k in range(2 * radius + 1):
+            if k == radius:
+                continue
+            window = padded[k:k + n] if axis == 0 else padded[:, k:k + n]
+            op(acc, window, out=acc)
+        out = acc
+    return out
+
+
+def dilate(mask: np.ndarray, radius: int) -> np.ndarray:
+    """Binary dilation of an (H, W) mask by a (2r+1) x (2r+1) square."""
+    return _shift_reduce(mask, radius, np.maximum, False)
+
+
+def erode(mask: np.ndarray, radius: int) -> np.ndarray:
+    """Binary erosion of an (H, W) mask by a (2r+1) x (2r+1) square; outside the image counts as background."""
+    return _shift_reduce(mask, radius, np.minimum, False)
+
+
+# ---------------------------------------------------------------------------------------------
 # Small regions
 
 _EIGHT = np.ones((3, 3), dtype=bool)

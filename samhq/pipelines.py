@@ -12,11 +12,15 @@ Both run `SamHQAutomaticMaskGenerator`, so they return its masks. `image` is any
 """
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 import torch
 
 from . import masks as M
 from .automatic import SamHQAutomaticMaskGenerator
+from .checkpoints import DEMO_MODEL, demo_model_available
+from .modeling.model import SamHQModel
 
 _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
            "float16": torch.float16, "fp16": torch.float16}
@@ -34,7 +38,8 @@ _GENERATE_ARGS = ("multimask_output", "hq_token_only")
 
 
 def resolve_dtype(dtype, device) -> torch.dtype:
-    """"auto": bfloat16 on a CUDA GPU that supports it, else float32; or a torch dtype / its name."""
+    """The image encoder's precision: "auto" is bfloat16 on a CUDA GPU that supports it, else float32;
+    or a torch dtype / its name (float32, bfloat16, float16)."""
     if isinstance(dtype, torch.dtype):
         return dtype
     if dtype in (None, "auto"):
@@ -48,19 +53,25 @@ def resolve_dtype(dtype, device) -> torch.dtype:
 
 
 def load_for_inference(model=None, device=None, dtype="auto"):
-    """A `SamHQModel` in eval mode from a model object or any checkpoint source (path, hub id, bundled name)."""
-    from .modeling.model import SamHQModel
+    """A `SamHQModel` in eval mode from a model object or any checkpoint source (path, hub id, bundled name).
 
-    dt = resolve_dtype(dtype, device)
+    dtype is the image encoder's precision; the prompt encoder and mask decoder stay float32. A model
+    object the caller passed is never changed: when its device or encoder dtype must differ, a copy is
+    made ("auto" keeps a model object's own dtype).
+    """
     if model is None:
-        from .cli._common import DEMO_MODEL, demo_model_available
-
         if not demo_model_available():
             raise ValueError("no model given and the bundled demo model is not installed; pass model=PATH_OR_HUB_ID")
         model = DEMO_MODEL
     if isinstance(model, SamHQModel):
-        return model.to(device=device or model.device, dtype=dt).eval()
-    return SamHQModel.from_pretrained(model, device=device, dtype=dt)
+        want_device = torch.device(device) if device is not None else model.device
+        want_dtype = model.encoder_dtype if dtype in (None, "auto") else resolve_dtype(dtype, want_device)
+        if model.device == want_device and model.encoder_dtype == want_dtype and not model.training:
+            return model
+        model = copy.deepcopy(model).to(device=want_device).eval()
+        model.vision_encoder.to(want_dtype)
+        return model
+    return SamHQModel.from_pretrained(model, device=device, dtype=resolve_dtype(dtype, device))
 
 
 class _AutomaticPipeline:
@@ -124,9 +135,10 @@ TASKS = {"mask-generation": MaskGenerationPipeline, "image-segmentation": ImageS
 def pipeline(task: str, model=None, device=None, dtype="auto"):
     """A callable for `task` ("mask-generation" or "image-segmentation") over `model`.
 
-    model: a `SamHQModel`, or a checkpoint (official .pth, save_pretrained folder, .safetensors, hub
-    id, bundled name); device: a torch device; dtype: "auto", "float32", "bfloat16", "float16" or a
-    torch dtype.
+    model: a `SamHQModel` (never changed: a copy is made when device or dtype must differ), or a
+    checkpoint (official .pth, transformers-layout folder, .safetensors, hub id, bundled name); device:
+    a torch device; dtype: the image encoder's precision, "auto", "float32", "bfloat16", "float16" or a
+    torch dtype (the prompt encoder and mask decoder stay float32).
     """
     if task not in TASKS:
         raise ValueError(f"unknown task {task!r}; known tasks: {', '.join(sorted(TASKS))}")

@@ -12,6 +12,8 @@ import torch
 from PIL import Image
 from torch.nn import functional as F
 
+from .modeling.prompt_encoder import check_prompts
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 # The official code normalises on the 0..255 scale with these float32 constants.
@@ -51,16 +53,6 @@ def scale_coords(coords, original_size: tuple[int, int], long_side: int):
     return np.asarray(coords, dtype=np.float64) * np.asarray(factor)
 
 
-def check_boxes(boxes: np.ndarray | torch.Tensor, name: str = "box") -> None:
-    """Raise ValueError naming the first box (..., 4) with x1 < x0 or y1 < y0."""
-    b = boxes.reshape(-1, 4)
-    bad = (b[:, 2] < b[:, 0]) | (b[:, 3] < b[:, 1])
-    if bad.any():
-        i = int(np.flatnonzero(np.asarray(bad))[0]) if not isinstance(bad, torch.Tensor) else int(bad.nonzero()[0, 0])
-        x0, y0, x1, y1 = (float(v) for v in b[i])
-        raise ValueError(f"{name} ({x0:g}, {y0:g}, {x1:g}, {y1:g}) must have x1 >= x0 and y1 >= y0 (format x0,y0,x1,y1)")
-
-
 def upscale_logits(
     low_res: torch.Tensor, input_size: tuple[int, int], original_size: tuple[int, int], pad_size
 ) -> torch.Tensor:
@@ -75,6 +67,55 @@ def upscale_logits(
     if tuple(x.shape[-2:]) != tuple(int(v) for v in original_size):  # a same-size bilinear resize is the identity
         x = F.interpolate(x, tuple(int(v) for v in original_size), mode="bilinear", align_corners=False)
     return x.reshape(*lead, *x.shape[-2:])
+
+
+class ResizeLongestSide:
+    """SAM's image transform (official name and methods): resize so the longest side is `target_length`
+    (PIL bilinear), scale prompt coordinates by new / old size per axis, normalise and zero-pad to a
+    square for the encoder, and bring low-resolution mask logits back to the original size.
+    Sizes are (H, W); coordinates are x, y pixels."""
+
+    def __init__(self, target_length: int) -> None:
+        self.target_length = target_length
+
+    @staticmethod
+    def get_preprocess_shape(oldh: int, oldw: int, long_side_length: int) -> tuple[int, int]:
+        return preprocess_shape(oldh, oldw, long_side_length)
+
+    def input_size(self, original_size: tuple[int, int]) -> tuple[int, int]:
+        """(h, w) of an image of `original_size` after resizing."""
+        return preprocess_shape(int(original_size[0]), int(original_size[1]), self.target_length)
+
+    def apply_image(self, image: np.ndarray) -> np.ndarray:
+        """(H, W, 3) uint8 -> (h, w, 3) uint8, PIL bilinear."""
+        return resize_rgb(np.ascontiguousarray(image), self.target_length)
+
+    def apply_image_torch(self, image: torch.Tensor) -> torch.Tensor:
+        """(B, C, H, W) float -> (B, C, h, w), antialiased bilinear (close to, not equal to, `apply_image`)."""
+        size = preprocess_shape(image.shape[2], image.shape[3], self.target_length)
+        return F.interpolate(image, size, mode="bilinear", align_corners=False, antialias=True)
+
+    def pixel_values(self, resized: torch.Tensor) -> torch.Tensor:
+        """The encoder's input from a resized image (1, 3, h, w) with values 0..255: (1, 3, S, S) float32."""
+        return normalize_and_pad(resized, self.target_length)
+
+    def apply_coords(self, coords: np.ndarray, original_size: tuple[int, int]) -> np.ndarray:
+        """(..., 2) x, y in the original (H, W) image -> the resized frame (float64)."""
+        return scale_coords(coords, original_size, self.target_length)
+
+    def apply_boxes(self, boxes: np.ndarray, original_size: tuple[int, int]) -> np.ndarray:
+        """(B, 4) or (4,) x0, y0, x1, y1 -> (B, 4) in the resized frame."""
+        return self.apply_coords(np.asarray(boxes).reshape(-1, 2, 2), original_size).reshape(-1, 4)
+
+    def apply_coords_torch(self, coords: torch.Tensor, original_size: tuple[int, int]) -> torch.Tensor:
+        return scale_coords(coords, original_size, self.target_length)
+
+    def apply_boxes_torch(self, boxes: torch.Tensor, original_size: tuple[int, int]) -> torch.Tensor:
+        return self.apply_coords_torch(boxes.reshape(-1, 2, 2), original_size).reshape(-1, 4)
+
+    def postprocess_masks(self, low_res: torch.Tensor, input_size, original_size) -> torch.Tensor:
+        """Low-res logits (..., m, m) -> float32 logits (..., H, W) at the original size (`upscale_logits`)."""
+        return upscale_logits(low_res, input_size, original_size, self.target_length)
 
 
 class BatchFeature(dict):
@@ -198,7 +239,7 @@ class SamHQImageProcessor:
 
 
 class SamHQProcessor:
-    """The seed's processor call: images and prompts in, model inputs out.
+    """transformers' `SamHQProcessor` call: images and prompts in, model inputs out.
 
         processor = SamHQProcessor()
         batch = processor(image, input_points=[[[450, 600]]], return_tensors="pt")
@@ -254,6 +295,7 @@ class SamHQProcessor:
             raise ValueError("input_labels were given without input_points")
         if input_boxes is not None:
             batch["input_boxes"] = self._boxes(input_boxes, sizes)
+        check_prompts(batch.get("input_points"), batch.get("input_labels"), batch.get("input_boxes"))
         return batch if return_tensors == "pt" else BatchFeature({k: v.numpy() for k, v in batch.items()})
 
     def post_process_masks(self, *args, **kwargs):
@@ -289,8 +331,6 @@ class SamHQProcessor:
                 arr = np.asarray(obj, dtype=np.float64)
                 if arr.ndim != 2 or arr.shape[1] != 2:
                     raise ValueError(f"image {i}, prompt {j}: points must be [x, y] pairs, got shape {arr.shape}")
-                if not np.isfinite(arr).all():
-                    raise ValueError(f"image {i}, prompt {j}: points contain NaN or infinite values")
                 if len(lab) != len(arr):
                     raise ValueError(f"image {i}, prompt {j}: {len(arr)} points but {len(lab)} labels")
                 arr = scale_coords(arr, size, self.target_size)
@@ -312,8 +352,5 @@ class SamHQProcessor:
             arr = np.asarray(img, dtype=np.float64)
             if arr.ndim != 2 or arr.shape[1] != 4:
                 raise ValueError(f"image {i}: boxes must be [x0, y0, x1, y1], got shape {arr.shape}")
-            if not np.isfinite(arr).all():
-                raise ValueError(f"image {i}: boxes contain NaN or infinite values")
-            check_boxes(arr, f"image {i}: box")
             out.append(scale_coords(arr.reshape(-1, 2, 2), size, self.target_size).reshape(-1, 4))
         return torch.tensor(np.array(out), dtype=torch.float32)

@@ -90,8 +90,8 @@ def page_html() -> str:
     return resources.files("samhq").joinpath("web/index.html").read_text(encoding="utf-8")
 
 
-def create_app(model="samhq-tiny-shapes", device: str = "cpu", max_images: int = 8):
-    """A FastAPI app serving `model` (any source `from_pretrained` takes, or a SamHQModel)."""
+def create_app(model="samhq-tiny-shapes", device: str = "cpu", max_images: int = 8, name: str | None = None):
+    """A FastAPI app serving `model` (any source `from_pretrained` takes, or a SamHQModel); `name` for /api/info."""
     try:
         from fastapi import FastAPI, File, HTTPException, UploadFile
         from fastapi.responses import HTMLResponse
@@ -102,7 +102,7 @@ def create_app(model="samhq-tiny-shapes", device: str = "cpu", max_images: int =
     if isinstance(model, (str, bytes)) or hasattr(model, "__fspath__"):
         predictor, name = SamHQPredictor.from_pretrained(model, device=device), str(model)
     else:
-        predictor, name = SamHQPredictor(model), type(model).__name__
+        predictor, name = SamHQPredictor(model), name or type(model).__name__
     session = SegmentSession(predictor, max_images)
 
     class SegmentRequest(BaseModel):

@@ -8,7 +8,8 @@ from samhq import SamHQModel
 from samhq.checkpoints import BUNDLED
 from samhq.data.synthetic import SyntheticShapes
 from samhq.eval.metrics import boundary_iou, mask_iou
-from samhq.train.data import preprocess_image, resized_shape
+from samhq.processing import preprocess_shape
+from samhq.train.data import preprocess_image
 from samhq.train.prompts import mask_box
 
 NAME = "samhq-tiny-shapes"
@@ -36,7 +37,7 @@ def _box_masks(model, item):
     """SAM-token and HQ masks (P, H, W) bool for tight box prompts around each ground-truth mask."""
     s = model.config.vision_config.image_size
     h, w = item["image"].shape[:2]
-    rh, rw = resized_shape(h, w, s)
+    rh, rw = preprocess_shape(h, w, s)
     boxes = torch.from_numpy(np.stack([mask_box(m) for m in item["masks"]]))[None] * (s / max(h, w))
     with torch.no_grad():
         emb, inter = model.get_image_embeddings(preprocess_image(item["image"], s)[None])

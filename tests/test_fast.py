@@ -14,9 +14,8 @@ import warnings
 import numpy as np
 import pytest
 import torch
-from torch import nn
-
 from conftest import random_model
+from torch import nn
 
 from samhq import SamHQModel
 from samhq.fast import bf16_supported, compile_encoder, optimize, quantize_int8

@@ -5,7 +5,7 @@ import pytest
 import torch
 from torch.nn import functional as F
 
-from samhq.train.losses import (
+from samhq.modeling.losses import (
     bce_loss,
     dice_loss,
     iou_prediction_loss,

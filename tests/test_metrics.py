@@ -1,7 +1,8 @@
 import numpy as np
 import pytest
 
-from samhq.eval.metrics import boundary_iou, boundary_width, dilate, erode, mask_boundary, mask_iou
+from samhq.eval.metrics import boundary_iou, boundary_width, mask_boundary, mask_iou
+from samhq.masks import dilate, erode
 
 
 def _square(size, top, left, side_h, side_w=None):

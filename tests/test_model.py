@@ -3,7 +3,8 @@ import pytest
 import torch
 
 from samhq import SamHQVisionModel, select_masks
-from samhq.modeling.image_encoder import rel_pos_table, window_partition, window_unpartition
+from samhq.modeling.common import rel_pos_table
+from samhq.modeling.image_encoder import window_partition, window_unpartition
 
 NO_GRAD = True  # conftest runs this module's tests without autograd
 
@@ -114,14 +115,24 @@ def test_bad_images_and_missing_features(setup):
 def test_select_masks_by_hand():
     masks = torch.arange(5.0).view(1, 1, 5, 1, 1).expand(1, 1, 5, 2, 2)  # token i has value i
     iou = torch.tensor([[[0.9, 0.1, 0.7, 0.3]]])
-    m, s = select_masks(masks, iou, True, False, "seed")
+    m, s = select_masks(masks, iou, True, False, "sorted")
     assert m[0, 0, :, 0, 0].tolist() == [2 + 4, 3 + 4, 1 + 4] and s[0, 0].tolist() == pytest.approx([0.7, 0.3, 0.1])
-    m, s = select_masks(masks, iou, True, False, "official")
+    m, s = select_masks(masks, iou, True, False, "best")
     assert m[0, 0, :, 0, 0].tolist() == [6] and s[0, 0].tolist() == pytest.approx([0.7])
-    m, s = select_masks(masks, iou, False, True, "official")
+    m, s = select_masks(masks, iou, False, True, "best")
     assert m[0, 0, :, 0, 0].tolist() == [4] and s[0, 0].tolist() == pytest.approx([0.9])
-    with pytest.raises(ValueError, match="mode must be"):
-        select_masks(masks, iou, True, False, "best")
+    with pytest.raises(ValueError, match="mask_selection must be one of sorted, best"):
+        select_masks(masks, iou, True, False, "first")
+    for old, new in (("seed", "sorted"), ("official", "best")):  # samhq 0.1's names still work, with a warning
+        with pytest.warns(DeprecationWarning, match=f"use '{new}'"):
+            m, _ = select_masks(masks, iou, True, False, old)
+        assert torch.equal(m, select_masks(masks, iou, True, False, new)[0])
+    m, s = select_masks(masks, iou, torch.tensor([1.0]), torch.tensor([0.0]), "best")  # an exported graph's switches
+    assert m[0, 0, :, 0, 0].tolist() == [6] and s[0, 0].tolist() == pytest.approx([0.7])
+    m, s = select_masks(masks, iou, torch.tensor(False), torch.tensor(True), "best")
+    assert m[0, 0, :, 0, 0].tolist() == [4] and s[0, 0].tolist() == pytest.approx([0.9])
+    m, s = select_masks(masks, iou, True, False, "best", sam_token_only=True)
+    assert m[0, 0, :, 0, 0].tolist() == [2] and s[0, 0].tolist() == pytest.approx([0.7])
 
 
 def test_window_partition_round_trip_and_rel_pos_table():
@@ -136,17 +147,17 @@ def test_window_partition_round_trip_and_rel_pos_table():
 
 @pytest.mark.parametrize("with_masks", [False, True])
 def test_many_prompts_decoded_in_chunks_equal_one_pass(setup, monkeypatch, with_masks):
-    """More prompts than DECODE_CHUNK (decoded a few at a time) give the one-pass results."""
-    import samhq.modeling.mask_decoder as md
+    """More prompts than DECODE_CHUNK (decoded a few at a time on the fast path) give the one-pass results."""
+    from samhq.modeling import fast_paths
 
     model, _, emb, inter = setup
     g = torch.Generator().manual_seed(5)
-    p = md.DECODE_CHUNK * 2 + 3
+    p = fast_paths.DECODE_CHUNK * 2 + 3
     kwargs = dict(image_embeddings=emb, intermediate_embeddings=inter, input_points=torch.rand(2, p, 2, 2, generator=g) * 1024)
     if with_masks:
         kwargs["input_masks"] = torch.randn(2, p, 256, 256, generator=g)
     chunked = model(**kwargs)
-    monkeypatch.setattr(md, "DECODE_CHUNK", 10_000)
+    monkeypatch.setattr(fast_paths, "DECODE_CHUNK", 10_000)
     whole = model(**kwargs)
     torch.testing.assert_close(chunked.pred_masks, whole.pred_masks, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(chunked.iou_scores, whole.iou_scores, rtol=1e-4, atol=1e-5)

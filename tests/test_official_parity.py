@@ -84,7 +84,7 @@ def test_official_decoding(models, prompt, multimask, hq_only):
         dense_prompt_embeddings=dense, multimask_output=multimask, hq_token_only=hq_only, interm_embeddings=off_inter,
     )
     out = ours(image_embeddings=emb, intermediate_embeddings=inter, multimask_output=multimask,
-               hq_token_only=hq_only, mask_selection="official", **_ours_kwargs(p))
+               hq_token_only=hq_only, mask_selection="best", **_ours_kwargs(p))
     assert out.pred_masks.shape == (1, *ref_masks.shape)
     assert rel_err(out.pred_masks[0], ref_masks) < TOL
     assert rel_err(out.iou_scores[0], ref_iou, floor=1.0) < TOL
@@ -120,7 +120,7 @@ def test_full_forward_from_pixels_matches_official_batched_call(models):
     mean = torch.tensor([123.675, 116.28, 103.53]).view(3, 1, 1)
     std = torch.tensor([58.395, 57.12, 57.375]).view(3, 1, 1)
     pixels = torch.nn.functional.pad((image - mean) / std, (0, 256, 0, 0))[None]
-    out = ours(pixel_values=pixels, input_boxes=BOX[None], mask_selection="official")
+    out = ours(pixel_values=pixels, input_boxes=BOX[None], mask_selection="best")
     assert rel_err(out.pred_masks[0], ref["low_res_logits"]) < TOL
     assert rel_err(out.iou_scores[0], ref["iou_predictions"], floor=1.0) < TOL
 

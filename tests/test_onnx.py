@@ -20,8 +20,7 @@ pytest.importorskip("onnx")
 ort = pytest.importorskip("onnxruntime")
 
 from samhq.export.onnx import DECODER_FILE, ENCODER_FILE, META_FILE, check_standard_ops, export_onnx  # noqa: E402
-from samhq.export.ort import OnnxPredictor  # noqa: E402
-from samhq.predictor import SamHQPredictor  # noqa: E402
+from samhq.predictor import OnnxPredictor, SamHQPredictor  # noqa: E402
 
 NO_GRAD = True  # conftest runs this module's tests without autograd
 
@@ -180,7 +179,7 @@ def test_cli_export(tmp_path, small_model):
 def test_predictor_engine_option(exported):
     model, out, ref, _ = exported
     eng = SamHQPredictor(model, engine="onnxruntime")
-    assert isinstance(eng, OnnxPredictor) and eng.model is model
+    assert eng.engine.name == "onnxruntime" and eng.model is model
     image = (np.random.default_rng(0).random((600, 800, 3)) * 255).astype(np.uint8)
     eng.set_image(image)
     a = ref.predict(point_coords=PTS, point_labels=LAB, return_logits=True)
@@ -191,7 +190,7 @@ def test_predictor_engine_option(exported):
     assert rel(loaded.predict(box=BOX, return_logits=True)[0], ref.predict(box=BOX, return_logits=True)[0]) <= 1e-4
     with pytest.raises(ValueError, match="engine"):
         SamHQPredictor(model, engine="tensorrt")
-    assert type(SamHQPredictor(model)) is SamHQPredictor
+    assert SamHQPredictor(model).engine.name == "torch"
 
 
 def _ort_web_dir() -> Path | None:

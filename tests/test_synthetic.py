@@ -45,7 +45,7 @@ def test_masks_nonempty_and_do_not_overlap():
 
 def test_thin_kinds_are_thin():
     # A wire is 1-3 px wide: eroding by 2 px leaves (almost) nothing.
-    from samhq.eval.metrics import erode
+    from samhq.masks import erode
 
     m = render_object("wire", 256, 256, np.random.default_rng(1))
     assert erode(m, 2).sum() <= 0.05 * m.sum()

@@ -123,7 +123,6 @@ def test_unpatched_transformers_masks_differ(pair):
 
 def test_transformers_saved_directory_loads_and_matches(tmp_path):
     from conftest import perturb_, small_config
-
     from transformers import SamHQConfig as HFConfig
 
     torch.manual_seed(1)

@@ -1,4 +1,4 @@
-"""`samhq convert SRC DST`: official .pth <-> seed layout (config.json + model.safetensors)."""
+"""`samhq convert SRC DST`: official .pth <-> transformers layout (config.json + model.safetensors)."""
 from __future__ import annotations
 
 from ._common import new_command
@@ -6,17 +6,17 @@ from ._common import new_command
 
 def register(sub) -> None:
     p = new_command(
-        sub, "convert", "Convert a checkpoint between the official .pth and the seed's folder layout.",
+        sub, "convert", "Convert a checkpoint between the official .pth and the transformers layout (config.json + model.safetensors).",
         "samhq convert sam_hq_vit_b.pth sam_hq_vit_b/   # and back: samhq convert sam_hq_vit_b/ b.pth",
     )
-    p.add_argument("src", help="official .pth, seed-layout folder, .safetensors file, hub id or bundled name")
-    p.add_argument("dst", help="a path ending in .pth writes the official format; anything else a seed-layout folder")
+    p.add_argument("src", help="official .pth, transformers-layout folder (config.json + model.safetensors), .safetensors file, hub id or bundled name")
+    p.add_argument("dst", help="a path ending in .pth writes the official format; anything else a transformers-layout folder")
     p.add_argument("--force", action="store_true", help="overwrite DST if it exists")
     p.set_defaults(func=run)
 
 
 def run(args) -> int:
-    from ..checkpoints import convert
+    from ..modeling.model import convert
 
     out = convert(args.src, args.dst, overwrite=args.force)
     print(f"wrote {out}")

@@ -20,7 +20,7 @@ def register(sub) -> None:
     p = new_command(sub, "evaluate", "Score a model's HQ and SAM-token masks (mIoU, boundary mIoU) on a dataset.",
                     "samhq evaluate synthetic:250:256:1000 --prompt both --json results.json")
     p.description += "\n\n" + DATASET_HELP
-    p.add_argument("src", nargs="?", metavar="SRC", help="the model (or --model): official .pth, seed-layout folder, "
+    p.add_argument("src", nargs="?", metavar="SRC", help="the model (or --model): official .pth, transformers-layout folder, "
                    ".safetensors file, hub id or bundled name")
     p.add_argument("dataset", metavar="DATASET", help="the dataset, see above")
     add_model_arg(p)
@@ -84,7 +84,7 @@ def weights_digest(model) -> str:
 
 def run(args) -> int:
     from ..eval.evaluate import evaluate
-    from ..modeling.model import SamHQModel
+    from ..pipelines import load_for_inference
 
     if args.src is not None and args.model not in (None, DEMO_MODEL) and args.model != args.src:
         raise ValueError(f"two models given ({args.src} and --model {args.model}); give one")
@@ -99,7 +99,7 @@ def run(args) -> int:
         skipped = getattr(dataset, "skipped", [])
         why = f"; {len(skipped)} skipped, first: {skipped[0][0]}: {skipped[0][1]}" if skipped else ""
         raise ValueError(f"dataset {spec} has no usable images{why}")
-    model = SamHQModel.from_pretrained(model_src, device=args.device)
+    model = load_for_inference(model_src, args.device, args.dtype)
     result = evaluate(model, dataset, prompt=args.prompt, sam_output=args.sam_output, max_images=args.max_images,
                       dilation_ratio=args.dilation_ratio, progress=not args.quiet and sys.stderr.isatty())
     result.settings.update(model=str(model_src), weights_sha256=weights_digest(model), dataset=spec)

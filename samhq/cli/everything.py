@@ -32,7 +32,6 @@ def register(sub) -> None:
     p.add_argument("input", help="an image, a folder (searched recursively) or a .txt file with one image path per line")
     p.add_argument("--out", "-o", required=True, help="output folder")
     add_model_arg(p)
-    p.add_argument("--dtype", default="auto", help="auto (bfloat16 on a capable GPU, else float32), float32, bfloat16, float16")
     p.add_argument("--format", choices=["json", "png", "both"], default="json",
                    help="json: COCO-style masks; png: mask PNGs and an overlay; both (default: json)")
     p.add_argument("--points-per-side", type=int, default=32, help="prompt grid size (default 32)")

@@ -10,7 +10,7 @@ def register(sub) -> None:
         "samhq export onnx sam_hq_vit_b.pth onnx_vit_b/   # then: OnnxPredictor('onnx_vit_b')",
     )
     p.add_argument("format", choices=["onnx"], help="export format (only onnx)")
-    p.add_argument("src", help="official .pth, seed-layout folder, .safetensors file, hub id or bundled name")
+    p.add_argument("src", help="official .pth, transformers-layout folder (config.json + model.safetensors), .safetensors file, hub id or bundled name")
     p.add_argument("out_dir", help="directory to write the models into (created if missing)")
     p.add_argument("--opset", type=int, default=17, help="ONNX opset (default 17, what onnxruntime-web runs)")
     p.add_argument("--decoder-only", action="store_true", help="export only the prompt decoder (for a browser page)")

@@ -9,13 +9,13 @@ from ._common import new_command
 def register(sub) -> None:
     p = new_command(sub, "info", "Print a checkpoint's variant, parameter count, image size and dtype.",
                     "samhq info sam_hq_vit_b.pth")
-    p.add_argument("src", help="official .pth, seed-layout folder, .safetensors file, hub id or bundled name")
+    p.add_argument("src", help="official .pth, transformers-layout folder (config.json + model.safetensors), .safetensors file, hub id or bundled name")
     p.add_argument("--json", action="store_true", help="print as JSON")
     p.set_defaults(func=run)
 
 
 def describe(src) -> dict:
-    from ..checkpoints import read_checkpoint, infer_config
+    from ..checkpoints import infer_config, read_checkpoint
 
     state, config, fmt = read_checkpoint(src)
     config = config or infer_config(state, str(src))

@@ -8,6 +8,7 @@ bad, and existing files are kept unless --force.
 """
 from __future__ import annotations
 
+import argparse
 import json
 import math
 import sys
@@ -16,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ._common import add_model_arg, new_command, refuse_overwrite
+from ._common import DeprecatedAlias, add_model_arg, new_command, refuse_overwrite
 
 
 def register(sub) -> None:
@@ -33,7 +34,8 @@ def register(sub) -> None:
     add_model_arg(p)
     p.add_argument("--multimask", action="store_true",
                    help="let SAM pick the best of its three candidate masks (good for one ambiguous click)")
-    p.add_argument("--hq-only", action="store_true", help="return the HQ token's mask alone (else SAM + HQ)")
+    p.add_argument("--hq-token-only", action="store_true", help="return the HQ token's mask alone (else SAM + HQ)")
+    p.add_argument("--hq-only", action=DeprecatedAlias, nargs=0, dest="hq_token_only", help=argparse.SUPPRESS)
     p.add_argument("--out", help="binary mask PNG (default: IMAGE_mask.png in the current folder when no output is given)")
     p.add_argument("--overlay", help="overlay PNG: the image with the mask, its outline and the prompts")
     p.add_argument("--json", help="JSON with score, bbox, area and COCO RLE per mask")
@@ -64,11 +66,13 @@ def parse_prompts(points: list[str], boxes: list[str]):
             raise ValueError(f"--point {text!r}: LABEL must be 1 (object) or 0 (background)")
         pts.append(v[:2])
         labels.append(int(label))
-    from ..processing import check_boxes
+    import torch
+
+    from ..modeling.prompt_encoder import check_prompts
 
     bxs = [_numbers(text, (4,), "box", "X0,Y0,X1,Y1") for text in boxes]
     for b in bxs:
-        check_boxes(np.asarray(b), "--box")
+        check_prompts(boxes=torch.tensor([[b]]))
     if not pts and not bxs:
         raise ValueError("give at least one prompt: --point X,Y[,LABEL] or --box X0,Y0,X1,Y1")
     if pts and len(bxs) > 1:
@@ -97,6 +101,7 @@ def run(args) -> int:
 
     from ..image_io import check_image_size, to_rgb_array
     from ..masks import mask_bbox, mask_to_coco
+    from ..pipelines import load_for_inference
     from ..predictor import SamHQPredictor
     from ..visualize import draw_masks
 
@@ -113,9 +118,9 @@ def run(args) -> int:
     image = to_rgb_array(args.image)
     check_image_size(*image.shape[:2])
 
-    predictor = SamHQPredictor.from_pretrained(args.model, device=args.device)
+    predictor = SamHQPredictor(load_for_inference(args.model, args.device, args.dtype))
     predictor.set_image(image)
-    flags = dict(multimask_output=args.multimask, hq_token_only=args.hq_only)
+    flags = dict(multimask_output=args.multimask, hq_token_only=args.hq_token_only)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         if len(boxes) <= 1:
@@ -149,7 +154,7 @@ def run(args) -> int:
         Image.fromarray(overlay).save(paths["overlay"][0])
     if paths["json"]:
         doc = {"image": str(args.image), "height": int(image.shape[0]), "width": int(image.shape[1]),
-               "model": str(args.model), "multimask": args.multimask, "hq_only": args.hq_only, "masks": results}
+               "model": str(args.model), "multimask": args.multimask, "hq_token_only": args.hq_token_only, "masks": results}
         paths["json"][0].write_text(json.dumps(doc, indent=2) + "\n")
     for p in every:
         print(f"wrote {p}")

@@ -23,9 +23,11 @@ def run(args) -> int:
         import uvicorn
     except ImportError:
         raise ImportError("samhq serve needs uvicorn and FastAPI: pip install 'samhq[serve]'") from None
+    from ..pipelines import load_for_inference
     from ..server import create_app
 
-    app = create_app(args.model, device=args.device, max_images=args.max_images)
+    model = load_for_inference(args.model, args.device, args.dtype)
+    app = create_app(model, device=args.device, max_images=args.max_images, name=str(args.model))
     print(f"samhq serve: model {args.model} on http://{args.host}:{args.port}/", flush=True)
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
     return 0

@@ -110,9 +110,8 @@ def build_dataset(spec: str, image_dir=None):
 def run(args) -> int:
     import torch
 
-    from ..checkpoints import load_model
     from ..config import SamHQConfig
-    from ..modeling.model import SamHQModel
+    from ..modeling.model import SamHQModel, load_model
     from ..train.trainer import TrainConfig, Trainer, init_distributed, init_weights
 
     opts = read_config_file(args.config) if args.config else {}

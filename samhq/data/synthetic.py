@@ -13,7 +13,7 @@ import math
 import numpy as np
 from PIL import Image, ImageDraw
 
-from ..eval.metrics import dilate, erode
+from ..masks import dilate, erode
 
 KINDS = ("wire", "curve", "ring", "comb", "star", "polygon", "lattice", "holes", "branch")
 

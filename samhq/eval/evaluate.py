@@ -20,6 +20,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..data.datasets import SkippedItem
+from ..predictor import SamHQPredictor
 from .metrics import boundary_iou, mask_iou
 
 PROMPTS = ("box", "point")
@@ -133,8 +135,6 @@ def _writable(path, overwrite: bool) -> Path:
 
 def _iter_dataset(dataset, max_images):
     """(index, item) for readable items; unreadable ones (SkippedItem) are left out."""
-    from ..data.datasets import SkippedItem
-
     n = len(dataset) if max_images is None else min(len(dataset), max_images)
     for i in range(n):
         try:
@@ -153,8 +153,6 @@ def evaluate(model, dataset, prompt: str = "box", sam_output: str = "single", ma
     prompt: "box", "point" or "both". sam_output: "single" (token 0, as SAM-HQ's evaluation) or
     "best" (the multimask token with the highest predicted IoU, as SAM answers one ambiguous point).
     """
-    from ..predictor import SamHQPredictor
-
     if prompt not in ("box", "point", "both"):
         raise ValueError(f"prompt must be 'box', 'point' or 'both', got {prompt!r}")
     if sam_output not in ("single", "best"):
@@ -209,27 +207,18 @@ def evaluate(model, dataset, prompt: str = "box", sam_output: str = "single", ma
 
 @torch.no_grad()
 def predict_tokens(predictor, prompt: str, xy: np.ndarray, sam_output: str = "single") -> dict[str, np.ndarray]:
-    """One decoder pass for K prompts on the predictor's current image.
+    """The SAM token's and the HQ token's masks for K prompts on the predictor's current image.
 
     xy: (K, 4) boxes or (K, 2) points in original-image pixels. Returns {"sam": (K, H, W) bool,
     "hq": (K, H, W) bool (SAM-HQ only)} at the original size.
     """
-    dev, size = predictor.device, predictor.original_size
-    points = labels = boxes = None
+    size = predictor.original_size
     if prompt == "box":
-        boxes = torch.as_tensor(predictor.transform.apply_boxes(xy, size), dtype=torch.float, device=dev)[None]
+        kw = {"boxes": torch.as_tensor(predictor.transform.apply_boxes(xy, size), dtype=torch.float)}
     else:
-        points = torch.as_tensor(predictor.transform.apply_coords(xy, size), dtype=torch.float, device=dev)[None, :, None]
-        labels = torch.ones(points.shape[:-1], dtype=torch.int, device=dev)
-    masks, iou = predictor.model.predict_all(predictor.features, predictor.hq_features, points, labels, boxes,
-                                             context=predictor.decoder_context())
-    masks, iou = masks[0], iou[0]  # (K, T, h, w), (K, 4)
-    if sam_output == "single":
-        sam = masks[:, 0]
-    else:
-        best = iou[:, 1:4].argmax(1) + 1
-        sam = masks[torch.arange(len(masks)), best]
-    out = {"sam": sam}
-    if masks.shape[1] == iou.shape[1] + 1:  # the HQ token is last
-        out["hq"] = masks[:, -1]
-    return {k: (predictor.upscale_masks(v) > 0).cpu().numpy() for k, v in out.items()}
+        coords = torch.as_tensor(predictor.transform.apply_coords(xy, size), dtype=torch.float)[:, None]
+        kw = {"point_coords": coords, "point_labels": torch.ones(len(xy), 1, dtype=torch.int)}
+    out = {"sam": predictor.decode(**kw, multimask_output=sam_output == "best", sam_token_only=True)[0]}
+    if predictor.engine.hq_enabled:
+        out["hq"] = predictor.decode(**kw, multimask_output=False, hq_token_only=True)[0]
+    return {k: (predictor.upscale_masks(v[:, 0]) > predictor.mask_threshold).cpu().numpy() for k, v in out.items()}

@@ -1,44 +1,11 @@
-"""Mask metrics: IoU and boundary IoU (Cheng et al. 2021), as SAM-HQ reports them (mIoU, mBIoU).
-
-Binary morphology with square structuring elements lives here too; it is numpy only, so the
-synthetic data and the metrics need no scipy or OpenCV.
-"""
+"""Mask metrics: IoU and boundary IoU (Cheng et al. 2021), as SAM-HQ reports them (mIoU, mBIoU)."""
 from __future__ import annotations
 
 import math
 
 import numpy as np
 
-
-def _shift_reduce(mask: np.ndarray, radius: int, op, fill: bool) -> np.ndarray:
-    """Apply `op` (np.maximum / np.minimum) over a (2r+1)^2 square, separably; outside pixels are `fill`."""
-    out = mask.astype(bool, copy=True)
-    if radius <= 0:
-        return out
-    for axis in (0, 1):
-        src = out
-        pad = [(0, 0), (0, 0)]
-        pad[axis] = (radius, radius)
-        padded = np.pad(src, pad, constant_values=fill)
-        n = src.shape[axis]
-        acc = src.copy()
-        for k in range(2 * radius + 1):
-            if k == radius:
-                continue
-            window = padded[k:k + n] if axis == 0 else padded[:, k:k + n]
-            op(acc, window, out=acc)
-        out = acc
-    return out
-
-
-def dilate(mask: np.ndarray, radius: int) -> np.ndarray:
-    """Binary dilation of an (H, W) mask by a (2r+1) x (2r+1) square."""
-    return _shift_reduce(mask, radius, np.maximum, False)
-
-
-def erode(mask: np.ndarray, radius: int) -> np.ndarray:
-    """Binary erosion of an (H, W) mask by a (2r+1) x (2r+1) square; outside the image counts as background."""
-    return _shift_reduce(mask, radius, np.minimum, False)
+from ..masks import erode
 
 
 def boundary_width(height: int, width: int, dilation_ratio: float = 0.02) -> int:

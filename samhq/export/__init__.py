@@ -1,13 +1,5 @@
-"""Export to ONNX (`export_onnx`) and run the exported models with onnxruntime (`OnnxPredictor`)."""
-from .onnx import export_onnx
+"""ONNX export: the image encoder and the prompt decoder as two ONNX models (run them with
+`SamHQPredictor.from_onnx`, or in onnxruntime-web)."""
+from .onnx import check_standard_ops, export_onnx
 
-__all__ = ["export_onnx", "OnnxPredictor"]
-
-
-def __getattr__(name):
-    # onnxruntime is optional: import the engine only when asked for.
-    if name == "OnnxPredictor":
-        from .ort import OnnxPredictor
-
-        return OnnxPredictor
-    raise AttributeError(name)
+__all__ = ["export_onnx", "check_standard_ops"]

@@ -32,6 +32,9 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from ..modeling.mask_selection import select_masks
+from ..modeling.model import SamHQModel, model_fingerprint
+
 OPSET = 17
 ENCODER_FILE = "encoder.onnx"
 DECODER_FILE = "decoder.onnx"
@@ -60,23 +63,13 @@ class EncoderForOnnx(nn.Module):
 
 
 class DecoderForOnnx(nn.Module):
-    """Prompt embedding, HQ mask decoding, official output selection and upscaling to the original size."""
+    """Prompt embedding, HQ mask decoding, the official output selection and upscaling to the original size."""
 
     def __init__(self, model):
         super().__init__()
         self.model = model
         self.image_size = model.config.prompt_encoder_config.image_size
         self.register_buffer("image_pe", model.get_image_wide_positional_embeddings().detach().clone(), persistent=False)
-
-    def embed_points(self, coords: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """coords (B, N, 2), labels (B, N) -> (B, N, C); labels 2 and 3 are box corners, -1 padding."""
-        pe = self.model.prompt_encoder
-        emb = self.model.shared_image_embedding((coords + 0.5) / self.image_size)
-        labels = labels[..., None]
-        emb = torch.where(labels == -1, pe.not_a_point_embed.weight, emb)
-        for i, table in enumerate(pe.point_embed):
-            emb = emb + (labels == i).to(emb.dtype) * table.weight
-        return emb
 
     def input_size(self, orig_im_size: torch.Tensor) -> torch.Tensor:
         """(h, w) of the image after resizing its longest side to S, as int64 (2,)."""
@@ -86,20 +79,14 @@ class DecoderForOnnx(nn.Module):
     def forward(self, image_embeddings, hq_features, point_coords, point_labels, mask_input, has_mask_input,
                 orig_im_size, multimask_output, hq_token_only):
         pe = self.model.prompt_encoder
-        sparse = self.embed_points(point_coords, point_labels)[None]  # (1, B, N, C)
+        sparse = pe.embed_points(point_coords, point_labels, pad=False)[None]  # (1, B, N, C)
         no_mask = pe.no_mask_embed.weight.view(1, -1, 1, 1)
         dense = pe.mask_embed(mask_input) * has_mask_input + no_mask * (1 - has_mask_input)  # (1 or B, C, h, w)
         masks, iou = self.model.mask_decoder(image_embeddings, self.image_pe, sparse, dense[None], hq_features)
-        masks, iou = masks[0], iou[0]  # (B, 5, 4h, 4w), (B, 4)
+        low_res, scores = select_masks(masks, iou, multimask_output, hq_token_only, "best")
+        low_res, scores = low_res[0], scores[0]  # (B, 1, 4h, 4w), (B, 1)
 
-        best_score, best = iou[:, 1:].max(dim=1)
-        index = (best + 1).view(-1, 1, 1, 1).expand(-1, 1, masks.shape[2], masks.shape[3])
-        multi = multimask_output > 0.5
-        sam = torch.where(multi, masks.gather(1, index), masks[:, :1])
-        scores = torch.where(multi, best_score[:, None], iou[:, :1])
-        hq = masks[:, -1:]
-        low_res = torch.where(hq_token_only > 0.5, hq, sam + hq)
-
+        # the front end's post-processing (processing.upscale_logits), with sizes that are graph inputs
         up = F.interpolate(low_res, size=(self.image_size, self.image_size), mode="bilinear", align_corners=False)
         size = self.input_size(orig_im_size)
         up = up[:, :, : size[0], : size[1]]
@@ -135,8 +122,8 @@ def _fp32_copy(model):
         raise ValueError("ONNX export needs SAM-HQ weights; this model was loaded from a plain SAM checkpoint")
     if any(type(m).__module__.startswith("torch.ao.nn.quantized") for m in model.modules()):
         raise ValueError("cannot export an int8-quantized model; export the fp32 model (onnxruntime has its own quantizer)")
-    model = copy.deepcopy(model).float().cpu().eval()
-    return model
+    # the plain forms (samhq.modeling.fast_paths' in-place and chunked forms do not trace to one graph)
+    return copy.deepcopy(model).float().cpu().eval().set_fast_path(False)
 
 
 def check_standard_ops(path: str | Path, opset: int = OPSET) -> list[str]:
@@ -169,8 +156,6 @@ def export_onnx(model, out_dir: str | Path, *, encoder: bool = True, decoder: bo
     if opset < 17:
         raise ValueError(f"opset {opset} is too old: LayerNormalization needs opset 17 or newer")
     if isinstance(model, (str, Path)):
-        from ..modeling.model import SamHQModel
-
         model = SamHQModel.from_pretrained(model)
     model = _fp32_copy(model)
     out_dir = Path(out_dir)
@@ -223,6 +208,7 @@ def export_onnx(model, out_dir: str | Path, *, encoder: bool = True, decoder: bo
         "embedding_size": g,
         "low_res_size": 4 * g,
         "mask_threshold": 0.0,
+        "fingerprint": model_fingerprint(model, hq_fusion=True),  # what made the encoder's outputs (embedding files)
         "config": cfg.to_dict(),
     }
     targets["meta"].write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")

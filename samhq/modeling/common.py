@@ -1,7 +1,35 @@
-"""Small building blocks shared by the encoders and the decoder."""
+"""Small building blocks shared by the encoders and the decoder, and the fast-path switch."""
 import torch
 from torch import nn
 from torch.nn import functional as F
+
+
+class FastPathModule(nn.Module):
+    """A module with a fast form of its forward in `samhq.modeling.fast_paths`.
+
+    The fast form runs when `fast_path` is set (the model sets it for every such module, see
+    `SamHQModel.set_fast_path`) and the module is in eval mode. The fast forms are for inference:
+    they write into tensors in place and reuse buffers, which autograd cannot differentiate, so train
+    mode (or `set_fast_path(False)`) always runs the plain forward.
+    """
+
+    fast_path = False
+
+    @property
+    def use_fast_path(self) -> bool:
+        return self.fast_path and not self.training
+
+
+def set_fast_path(module: nn.Module, enabled: bool) -> None:
+    """Switch the fast forms of every `FastPathModule` inside `module` on or off."""
+    for m in module.modules():
+        if isinstance(m, FastPathModule):
+            m.fast_path = enabled
+
+
+def gelu(x: torch.Tensor, in_place: bool = False) -> torch.Tensor:
+    """Exact GELU; `in_place` overwrites x (a fresh large tensor on a CPU costs page faults more than the GELU)."""
+    return torch.ops.aten.gelu_(x) if in_place else F.gelu(x)
 
 
 class LayerNorm2d(nn.Module):
@@ -21,18 +49,8 @@ class LayerNorm2d(nn.Module):
         return F.layer_norm(x, self.weight.shape, self.weight, self.bias, self.eps)
 
 
-def gelu(x: torch.Tensor) -> torch.Tensor:
-    """Exact GELU of a freshly computed tensor, in place when autograd does not need it.
-
-    Allocating a large new tensor (page faults) costs more on a CPU than the GELU itself.
-    """
-    if (torch.is_grad_enabled() and x.requires_grad) or torch.jit.is_tracing():
-        return F.gelu(x)
-    return torch.ops.aten.gelu_(x)
-
-
-class MLPBlock(nn.Module):
-    """Linear -> activation -> Linear (the transformer blocks' feed-forward)."""
+class MLPBlock(FastPathModule):
+    """Linear -> activation (GELU or ReLU) -> Linear: the transformer blocks' feed-forward."""
 
     def __init__(self, dim: int, hidden: int, act: type[nn.Module] = nn.GELU):
         super().__init__()
@@ -42,7 +60,9 @@ class MLPBlock(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.lin1(x)
-        return self.lin2(gelu(h) if isinstance(self.act, nn.GELU) else self.act(h))
+        if isinstance(self.act, nn.GELU):
+            return self.lin2(gelu(h, self.use_fast_path))
+        return self.lin2(self.act(h))
 
 
 class FeedForward(nn.Module):
@@ -59,3 +79,29 @@ class FeedForward(nn.Module):
         for layer in self.layers:
             x = F.relu(layer(x))
         return self.proj_out(x)
+
+
+def rel_pos_table(size: int, rel_pos: torch.Tensor) -> torch.Tensor:
+    """Relative-position embeddings for every (query, key) pair along one axis.
+
+    rel_pos: (L, C) learned table; resized linearly when L != 2 * size - 1.
+    Returns (size, size, C), entry [q, k] = rel_pos[q - k + size - 1].
+    """
+    length = 2 * size - 1
+    if rel_pos.shape[0] != length:
+        rel_pos = F.interpolate(rel_pos.T[None].float(), size=length, mode="linear")[0].T.to(rel_pos.dtype)
+    idx = torch.arange(size, device=rel_pos.device)
+    return rel_pos[idx[:, None] - idx[None, :] + size - 1]
+
+
+def rel_pos_terms(q: torch.Tensor, rel_pos_h: torch.Tensor, rel_pos_w: torch.Tensor, h: int, w: int):
+    """The two factors of the decomposed relative-position bias (MViTv2, as SAM's ViT uses it).
+
+    q (B, n, HW, d) queries, unscaled. Returns (B, n, h, w, h) and (B, n, h, w, w): the bias of query
+    (i, j) and key (k, l) is term_h[..., i, j, k] + term_w[..., i, j, l].
+    """
+    b, n, _, d = q.shape
+    rq = q.reshape(b, n, h, w, d)
+    term_h = torch.einsum("bnhwd,hkd->bnhwk", rq, rel_pos_table(h, rel_pos_h))
+    term_w = torch.einsum("bnhwd,wkd->bnhwk", rq, rel_pos_table(w, rel_pos_w))
+    return term_h, term_w

@@ -8,33 +8,18 @@ from torch import nn
 from torch.nn import functional as F
 
 from ..config import SamHQVisionConfig
-from .common import LayerNorm2d, MLPBlock
-
-# Global attention over 64x64 tokens would need a (heads, 4096, 4096) bias; queries are processed in
-# row chunks so that no chunk's bias exceeds this many elements.
-_MAX_BIAS_ELEMENTS = 1 << 25
+from . import fast_paths
+from .common import FastPathModule, LayerNorm2d, MLPBlock, rel_pos_terms
 
 
-def rel_pos_table(size: int, rel_pos: torch.Tensor) -> torch.Tensor:
-    """Relative-position embeddings for every (query, key) pair along one axis.
-
-    rel_pos: (L, C) learned table; resized linearly when L != 2 * size - 1.
-    Returns (size, size, C), entry [q, k] = rel_pos[q - k + size - 1].
-    """
-    length = 2 * size - 1
-    if rel_pos.shape[0] != length:
-        rel_pos = F.interpolate(rel_pos.T[None].float(), size=length, mode="linear")[0].T.to(rel_pos.dtype)
-    idx = torch.arange(size, device=rel_pos.device)
-    return rel_pos[idx[:, None] - idx[None, :] + size - 1]
-
-
-class Attention(nn.Module):
+class Attention(FastPathModule):
     """Multi-head self-attention on a (B, H, W, C) grid, with optional decomposed relative positions."""
 
     def __init__(self, dim: int, num_heads: int, qkv_bias: bool, use_rel_pos: bool, input_size: int):
         super().__init__()
         self.num_heads = num_heads
         head_dim = dim // num_heads
+        self.scale = head_dim ** -0.5
         self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
         self.proj = nn.Linear(dim, dim)
         self.use_rel_pos = use_rel_pos
@@ -45,35 +30,16 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, h, w, c = x.shape
         q, k, v = self.qkv(x).reshape(b, h * w, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4).unbind(0)  # (B, n, HW, d)
-        if self.use_rel_pos:
-            out = self._rel_pos_attention(q, k, v, h, w)
+        if self.use_fast_path:
+            out = fast_paths.vit_attention(self, q, k, v, h, w)
         else:
-            out = F.scaled_dot_product_attention(q, k, v).transpose(1, 2)
+            attn = (q * self.scale) @ k.transpose(-2, -1)  # (B, n, HW, HW)
+            if self.use_rel_pos:
+                term_h, term_w = rel_pos_terms(q, self.rel_pos_h, self.rel_pos_w, h, w)
+                bias = term_h[..., :, None] + term_w[..., None, :]  # (B, n, h, w, h, w)
+                attn = attn + bias.reshape(attn.shape)
+            out = (attn.softmax(dim=-1) @ v).transpose(1, 2)  # (B, HW, n, d)
         return self.proj(out.reshape(b, h, w, c))
-
-    def _rel_pos_attention(self, q, k, v, h: int, w: int) -> torch.Tensor:
-        """SDPA with the decomposed relative-position bias; q, k, v (B, n, HW, d) -> (B, HW, n, d).
-
-        The bias of a query row block is the sum of a per-key-row and a per-key-column term; it is
-        built contiguously (broadcasting over strided einsum outputs is several times slower) and
-        only for `rows` query rows at a time, so the (HW, HW) matrix never exists whole.
-        """
-        b, n, _, d = q.shape
-        rq = q.reshape(b, n, h, w, d)
-        bias_h = torch.einsum("bnhwd,hkd->bnhwk", rq, rel_pos_table(h, self.rel_pos_h)).contiguous()
-        bias_w = torch.einsum("bnhwd,wkd->bnhwk", rq, rel_pos_table(w, self.rel_pos_w)).contiguous()
-        rows = max(1, min(h, _MAX_BIAS_ELEMENTS // (b * n * w * h * w)))
-        chunks = []
-        # Without autograd one bias buffer serves every chunk: a fresh 100 MB tensor per chunk costs page faults.
-        traced_or_grad = torch.jit.is_tracing() or (torch.is_grad_enabled() and q.requires_grad)
-        buf = None if traced_or_grad else q.new_empty(b, n, rows, w, h, w)
-        for r0 in range(0, h, rows):
-            r1 = min(h, r0 + rows)
-            bh, bw = bias_h[:, :, r0:r1, :, :, None], bias_w[:, :, r0:r1, :, None, :]
-            bias = torch.add(bh, bw, out=buf[:, :, : r1 - r0]) if buf is not None else bh + bw
-            bias = bias.reshape(b, n, (r1 - r0) * w, h * w)  # a view, except for the last, shorter chunk's buffer slice
-            chunks.append(F.scaled_dot_product_attention(q[:, :, r0 * w : r1 * w], k, v, attn_mask=bias).transpose(1, 2))
-        return torch.cat(chunks, dim=1) if len(chunks) > 1 else chunks[0]
 
 
 def window_partition(x: torch.Tensor, window: int) -> tuple[torch.Tensor, tuple[int, int]]:

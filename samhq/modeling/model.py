@@ -1,16 +1,30 @@
-"""`SamHQModel` and `SamHQVisionModel`: the seed's public classes over our modules."""
+"""`SamHQModel` and `SamHQVisionModel`: transformers' public classes (same names, inputs and outputs)
+over samhq's modules, and loading and saving them.
+
+Data flow: pixel_values -> vision encoder -> image embeddings + early features -> (once per image)
+HQ features; prompts -> prompt encoder -> sparse + dense embeddings; both -> mask decoder -> every
+token's masks and IoU predictions -> `select_masks` -> the returned masks.
+"""
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass, fields
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
+from .. import checkpoints
 from ..config import SamHQConfig, SamHQTinyViTConfig, SamHQVisionConfig
+from . import fast_paths
+from .common import set_fast_path
 from .image_encoder import VisionEncoder
-from .mask_decoder import MaskDecoder, select_masks
-from .prompt_encoder import PositionalEmbedding, PromptEncoder
+from .losses import segmentation_loss
+from .mask_decoder import MaskDecoder, is_hq_parameter
+from .mask_selection import select_masks
+from .pretrained import load_pretrained
+from .prompt_encoder import PositionalEmbedding, PromptEncoder, check_prompts
 from .tiny_vit import TinyViTEncoder
 
 
@@ -57,17 +71,26 @@ def build_vision_encoder(config) -> nn.Module:
 
 class _PretrainedMixin:
     @classmethod
-    def from_pretrained(cls, source, device=None, dtype=None, **kwargs):
-        """Load from an official `.pth`, a seed-layout directory, a `.safetensors` file, a hub id or a bundled name."""
-        from ..checkpoints import load_model
+    def from_pretrained(cls, source, device=None, dtype=None, strict_hq: bool = False):
+        """Load from an official `.pth`, a transformers-layout folder (config.json + model.safetensors), a
+        `.safetensors` file, a hub id (through huggingface_hub, online) or a bundled model name.
 
-        return load_model(source, device=device, dtype=dtype, model_class=cls, **kwargs)
+        dtype: the image encoder's precision (e.g. torch.bfloat16); the prompt encoder and mask decoder
+        stay float32. A plain SAM checkpoint (no HQ weights) loads with a warning and runs as SAM, unless
+        strict_hq. Raises `CheckpointError` naming the file and the problem.
+        """
+        return load_pretrained(cls, source, device=device, dtype=dtype, strict_hq=strict_hq)
 
-    def save_pretrained(self, directory, safe_serialization: bool = True):
-        """Write `config.json` + `model.safetensors` (the seed's layout, loadable by transformers)."""
-        from ..checkpoints import save_pretrained
+    def save_pretrained(self, directory, safe_serialization: bool = True) -> Path:
+        """Write the transformers layout: `config.json` + `model.safetensors` (or `pytorch_model.bin`)."""
+        state = {k: v for k, v in self.state_dict().items() if getattr(self, "hq_enabled", True) or not is_hq_parameter(k)}
+        return checkpoints.write_pretrained(state, self.config, directory, safe_serialization=safe_serialization)
 
-        save_pretrained(self, directory, safe_serialization=safe_serialization)
+    def set_fast_path(self, enabled: bool = True):
+        """Use the fast forms of `samhq.modeling.fast_paths` in eval mode (the default), or the plain forms
+        everywhere. Returns the model."""
+        set_fast_path(self, enabled)
+        return self
 
 
 class SamHQVisionModel(_PretrainedMixin, nn.Module):
@@ -79,6 +102,7 @@ class SamHQVisionModel(_PretrainedMixin, nn.Module):
             config = config.vision_config
         self.config = config
         self.vision_encoder = build_vision_encoder(config)
+        self.set_fast_path(True)
 
     def forward(self, pixel_values: torch.Tensor, **kwargs) -> SamHQVisionEncoderOutput:
         _check_pixels(pixel_values, self.config.image_size)
@@ -89,8 +113,9 @@ class SamHQVisionModel(_PretrainedMixin, nn.Module):
 class SamHQModel(_PretrainedMixin, nn.Module):
     """SAM-HQ: image encoder, prompt encoder and HQ mask decoder.
 
-    Masks are computed as the official SAM-HQ code does; outputs follow the seed's (transformers)
-    shapes and selection. `hq_enabled` is False for a plain SAM checkpoint (no HQ weights).
+    Masks are computed as the official SAM-HQ code does; outputs follow transformers' shapes and, by
+    default, its output selection. `hq_enabled` is False for a plain SAM checkpoint (no HQ weights).
+    The fast forms of `samhq.modeling.fast_paths` run in eval mode unless `set_fast_path(False)`.
     """
 
     def __init__(self, config: SamHQConfig | None = None):
@@ -102,6 +127,7 @@ class SamHQModel(_PretrainedMixin, nn.Module):
         self.prompt_encoder = PromptEncoder(config.prompt_encoder_config, self.shared_image_embedding)
         self.mask_decoder = MaskDecoder(config.mask_decoder_config)
         self.hq_enabled = True
+        self.set_fast_path(True)
 
     @property
     def device(self) -> torch.device:
@@ -117,6 +143,15 @@ class SamHQModel(_PretrainedMixin, nn.Module):
         """The image encoder's dtype (bfloat16 after `from_pretrained(..., dtype=torch.bfloat16)`)."""
         return next(self.vision_encoder.parameters()).dtype
 
+    @property
+    def mask_size(self) -> int:
+        """Side of the low-resolution mask logits (256 for the released models)."""
+        return 4 * self.config.prompt_encoder_config.image_embedding_size
+
+    def hq_parameter_names(self) -> list[str]:
+        """Names of the parameters SAM-HQ adds to SAM (what the paper trains)."""
+        return [n for n, _ in self.named_parameters() if is_hq_parameter(n)]
+
     def _encode(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
         emb, inter = self.vision_encoder(pixel_values.to(self.encoder_dtype))
         return emb.to(self.dtype), [t.to(self.dtype) for t in inter]
@@ -127,7 +162,8 @@ class SamHQModel(_PretrainedMixin, nn.Module):
 
     @torch.no_grad()
     def get_image_embeddings(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        """pixel_values (B, 3, S, S) -> image embeddings (B, 256, S/16, S/16) and intermediate embeddings."""
+        """pixel_values (B, 3, S, S) -> image embeddings (B, 256, S/16, S/16) and intermediate embeddings
+        (each global-attention layer's output, (B, S/16, S/16, C); SAM-HQ fuses the first)."""
         _check_pixels(pixel_values, self.config.vision_config.image_size)
         return self._encode(pixel_values)
 
@@ -137,7 +173,7 @@ class SamHQModel(_PretrainedMixin, nn.Module):
         return self.prompt_encoder(input_points, input_labels, input_boxes, input_masks)
 
     def compute_hq_features(self, image_embeddings: torch.Tensor, intermediate_embeddings) -> torch.Tensor | None:
-        """The per-image half of the HQ branch, (B, C/8, 4h, 4w); None for plain SAM."""
+        """The per-image half of the HQ branch (global-local fusion), (B, C/8, 4h, 4w); None for plain SAM."""
         if not self.hq_enabled:
             return None
         if not intermediate_embeddings:
@@ -146,6 +182,15 @@ class SamHQModel(_PretrainedMixin, nn.Module):
                 "model.get_image_embeddings(pixel_values)"
             )
         return self.mask_decoder.hq_features(image_embeddings, intermediate_embeddings[0])
+
+    @torch.no_grad()
+    def decoder_context(self, image_embeddings: torch.Tensor) -> dict | None:
+        """The mask decoder's per-image work for prompts without a mask input, to pass to `predict_all`
+        for every prompt of these (B, C, h, w) embeddings; None when the fast path is off (nothing to share)."""
+        if not self.mask_decoder.use_fast_path:
+            return None
+        dense = self.prompt_encoder.no_mask_embed.weight.view(1, 1, -1, 1, 1).to(image_embeddings.dtype)
+        return fast_paths.image_context(self.mask_decoder, image_embeddings, self.get_image_wide_positional_embeddings(), dense)
 
     def predict_all(
         self,
@@ -157,10 +202,10 @@ class SamHQModel(_PretrainedMixin, nn.Module):
         input_masks=None,
         context: dict | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Every output token's mask logits (B, P, 5, 4h, 4w) and IoU predictions (B, P, 4); see `select_masks`.
+        """Every output token's mask logits (B, P, 5, 4h, 4w) (4 for plain SAM) and IoU predictions (B, P, 4).
 
-        context: `decoder_context(image_embeddings)`, kept while the image stays the same, saves the
-        decoder's per-image work; it is used for prompts without input_masks.
+        Prompts as in `forward`. context: `decoder_context(image_embeddings)`, kept while the image stays
+        the same; it is used for prompts without input_masks. See `select_masks` for the returned subset.
         """
         if input_points is not None and input_labels is None:
             input_labels = torch.ones(input_points.shape[:-1], dtype=torch.int, device=input_points.device)
@@ -178,12 +223,6 @@ class SamHQModel(_PretrainedMixin, nn.Module):
         return self.mask_decoder(image_embeddings, self.get_image_wide_positional_embeddings() if context is None else None,
                                  sparse, dense, hq_features, context)
 
-    @torch.no_grad()
-    def decoder_context(self, image_embeddings: torch.Tensor) -> dict:
-        """The mask decoder's per-image work for prompts without a mask input, (B, C, h, w) embeddings -> tensors for `predict_all`."""
-        dense = self.prompt_encoder.no_mask_embed.weight.view(1, 1, -1, 1, 1).to(image_embeddings.dtype)
-        return self.mask_decoder.image_context(image_embeddings, self.get_image_wide_positional_embeddings(), dense)
-
     def forward(
         self,
         pixel_values: torch.Tensor | None = None,
@@ -196,34 +235,89 @@ class SamHQModel(_PretrainedMixin, nn.Module):
         multimask_output: bool = True,
         hq_token_only: bool = False,
         labels: torch.Tensor | None = None,
-        mask_selection: str = "seed",
+        mask_selection: str = "sorted",
         **kwargs: Any,
     ) -> SamHQImageSegmentationOutput:
         """Predict low-resolution masks for B images x P prompts.
 
-        input_points (B, P, N, 2) and input_labels (B, P, N) in the 1024-frame; input_boxes (B, P, 4);
-        input_masks (B, 1 or P, 256, 256) logits. `mask_selection="official"` returns the single best
-        multimask mask as `segment_anything_hq` does. Extra processor keys (`original_sizes`,
-        `reshaped_input_sizes`) are accepted and ignored.
+        input_points (B, P, N, 2) and input_labels (B, P, N) in the resized input frame (what
+        `SamHQProcessor` makes); input_boxes (B, P, 4) x0, y0, x1, y1; input_masks (B, 1 or P, 256, 256)
+        logits. `mask_selection`: "sorted" (transformers: the 3 multimask masks by IoU) or "best" (the
+        official predictor: the single best one), see `samhq.modeling.mask_selection`.
+        labels: ground truth in the padded square input frame (B, [P,] S', S') at any resolution S',
+        as `SamHQProcessor(images, segmentation_maps=...)` makes them; the loss is BCE + dice of the best
+        returned mask. Extra processor keys (`original_sizes`, `reshaped_input_sizes`) are accepted.
         """
         unknown = set(kwargs) - {"original_sizes", "reshaped_input_sizes", "return_dict", "output_attentions", "output_hidden_states"}
         if unknown:
             raise TypeError(f"SamHQModel.forward got unexpected arguments: {sorted(unknown)}")
         if (pixel_values is None) == (image_embeddings is None):
             raise ValueError("pass exactly one of pixel_values and image_embeddings")
-        _check_prompts(input_points, input_labels, input_boxes, input_masks, 4 * self.config.prompt_encoder_config.image_embedding_size)
+        check_prompts(input_points, input_labels, input_boxes, input_masks, self.mask_size)
+        if labels is not None and labels.shape[-1] != labels.shape[-2]:
+            raise ValueError(
+                f"labels of shape {tuple(labels.shape)} are not in the model's square input frame: pass the masks to "
+                "SamHQProcessor(images, segmentation_maps=masks), which resizes and pads them as it does the images"
+            )
         if pixel_values is not None:
             _check_pixels(pixel_values, self.config.vision_config.image_size)
             image_embeddings, intermediate_embeddings = self._encode(pixel_values)
         hq_features = self.compute_hq_features(image_embeddings, intermediate_embeddings)
         masks, iou = self.predict_all(image_embeddings, hq_features, input_points, input_labels, input_boxes, input_masks)
         pred_masks, scores = select_masks(masks, iou, multimask_output, hq_token_only, mask_selection)
-        loss = None
-        if labels is not None:
-            from ..train.losses import segmentation_loss
-
-            loss = segmentation_loss(pred_masks, labels)
+        loss = segmentation_loss(pred_masks, labels) if labels is not None else None
         return SamHQImageSegmentationOutput(loss=loss, iou_scores=scores, pred_masks=pred_masks)
+
+
+def model_fingerprint(model, hq_fusion: bool = False) -> str:
+    """A short hash of the image encoder (its config and a sample of every weight).
+
+    Only the encoder decides an image embedding, so a model whose decoder was fine-tuned on a frozen
+    encoder (how SAM-HQ is trained) shares embeddings with its base. Weights are hashed at bfloat16
+    precision so that fp32 and bf16 copies of a model agree. `hq_fusion` also hashes the HQ branch's
+    per-image convolutions (for engines whose embeddings hold the fused HQ features).
+    """
+    h = hashlib.sha256(model.config.vision_config.to_json_string().encode())
+    state = {f"vision_encoder.{k}": v for k, v in model.vision_encoder.state_dict().items()}
+    if hq_fusion:
+        state.update({k: v for k, v in model.state_dict().items()
+                      if k.startswith(("mask_decoder.encoder_", "mask_decoder.compress_vit_"))})
+    for name, t in state.items():
+        flat = t.detach().flatten()
+        flat = flat[:: max(1, flat.numel() // 256)][:256].cpu()
+        if flat.is_floating_point():
+            flat = flat.to(torch.bfloat16).view(torch.int16)
+        h.update(name.removeprefix("vision_encoder.").encode())
+        h.update(flat.numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+
+def load_model(source, device=None, dtype=None, strict_hq: bool = False) -> SamHQModel:
+    """`SamHQModel.from_pretrained(source, ...)`."""
+    return SamHQModel.from_pretrained(source, device=device, dtype=dtype, strict_hq=strict_hq)
+
+
+def save_pretrained(model, directory, safe_serialization: bool = True) -> Path:
+    """`model.save_pretrained(directory)`: config.json + model.safetensors (transformers layout)."""
+    return model.save_pretrained(directory, safe_serialization=safe_serialization)
+
+
+def save_official(model, path, overwrite: bool = False) -> Path:
+    """Write an official-format `.pth` state dict (loadable by `segment_anything_hq`)."""
+    state = {k: v for k, v in model.state_dict().items() if getattr(model, "hq_enabled", True) or not is_hq_parameter(k)}
+    return checkpoints.write_official(state, path, overwrite=overwrite)
+
+
+def convert(src, dst, overwrite: bool = False) -> Path:
+    """Convert between layouts: DST ending in .pth / .pt -> official; otherwise a transformers-layout folder."""
+    model = load_model(src)
+    dst = Path(dst)
+    if dst.suffix in (".pth", ".pt"):
+        return save_official(model, dst, overwrite=overwrite)
+    if dst.exists() and any(dst.iterdir()) and not overwrite:
+        raise FileExistsError(f"{dst} exists and is not empty; pass --force to write into it")
+    return model.save_pretrained(dst)
 
 
 def _check_pixels(pixel_values: torch.Tensor, image_size: int) -> None:
@@ -234,24 +328,3 @@ def _check_pixels(pixel_values: torch.Tensor, image_size: int) -> None:
             f"pixel_values must have shape (B, 3, {image_size}, {image_size}), got {tuple(pixel_values.shape)}; "
             "SamHQProcessor resizes and pads images to that"
         )
-
-
-def _check_prompts(points, labels, boxes, masks, mask_size: int) -> None:
-    if points is not None:
-        if points.ndim != 4 or points.shape[-1] != 2:
-            raise ValueError(f"input_points must be (batch, point_batch, points, 2), got {tuple(points.shape)}")
-        if labels is not None and tuple(labels.shape) != tuple(points.shape[:-1]):
-            raise ValueError(f"input_labels shape {tuple(labels.shape)} does not match input_points {tuple(points.shape)}")
-        if not torch.isfinite(points).all():
-            raise ValueError("input_points contain NaN or infinite values")
-    if boxes is not None:
-        if boxes.ndim != 3 or boxes.shape[-1] != 4:
-            raise ValueError(f"input_boxes must be (batch, boxes, 4), got {tuple(boxes.shape)}")
-        if not torch.isfinite(boxes).all():
-            raise ValueError("input_boxes contain NaN or infinite values")
-        if points is not None and (points.shape[0], points.shape[1]) != (boxes.shape[0], boxes.shape[1]):
-            raise ValueError(
-                f"points {tuple(points.shape)} and boxes {tuple(boxes.shape)} must agree on batch and prompt count"
-            )
-    if masks is not None and (masks.ndim not in (4, 5) or tuple(masks.shape[-2:]) != (mask_size, mask_size)):
-        raise ValueError(f"input_masks must be (batch, 1 or prompts, {mask_size}, {mask_size}) logits, got {tuple(masks.shape)}")

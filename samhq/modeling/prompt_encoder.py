@@ -10,6 +10,56 @@ from .common import LayerNorm2d
 
 PAD_LABEL = -10  # a padding point: contributes nothing
 NOT_A_POINT = -1  # SAM's "no point" token (also appended after points when no box is given)
+POINT_LABELS = (1, 0, NOT_A_POINT, PAD_LABEL)  # foreground, background, not a point, padding
+_NAMES = {"points": "input_points", "labels": "input_labels", "boxes": "input_boxes", "masks": "input_masks"}
+
+
+def check_prompts(points=None, labels=None, boxes=None, masks=None, mask_size: int = 256, names: dict | None = None) -> None:
+    """The one validation of prompt tensors, before they reach the prompt encoder.
+
+    points (B, P, N, 2) and labels (B, P, N) with values in `POINT_LABELS`; boxes (B, P, 4) as x0, y0,
+    x1, y1 with x1 >= x0 and y1 >= y0; masks (B, 1 or P, m, m) or (B, P, 1, m, m) logits with
+    m = mask_size. Raises ValueError naming the offending input (`names` maps points, labels, boxes,
+    masks to the caller's argument names) and what it should be.
+    """
+    n = {**_NAMES, **(names or {})}
+    for key, t in (("points", points), ("labels", labels), ("boxes", boxes), ("masks", masks)):
+        if t is not None and not isinstance(t, torch.Tensor):
+            raise TypeError(f"{n[key]} must be a torch.Tensor, got {type(t).__name__}")
+    if points is not None:
+        if points.ndim != 4 or points.shape[-1] != 2:
+            raise ValueError(f"{n['points']} must be (batch, point_batch, points, 2), got {tuple(points.shape)}")
+        if not torch.isfinite(points).all():
+            raise ValueError(f"{n['points']} contain NaN or infinite values")
+        if labels is not None:
+            if tuple(labels.shape) != tuple(points.shape[:-1]):
+                raise ValueError(f"{n['labels']} shape {tuple(labels.shape)} does not match {n['points']} {tuple(points.shape)}")
+            bad = ~torch.isin(labels.to(torch.int64), torch.tensor(POINT_LABELS, device=labels.device))
+            if bad.any():
+                raise ValueError(f"point labels must be 1 (foreground), 0 (background), -1 (not a point) or -10 "
+                                 f"(padding); {n['labels']} holds {labels[bad].flatten()[0].item():g}")
+    elif labels is not None:
+        raise ValueError(f"{n['labels']} were given without {n['points']}")
+    if boxes is not None:
+        if boxes.ndim != 3 or boxes.shape[-1] != 4:
+            raise ValueError(f"{n['boxes']} must be (batch, boxes, 4), got {tuple(boxes.shape)}")
+        if not torch.isfinite(boxes).all():
+            raise ValueError(f"{n['boxes']} contain NaN or infinite values")
+        if points is not None and tuple(points.shape[:2]) != tuple(boxes.shape[:2]):
+            raise ValueError(f"{n['points']} {tuple(points.shape)} and {n['boxes']} {tuple(boxes.shape)} must agree on "
+                             "batch and prompt count")
+        inverted = (boxes[..., 2] < boxes[..., 0]) | (boxes[..., 3] < boxes[..., 1])
+        if inverted.any():
+            x0, y0, x1, y1 = (float(v) for v in boxes.reshape(-1, 4)[int(inverted.flatten().nonzero()[0, 0])])
+            raise ValueError(f"box ({x0:g}, {y0:g}, {x1:g}, {y1:g}) must have x1 >= x0 and y1 >= y0 (format x0, y0, x1, y1)")
+    if masks is not None:
+        if masks.ndim == 5 and masks.shape[2] == 1:
+            masks = masks[:, :, 0]
+        if masks.ndim != 4 or tuple(masks.shape[-2:]) != (mask_size, mask_size):
+            raise ValueError(f"{n['masks']} must be (batch, 1 or prompts, {mask_size}, {mask_size}) low-res logits, "
+                             f"got {tuple(masks.shape)}")
+        if not torch.isfinite(masks).all():
+            raise ValueError(f"{n['masks']} contain NaN or infinite values")
 
 
 class PositionalEmbedding(nn.Module):
@@ -65,8 +115,13 @@ class PromptEncoder(nn.Module):
         self.not_a_point_embed = nn.Embedding(1, config.hidden_size)
 
     def embed_points(self, points: torch.Tensor, labels: torch.Tensor, pad: bool) -> torch.Tensor:
-        """points (..., N, 2) in input-frame pixels, labels (..., N) -> (..., N [+1], C)."""
-        points = points + 0.5
+        """points (..., N, 2) in input-frame pixels, labels (..., N) -> (..., N [+1], C).
+
+        Labels: 1 foreground, 0 background, 2 / 3 a box's top-left / bottom-right corner, -1 "not a
+        point" (SAM's padding token), -10 padding (contributes nothing). `pad` appends one "not a point",
+        as SAM does when no box follows the points.
+        """
+        points = points + 0.5  # pixel centres
         if pad:
             points = torch.cat([points, points.new_zeros(*points.shape[:-2], 1, 2)], dim=-2)
             labels = torch.cat([labels, labels.new_full((*labels.shape[:-1], 1), NOT_A_POINT)], dim=-1)
@@ -74,14 +129,15 @@ class PromptEncoder(nn.Module):
         labels = labels[..., None]
         emb = torch.where(labels == NOT_A_POINT, self.not_a_point_embed.weight, emb)
         emb = torch.where(labels == PAD_LABEL, torch.zeros_like(emb), emb)
-        emb = emb + (labels == 0) * self.point_embed[0].weight + (labels == 1) * self.point_embed[1].weight
+        for i, table in enumerate(self.point_embed):  # background, foreground, box corners
+            emb = emb + (labels == i).to(emb.dtype) * table.weight
         return emb
 
     def embed_boxes(self, boxes: torch.Tensor) -> torch.Tensor:
-        """boxes (..., 4) as x0, y0, x1, y1 -> (..., 2, C)."""
-        corners = (boxes + 0.5).reshape(*boxes.shape[:-1], 2, 2)
-        emb = self.shared_embedding(corners / self.config.image_size)
-        return emb + torch.cat([self.point_embed[2].weight, self.point_embed[3].weight])
+        """boxes (..., 4) as x0, y0, x1, y1 -> (..., 2, C): the two corners as points labelled 2 and 3."""
+        corners = boxes.reshape(*boxes.shape[:-1], 2, 2)
+        labels = torch.tensor([2, 3], device=boxes.device).expand(corners.shape[:-1])
+        return self.embed_points(corners, labels, pad=False)
 
     def forward(
         self,

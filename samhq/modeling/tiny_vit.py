@@ -11,11 +11,12 @@ from torch import nn
 from torch.nn import functional as F
 
 from ..config import SamHQTinyViTConfig
-from .common import gelu
+from . import fast_paths
+from .common import FastPathModule, gelu
 from .image_encoder import Neck, window_partition, window_unpartition
 
 
-class ConvBN(nn.Sequential):
+class ConvBN(nn.Sequential, FastPathModule):
     """Conv2d without bias followed by BatchNorm2d (children named `c` and `bn`)."""
 
     def __init__(self, cin: int, cout: int, kernel: int = 1, stride: int = 1, groups: int = 1):
@@ -24,20 +25,12 @@ class ConvBN(nn.Sequential):
         self.add_module("bn", nn.BatchNorm2d(cout))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.training:
-            return self.bn(self.c(x))
-        # Inference: fold the batch norm into the convolution (one pass over the activations, not two).
-        c, bn = self.c, self.bn
-        scale = bn.weight * torch.rsqrt(bn.running_var + bn.eps)
-        bias = bn.bias - bn.running_mean * scale
-        weight = c.weight * scale[:, None, None, None]
-        nhwc = x.permute(0, 2, 3, 1)
-        if c.kernel_size == (1, 1) and c.stride == (1, 1) and c.groups == 1 and nhwc.is_contiguous():
-            return F.linear(nhwc, weight.flatten(1), bias).permute(0, 3, 1, 2)  # a 1x1 conv on channels-last x is a matmul
-        return F.conv2d(x, weight, bias, c.stride, c.padding, c.dilation, c.groups)
+        if self.use_fast_path:
+            return fast_paths.conv_bn(self, x)
+        return self.bn(self.c(x))
 
 
-class PatchEmbed(nn.Module):
+class PatchEmbed(FastPathModule):
     """(B, 3, S, S) -> (B, C, S/4, S/4)."""
 
     def __init__(self, cin: int, dim: int):
@@ -45,10 +38,10 @@ class PatchEmbed(nn.Module):
         self.seq = nn.Sequential(ConvBN(cin, dim // 2, 3, 2), nn.GELU(), ConvBN(dim // 2, dim, 3, 2))
 
     def forward(self, x):
-        return self.seq[2](gelu(self.seq[0](x)))
+        return self.seq[2](gelu(self.seq[0](x), self.use_fast_path))
 
 
-class MBConv(nn.Module):
+class MBConv(FastPathModule):
     def __init__(self, dim: int, expand: float):
         super().__init__()
         hidden = int(dim * expand)
@@ -57,11 +50,12 @@ class MBConv(nn.Module):
         self.conv3 = ConvBN(hidden, dim)
 
     def forward(self, x):
-        y = gelu(self.conv2(gelu(self.conv1(x))))
-        return gelu(x + self.conv3(y))
+        fast = self.use_fast_path
+        y = gelu(self.conv2(gelu(self.conv1(x), fast)), fast)
+        return gelu(x + self.conv3(y), fast)
 
 
-class PatchMerging(nn.Module):
+class PatchMerging(FastPathModule):
     """(B, C, H, W) or (B, H*W, C) -> (B, H'*W', C_out); stride 2, or 1 before the last stage."""
 
     def __init__(self, resolution: int, dim: int, out_dim: int, stride: int):
@@ -74,7 +68,8 @@ class PatchMerging(nn.Module):
     def forward(self, x):
         if x.ndim == 3:
             x = x.view(x.shape[0], self.resolution, self.resolution, -1).permute(0, 3, 1, 2)
-        x = self.conv3(gelu(self.conv2(gelu(self.conv1(x)))))
+        fast = self.use_fast_path
+        x = self.conv3(gelu(self.conv2(gelu(self.conv1(x), fast)), fast))
         return x.permute(0, 2, 3, 1).reshape(x.shape[0], -1, x.shape[1])  # a view for channels-last x
 
 
@@ -113,7 +108,7 @@ class TinyAttention(nn.Module):
         return self.proj(out.transpose(1, 2).reshape(b, n, -1))
 
 
-class Mlp(nn.Module):
+class Mlp(FastPathModule):
     def __init__(self, dim: int, hidden: int):
         super().__init__()
         self.norm = nn.LayerNorm(dim)
@@ -121,7 +116,7 @@ class Mlp(nn.Module):
         self.fc2 = nn.Linear(hidden, dim)
 
     def forward(self, x):
-        return self.fc2(gelu(self.fc1(self.norm(x))))
+        return self.fc2(gelu(self.fc1(self.norm(x)), self.use_fast_path))
 
 
 class TinyViTBlock(nn.Module):
@@ -162,7 +157,7 @@ class Stage(nn.Module):
         return self.downsample(x) if self.downsample is not None else x
 
 
-class TinyViTEncoder(nn.Module):
+class TinyViTEncoder(FastPathModule):
     """pixel_values (B, 3, S, S) -> (embeddings (B, 256, S/16, S/16), [stage-1 features (B, S/16, S/16, 160)])."""
 
     def __init__(self, config: SamHQTinyViTConfig):
@@ -191,8 +186,9 @@ class TinyViTEncoder(nn.Module):
 
     def forward(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
         b, g = pixel_values.shape[0], self.grid
-        # Channels-last activations: oneDNN's depthwise and 1x1 convolutions are much faster on them.
-        x = self.layers[0](self.patch_embed(pixel_values.contiguous(memory_format=torch.channels_last)))
+        if self.use_fast_path:
+            pixel_values = fast_paths.channels_last(pixel_values)
+        x = self.layers[0](self.patch_embed(pixel_values))
         x = self.layers[1](x)
         early = x.view(b, g, g, -1)
         x = self.layers[3](self.layers[2](x))

@@ -25,18 +25,18 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch import nn
 from torch import distributed as dist
+from torch import nn
 
 from ..data.synthetic import coarsen
 from ..modeling.common import FeedForward
+from ..modeling.losses import iou_prediction_loss, mask_losses
+from ..modeling.mask_decoder import is_hq_parameter
 from .data import labels_at, preprocess_image, preprocess_masks
-from .losses import iou_prediction_loss, mask_losses
 from .prompts import KINDS, sample_prompts
 
 RECIPES = ("hq", "decoder", "full")
 OUTPUTS = ("hq", "sam", "both")
-HQ_MODULES = ("hq_token", "hq_mask_mlp", "compress_vit_", "encoder_conv", "encoder_norm", "mask_conv", "mask_norm")
 
 
 @dataclass
@@ -112,7 +112,7 @@ def set_trainable(model: nn.Module, recipe: str) -> list[str]:
         elif recipe == "decoder":
             train = name.startswith("mask_decoder.")
         else:
-            train = name.startswith("mask_decoder.") and name.split(".")[1].startswith(HQ_MODULES)
+            train = is_hq_parameter(name)
         p.requires_grad_(train)
         if train:
             names.append(name)
@@ -315,7 +315,9 @@ class Trainer:
 
     def train_step(self) -> dict[str, float]:
         """One optimizer step (all ranks); returns logged values."""
-        self.model.train()
+        self.model.train()  # train mode: autograd runs through the plain forms (see samhq.modeling.fast_paths)
+        if self.frozen_encoder:  # frozen: eval mode, so batch norms (TinyViT) keep their statistics and no grad is needed
+            self.model.vision_encoder.eval()
         self.optimizer.zero_grad(set_to_none=True)
         loss, parts = self.compute_loss(self.step)
         loss.backward()

@@ -1,0 +1,212 @@
+"""Engines: what runs a model for the predictor front end (`samhq.predictor.SamHQPredictor`).
+
+An engine does two things (plus `prepare`, the per-image part of decoding) and nothing else:
+- `embed(pixel_values)`: the per-image work, pixel_values (1, 3, S, S) float32 (normalised, padded;
+  made by the front end) -> a dict of image features;
+- `decode(features, points, labels, boxes, masks, multimask_output, hq_token_only, selection)`: B
+  prompts in the resized input frame (validated by the front end) -> low-resolution mask logits
+  (B, M, m, m) float32 and their predicted IoU (B, M), selected by `select_masks`.
+Image intake, resizing, prompt checks, post-processing and embedding files are the front end's.
+
+Both engines' feature dicts hold "features" (the image embedding, (1, 256, h, w)), plus what their
+decoder needs: the torch engine keeps the early ViT features ("early_features") and derives the HQ
+features and the decoder's per-image context on first use; the onnxruntime engine's encoder returns
+the HQ features ("hq_features") directly. `saved_features` names what an embedding file keeps.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .export.onnx import DECODER_FILE, ENCODER_FILE, META_FILE, export_onnx
+from .modeling.mask_selection import select_masks
+from .modeling.model import model_fingerprint
+from .processing import ResizeLongestSide
+
+
+def _prompt_batch(points, labels, boxes, masks):
+    """The predictor's B prompts in the model's (images=1, prompts=B) layout."""
+    b = next(len(t) for t in (points, boxes, masks) if t is not None)
+    pts = points[None] if points is not None else None
+    lab = labels[None].to(torch.int) if labels is not None else None
+    box = boxes.reshape(1, b, 4) if boxes is not None else None
+    mask = None
+    if masks is not None:  # per prompt; a mask alone is a batch of B one-prompt "images"
+        mask = masks.reshape(*((1, b) if pts is not None or box is not None else (b, 1)), *masks.shape[-2:])
+    return pts, lab, box, mask
+
+
+class TorchEngine:
+    """A `SamHQModel` (any device and dtype) as an engine."""
+
+    name = "torch"
+    saved_features = ("features", "early_features")
+
+    def __init__(self, model):
+        self.model = model
+        self.image_size = model.config.vision_config.image_size
+        self.mask_size = model.mask_size
+        self.transform = ResizeLongestSide(self.image_size)
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.device
+
+    @property
+    def hq_enabled(self) -> bool:
+        return self.model.hq_enabled
+
+    def fingerprint(self) -> str:
+        return model_fingerprint(self.model)
+
+    @torch.no_grad()
+    def embed(self, pixel_values: torch.Tensor) -> dict[str, torch.Tensor]:
+        emb, inter = self.model.get_image_embeddings(pixel_values.to(self.device))
+        features = {"features": emb}
+        if self.model.hq_enabled:
+            features["early_features"] = inter[0]
+        return features
+
+    def load_features(self, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Saved features (see `saved_features`) on this engine's device and dtype."""
+        if self.model.hq_enabled and "early_features" not in tensors:
+            raise ValueError("the image embedding has no early features, which SAM-HQ needs; it was saved from plain SAM")
+        return {k: tensors[k].to(device=self.device, dtype=self.model.dtype) for k in self.saved_features if k in tensors}
+
+    @torch.no_grad()
+    def prepare(self, features: dict) -> dict:
+        """Add the per-image work every prompt shares (HQ features, the decoder's context), once."""
+        if "hq_features" not in features:
+            early = [features["early_features"]] if "early_features" in features else []
+            features["hq_features"] = self.model.compute_hq_features(features["features"], early)
+        if "context" not in features:
+            features["context"] = self.model.decoder_context(features["features"])
+        return features
+
+    @torch.no_grad()
+    def decode(self, features, points, labels, boxes, masks, multimask_output: bool, hq_token_only: bool,
+               selection: str = "best", sam_token_only: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        model = self.model
+        self.prepare(features)
+        pts, lab, box, mask = _prompt_batch(points, labels, boxes, masks)
+        if mask is not None:
+            mask = mask.to(model.dtype)
+        all_masks, iou = model.predict_all(features["features"], features["hq_features"], pts, lab, box, mask,
+                                           None if mask is not None else features["context"])
+        low_res, scores = select_masks(all_masks.flatten(0, 1)[None], iou.flatten(0, 1)[None],
+                                       multimask_output, hq_token_only, selection, sam_token_only)
+        return low_res[0].float(), scores[0].float()
+
+
+def _session(path: Path, threads: int | None, providers):
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.enable_cpu_mem_arena = False  # the arena keeps every large full-size mask buffer alive: 2-3x the peak memory
+    if threads:
+        opts.intra_op_num_threads = threads
+    return ort.InferenceSession(str(path), opts, providers=providers or ["CPUExecutionProvider"])
+
+
+class OnnxEngine:
+    """`encoder.onnx` and `decoder.onnx` (written by `samhq export onnx`) run with onnxruntime.
+
+    `model` is the torch model when the engine was made from one (`from_model`), else None.
+    """
+
+    name = "onnxruntime"
+    saved_features = ("features", "hq_features")
+    hq_enabled = True  # the export refuses plain SAM
+
+    def __init__(self, onnx_dir: str | os.PathLike, threads: int | None = None, providers=None, model=None):
+        try:
+            import onnxruntime  # noqa: F401
+        except ImportError:
+            raise ImportError("the onnxruntime engine needs onnxruntime: pip install 'samhq[onnx]'") from None
+        onnx_dir = Path(onnx_dir)
+        meta_path = onnx_dir / META_FILE
+        if not meta_path.is_file():
+            raise ValueError(f"{onnx_dir} has no {META_FILE}; create it with `samhq export onnx SRC {onnx_dir}`")
+        meta = json.loads(meta_path.read_text(encoding="utf-8"))
+        if meta.get("format") != "samhq-onnx":
+            raise ValueError(f"{meta_path} is not a samhq ONNX export description")
+        self.meta = meta
+        self.image_size = int(meta["image_size"])
+        self.mask_size = int(meta["low_res_size"])
+        self.device = torch.device("cpu")
+        self.transform = ResizeLongestSide(self.image_size)
+        paths = [onnx_dir / ENCODER_FILE, onnx_dir / DECODER_FILE]
+        for p in paths:
+            if not p.is_file():
+                raise ValueError(f"{p} is missing; export both models with `samhq export onnx SRC {onnx_dir}`")
+        self.encoder, self.decoder = (_session(p, threads, providers) for p in paths)
+        self._fingerprint = meta.get("fingerprint") or hashlib.sha256(paths[0].read_bytes()).hexdigest()[:16]
+        self.model = model
+
+    @classmethod
+    def from_model(cls, model, onnx_dir: str | os.PathLike | None = None, threads: int | None = None, providers=None):
+        """Export a torch `SamHQModel` (to `onnx_dir`, or a temporary directory kept while the engine lives) and load it."""
+        tmp = None
+        if onnx_dir is None:
+            tmp = tempfile.TemporaryDirectory(prefix="samhq-onnx-")
+            onnx_dir = tmp.name
+        export_onnx(model, onnx_dir)
+        engine = cls(onnx_dir, threads=threads, providers=providers, model=model)
+        engine._tmp = tmp
+        return engine
+
+    def fingerprint(self) -> str:
+        return self._fingerprint
+
+    def embed(self, pixel_values: torch.Tensor) -> dict[str, torch.Tensor]:
+        emb, hq = self.encoder.run(None, {"pixel_values": pixel_values.detach().cpu().float().numpy()})
+        return {"features": torch.from_numpy(emb), "hq_features": torch.from_numpy(hq)}
+
+    def load_features(self, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        if "hq_features" not in tensors:
+            raise ValueError("the image embedding has no HQ features: it was not made by the onnxruntime engine")
+        return {k: tensors[k].float().cpu() for k in self.saved_features}
+
+    def prepare(self, features: dict) -> dict:
+        return features  # the exported encoder already returns everything the decoder needs
+
+    def decode(self, features, points, labels, boxes, masks, multimask_output: bool, hq_token_only: bool,
+               selection: str = "best", sam_token_only: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        if selection != "best" or sam_token_only:
+            raise ValueError("the exported decoder returns the official predictor's masks (selection 'best', SAM + HQ "
+                             "or HQ alone); use the torch engine for other selections")
+        b = next(len(t) for t in (points, boxes, masks) if t is not None)
+        # the decoder's point format: box corners are points with labels 2 and 3; without a box one padding point
+        parts_c, parts_l = [], []
+        if points is not None:
+            parts_c.append(points.float().cpu())
+            parts_l.append(labels.float().cpu())
+        if boxes is not None:
+            parts_c.append(boxes.float().cpu().reshape(-1, 2, 2))
+            parts_l.append(torch.tensor([[2.0, 3.0]]).expand(b, 2))
+        elif points is not None:
+            parts_c.append(torch.zeros(b, 1, 2))
+            parts_l.append(torch.full((b, 1), -1.0))
+        coords = torch.cat(parts_c, dim=1) if parts_c else torch.zeros(b, 0, 2)  # a mask alone: no sparse tokens
+        point_labels = torch.cat(parts_l, dim=1) if parts_l else torch.zeros(b, 0)
+        s = self.mask_size
+        mask, has_mask = (masks.float().cpu(), 1.0) if masks is not None else (torch.zeros(1, 1, s, s), 0.0)
+        feeds = {
+            "image_embeddings": features["features"].numpy(),
+            "hq_features": features["hq_features"].numpy(),
+            "point_coords": coords.contiguous().numpy(),
+            "point_labels": point_labels.contiguous().numpy(),
+            "mask_input": mask.contiguous().numpy(),
+            "has_mask_input": np.array([has_mask], np.float32),
+            "orig_im_size": np.array([s, s], np.float32),  # only the low-res outputs are used here
+            "multimask_output": np.array([float(multimask_output)], np.float32),
+            "hq_token_only": np.array([float(hq_token_only)], np.float32),
+        }
+        scores, low_res = self.decoder.run(["iou_predictions", "low_res_masks"], feeds)
+        return torch.from_numpy(low_res), torch.from_numpy(scores)

@@ -1,0 +1,290 @@
+"""The fast forms of the model's computation, for inference. One place, one switch.
+
+Every function here computes what a plain forward in `samhq.modeling` computes, only faster on a
+CPU; each is used instead of that forward when the module's `use_fast_path` is true (the model's
+`set_fast_path(True)`, the default, and eval mode). `tests/test_fast_paths.py` checks each one
+against the plain form. What they do:
+
+- ViT attention (`vit_attention`): PyTorch's fused attention with the decomposed relative-position
+  bias built contiguously, a block of query rows at a time into one reused buffer, so the
+  (HW, HW) bias never exists whole and no fresh 100 MB tensor is page-faulted per block.
+- In-place GELU (`common.gelu(x, in_place=True)`) on freshly computed activations.
+- TinyViT: batch norms folded into their convolutions (`conv_bn`), 1x1 convolutions as matmuls on
+  channels-last activations (`channels_last`).
+- Mask decoder (`decode_masks`):
+  - the first transformer layer's projections of the image tokens are made once per image
+    (`image_context`) and shared by all its prompts;
+  - cross attention between the T prompt tokens and the HW image tokens never projects the image
+    tokens while T is below the head width: the query/key projections move onto the tokens' side of
+    the product, the value/output projections after the weighted sum (T/d of the multiply-adds);
+  - prompts are decoded a few at a time through the transformer (`DECODE_CHUNK`) and one at a time
+    through upscaling and the HQ branch, so the large per-prompt tensors stay in cache;
+  - the two 2x2 transposed convolutions of the upscaling are per-pixel matmuls on unshuffled
+    sub-pixels (with LayerNorm and GELU, which also act per pixel), shuffled once at the end;
+  - the HQ hypernetwork vector is folded into `mask_conv2` (linear), so the HQ branch computes one
+    output channel per prompt instead of C/8, in bands of rows (`HQ_BAND_PIXELS`) whose tensors are
+    reused from call to call rather than freshly mapped.
+These rely on in-place writes and reused buffers, which autograd cannot differentiate: training runs
+the plain forms (train mode, or `set_fast_path(False)`), and so does the ONNX export.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from .common import gelu, rel_pos_terms
+
+# Global attention over 64x64 tokens would need a (heads, 4096, 4096) bias; query rows are processed
+# in blocks so that no block's bias exceeds this many elements.
+MAX_BIAS_ELEMENTS = 1 << 25
+# Prompts per pass through the decoder's transformer.
+DECODE_CHUNK = 8
+# Pixels per band of rows in the HQ branch's full-resolution convolution.
+HQ_BAND_PIXELS = 16384
+
+
+# ------------------------------------------------------------------------------------------------
+# Image encoders
+
+
+def vit_attention(attn, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, h: int, w: int) -> torch.Tensor:
+    """`image_encoder.Attention`'s attention: q, k, v (B, n, HW, d) -> (B, HW, n, d)."""
+    if not attn.use_rel_pos:
+        return F.scaled_dot_product_attention(q, k, v).transpose(1, 2)
+    b, n, _, _ = q.shape
+    # contiguous terms: broadcasting over strided einsum outputs is several times slower
+    term_h, term_w = (t.contiguous() for t in rel_pos_terms(q, attn.rel_pos_h, attn.rel_pos_w, h, w))
+    rows = max(1, min(h, MAX_BIAS_ELEMENTS // (b * n * w * h * w)))
+    buf = q.new_empty(b, n, rows, w, h, w)
+    blocks = []
+    for r0 in range(0, h, rows):
+        r1 = min(h, r0 + rows)
+        bias = torch.add(term_h[:, :, r0:r1, :, :, None], term_w[:, :, r0:r1, :, None, :], out=buf[:, :, : r1 - r0])
+        bias = bias.reshape(b, n, (r1 - r0) * w, h * w)  # a view, except for the last, shorter block's buffer slice
+        blocks.append(F.scaled_dot_product_attention(q[:, :, r0 * w : r1 * w], k, v, attn_mask=bias).transpose(1, 2))
+    return torch.cat(blocks, dim=1) if len(blocks) > 1 else blocks[0]
+
+
+def conv_bn(module, x: torch.Tensor) -> torch.Tensor:
+    """`tiny_vit.ConvBN` with the batch norm folded into the convolution (one pass over the activations)."""
+    c, bn = module.c, module.bn
+    scale = bn.weight * torch.rsqrt(bn.running_var + bn.eps)
+    bias = bn.bias - bn.running_mean * scale
+    weight = c.weight * scale[:, None, None, None]
+    nhwc = x.permute(0, 2, 3, 1)
+    if c.kernel_size == (1, 1) and c.stride == (1, 1) and c.groups == 1 and nhwc.is_contiguous():
+        return F.linear(nhwc, weight.flatten(1), bias).permute(0, 3, 1, 2)  # a 1x1 conv on channels-last x is a matmul
+    return F.conv2d(x, weight, bias, c.stride, c.padding, c.dilation, c.groups)
+
+
+def channels_last(pixel_values: torch.Tensor) -> torch.Tensor:
+    """TinyViT's input in channels-last memory: oneDNN's depthwise and 1x1 convolutions are much faster on it."""
+    return pixel_values.contiguous(memory_format=torch.channels_last)
+
+
+# ------------------------------------------------------------------------------------------------
+# Two-way transformer: attention between a few prompt tokens and many image tokens
+
+
+def _head_weight(attn, proj: nn.Linear) -> torch.Tensor:
+    return proj.weight.view(attn.num_heads, attn.head_dim, -1)  # (heads, d, C)
+
+
+def _absorbs(attn, tokens: torch.Tensor, image: torch.Tensor | None) -> bool:
+    return tokens.shape[-2] < attn.head_dim and (image is None or image.shape[:-2] == tokens.shape[:-2])
+
+
+def _value_out(attn, v: torch.Tensor) -> torch.Tensor:
+    """Tokens v (..., T, C) -> each head's values through its slice of out_proj, (..., heads*T, C)."""
+    w = attn.out_proj.weight.unflatten(1, (attn.num_heads, -1)).permute(1, 2, 0)  # (heads, d, C)
+    return (attn.heads(attn.v_proj(v)) @ w).flatten(-3, -2)
+
+
+def tokens_to_image(attn, q, k, v, shared=None) -> torch.Tensor:
+    """`attn(q, k, v)` for tokens q (B, P, T, C) attending to image tokens k, v (B, P, HW, C) -> (B, P, T, C).
+
+    shared: the image's projected keys and values in head layout, (B, heads, HW, d) each, when one
+    image (k = v = None) serves all P prompts.
+    """
+    if shared is not None:
+        b, p, t, _ = q.shape
+        qh = attn.heads(attn.q_proj(q)).transpose(1, 2).reshape(b, attn.num_heads, p * t, -1)
+        out = F.scaled_dot_product_attention(qh, *shared)  # (B, heads, P*T, d)
+        return attn.out_proj(out.unflatten(2, (p, t)).permute(0, 2, 3, 1, 4).flatten(-2))
+    if not _absorbs(attn, q, k):
+        return attn(q, k, v)
+    # the key bias adds one constant to each query's scores: softmax ignores it
+    a = (attn.heads(attn.q_proj(q)) @ _head_weight(attn, attn.k_proj)) * attn.head_dim ** -0.5  # (..., heads, T, C)
+    scores = torch.bmm(k.flatten(0, -3), a.flatten(-3, -2).flatten(0, -3).transpose(1, 2))  # (N, HW, heads*T)
+    y = torch.bmm(scores.softmax(1).transpose(1, 2), v.flatten(0, -3)).view(*q.shape[:-2], attn.num_heads, -1, q.shape[-1])
+    # softmax weights sum to one, so the value bias passes through unchanged
+    out = y @ _head_weight(attn, attn.v_proj).transpose(-1, -2) + attn.v_proj.bias.view(attn.num_heads, 1, -1)
+    return attn.out_proj(out.transpose(-3, -2).flatten(-2))
+
+
+def image_to_tokens(attn, q, k, v, shared=None) -> torch.Tensor:
+    """`attn(q, k, v)` for image tokens q (B, P, HW, C) attending to tokens k, v (B, P, T, C) -> (B, P, HW, C).
+
+    shared: the image's projected queries in head layout, (B, heads, HW, d), when one image (q = None)
+    serves all P prompts.
+    """
+    heads, t = attn.num_heads, k.shape[-2]
+    if shared is not None:
+        b, p = k.shape[:2]
+        kh = attn.heads(attn.k_proj(k)).permute(0, 2, 4, 1, 3).reshape(b, heads, -1, p * t)  # (B, heads, d, P*T)
+        a = ((shared @ kh) * attn.head_dim ** -0.5).view(b, heads, -1, p, t).softmax(-1)
+        a = a.permute(0, 3, 2, 1, 4).flatten(-2).flatten(0, 1)  # (B*P, HW, heads*T)
+        return torch.baddbmm(attn.out_proj.bias, a, _value_out(attn, v).flatten(0, 1)).view(b, p, -1, v.shape[-1])
+    if not _absorbs(attn, k, q):
+        return attn(q, k, v)
+    kh = attn.heads(attn.k_proj(k))  # (..., heads, T, d)
+    scale = attn.head_dim ** -0.5
+    qk = (kh @ _head_weight(attn, attn.q_proj)).flatten(-3, -2) * scale  # (..., heads*T, C)
+    bias = (kh @ attn.q_proj.bias.view(heads, -1, 1)).flatten(-3) * scale  # (..., heads*T)
+    a = torch.baddbmm(bias.flatten(0, -2)[:, None], q.flatten(0, -3), qk.flatten(0, -3).transpose(1, 2))
+    a = a.unflatten(-1, (heads, t)).softmax(-1).flatten(-2)  # (N, HW, heads*T)
+    return torch.baddbmm(attn.out_proj.bias, a, _value_out(attn, v).flatten(0, -3)).view(q.shape)
+
+
+def _two_way_block(block, queries, keys, query_pe, key_pe, shared=None):
+    """`TwoWayBlock.forward` on (B, P, ...) tensors; keys (B, 1 or P, HW, C), or `shared` for the first layer."""
+    if block.skip_first_layer_pe:
+        queries = block.self_attn(queries, queries, queries)
+    else:
+        q = queries + query_pe
+        queries = queries + block.self_attn(q, q, queries)
+    queries = block.layer_norm1(queries)
+    if shared is None:
+        k = keys + key_pe
+        t2i = tokens_to_image(block.cross_attn_token_to_image, queries + query_pe, k, keys)
+    else:
+        k = None
+        t2i = tokens_to_image(block.cross_attn_token_to_image, queries + query_pe, None, None, (shared["k"], shared["v"]))
+    queries = block.layer_norm2(queries + t2i)
+    queries = block.layer_norm3(queries + block.mlp(queries))
+    i2t = image_to_tokens(block.cross_attn_image_to_token, k, queries + query_pe, queries, None if shared is None else shared["q"])
+    return queries, block.layer_norm4(keys + i2t)
+
+
+def image_context(decoder, image_embeddings: torch.Tensor, image_pe: torch.Tensor, dense: torch.Tensor) -> dict:
+    """The decoder's per-image work for prompts without a mask input, shared by all of them.
+
+    image_embeddings (B, C, h, w), image_pe (1, C, h, w), dense (1, 1, C, 1, 1) or (B, 1, C, h, w):
+    the no-mask embedding. Returns the image tokens, their positional encoding and the first layer's
+    projections of them (head layout), for `decode_masks(..., context=...)`.
+    """
+    image = image_embeddings[:, None] + dense
+    keys = image.flatten(-2).transpose(-1, -2).contiguous()  # (B, 1, HW, C); later sums keep this layout
+    key_pe = image_pe.to(image.dtype).flatten(-2).transpose(-1, -2).contiguous()
+    k = keys + key_pe
+    first = decoder.transformer.layers[0]
+    t2i, i2t = first.cross_attn_token_to_image, first.cross_attn_image_to_token
+    return {"keys": keys, "key_pe": key_pe,
+            "k": t2i.heads(t2i.k_proj(k))[:, 0].contiguous(), "v": t2i.heads(t2i.v_proj(keys))[:, 0].contiguous(),
+            "q": i2t.heads(i2t.q_proj(k))[:, 0].contiguous()}
+
+
+def _transformer(transformer, image, image_pe, tokens, context=None):
+    """`TwoWayTransformer.forward` for P prompts per image: image (B, 1 or P, C, h, w), tokens (B, P, T, C),
+    or `context` in place of image and image_pe -> (tokens (B, P, T, C), image tokens (B, 1 or P, HW, C))."""
+    if context is None:
+        keys = image.flatten(-2).transpose(-1, -2)
+        key_pe = image_pe.flatten(-2).transpose(-1, -2)
+    else:
+        keys, key_pe = context["keys"], context["key_pe"]
+    queries = tokens
+    for i, layer in enumerate(transformer.layers):
+        queries, keys = _two_way_block(layer, queries, keys, tokens, key_pe, context if i == 0 else None)
+    attn = tokens_to_image(transformer.final_attn_token_to_image, queries + tokens, keys + key_pe, keys)
+    return transformer.layer_norm_final_attn(queries + attn), keys
+
+
+# ------------------------------------------------------------------------------------------------
+# Mask decoder
+
+
+def decode_masks(decoder, image_embeddings, image_pe, sparse, dense, hq_features, context=None):
+    """`MaskDecoder.forward`: every output token's mask logits (B, P, K, 4h, 4w) and IoU predictions (B, P, 4).
+
+    context: `image_context(...)` of these image embeddings, for prompts without a mask input.
+    """
+    b, p = sparse.shape[:2]
+    c, h, w = image_embeddings.shape[1:]
+    if p > DECODE_CHUNK:
+        parts = [decode_masks(decoder, image_embeddings, image_pe, sparse[:, i:i + DECODE_CHUNK],
+                              dense[:, i:i + DECODE_CHUNK] if dense.shape[1] > 1 else dense, hq_features, context)
+                 for i in range(0, p, DECODE_CHUNK)]
+        return torch.cat([m for m, _ in parts], dim=1), torch.cat([q for _, q in parts], dim=1)
+    out_tokens = decoder.output_tokens(hq_features is not None).to(sparse.dtype)
+    tokens = torch.cat([out_tokens.expand(b, p, -1, -1), sparse], dim=2)
+    if context is None:
+        src = image_embeddings[:, None] + dense  # (B, 1 or P, C, h, w): shared by the prompts without a mask input
+        hs, keys = _transformer(decoder.transformer, src, image_pe.to(src.dtype), tokens)
+    else:
+        hs, keys = _transformer(decoder.transformer, None, None, tokens, context)
+    hs, keys = hs.flatten(0, 1), keys.expand(b, p, -1, -1).reshape(b * p, h, w, c)
+
+    n = decoder.num_mask_tokens
+    hyper = torch.stack([mlp(hs[:, 1 + i]) for i, mlp in enumerate(decoder.output_hypernetworks_mlps)], dim=1)
+    hyper_hq = decoder.hq_mask_mlp(hs[:, 1 + n]) if hq_features is not None else None
+    # one prompt at a time: its C/4 x 16hw fusion tensors stay in cache
+    masks = torch.cat([_prompt_masks(decoder, keys[i:i + 1], hyper[i:i + 1], None if hyper_hq is None else hyper_hq[i:i + 1])
+                       for i in range(b * p)])
+    if hq_features is not None:
+        glob = hyper_hq.view(b, p, -1) @ hq_features.flatten(2).to(hyper_hq.dtype)  # (B, P, 16hw)
+        masks = torch.cat([masks[:, :n], masks[:, n:] + glob.view(b * p, 1, -1)], dim=1)
+    iou = decoder.iou_prediction_head(hs[:, 0])
+    return masks.view(b, p, -1, 4 * h, 4 * w), iou.view(b, p, -1)
+
+
+def _prompt_masks(decoder, keys: torch.Tensor, hyper: torch.Tensor, hyper_hq: torch.Tensor | None) -> torch.Tensor:
+    """Mask logits of N prompts, (N, 4 or 5, 16hw), the HQ one without the image-only hq_features term.
+
+    keys (N, h, w, C) image tokens after the transformer, hyper (N, 4, C/8), hyper_hq (N, C/8) or None.
+    Everything runs channels-last (N, H, W, C).
+    """
+    up = _upscale(decoder, keys)  # (N, H, W, C/8)
+    nb, hh, ww, _ = up.shape
+    masks = hyper @ up.view(nb, hh * ww, -1).transpose(1, 2)  # (N, 4, HW)
+    if hyper_hq is None:
+        return masks
+    w2 = decoder.mask_conv2.weight  # (C/8, C/4, 3, 3)
+    taps = (hyper_hq @ w2.flatten(1)).view(nb, w2.shape[1], 9).transpose(1, 2)  # (N, 9, C/4)
+    step = max(1, HQ_BAND_PIXELS // ww)
+    hq = torch.cat([_hq_rows(decoder, up, taps, r0, min(r0 + step, hh)) for r0 in range(0, hh, step)], dim=1)
+    hq = hq.reshape(nb, 1, hh * ww) + (hyper_hq @ decoder.mask_conv2.bias)[:, None, None]
+    return torch.cat([masks, hq], dim=1)
+
+
+def _deconv_matrix(conv: nn.ConvTranspose2d) -> tuple[torch.Tensor, torch.Tensor]:
+    """A kernel-2, stride-2 transposed convolution as a per-pixel linear map: weight (2*2*Cout, Cin), bias."""
+    return conv.weight.permute(2, 3, 1, 0).flatten(0, 2), conv.bias.repeat(4)
+
+
+def _upscale(decoder, keys: torch.Tensor) -> torch.Tensor:
+    """`MaskDecoder.upscale` on image tokens (N, h, w, C) -> (N, 4h, 4w, C/8), channels-last."""
+    n, h, w, _ = keys.shape
+    x = F.linear(keys, *_deconv_matrix(decoder.upscale_conv1))  # (N, h, w, 2*2*C/4): sub-pixels (a, b)
+    x = gelu(decoder.upscale_layer_norm.last_dim(x.unflatten(-1, (4, -1))), in_place=True)
+    x = gelu(F.linear(x, *_deconv_matrix(decoder.upscale_conv2)), in_place=True)  # (N, h, w, 4, 2*2*C/8): then (c, d)
+    x = x.view(n, h, w, 2, 2, 2, 2, -1)  # (N, i, j, a, b, c, d, C/8) -> row 4i+2a+c, column 4j+2b+d
+    return x.permute(0, 1, 3, 5, 2, 4, 6, 7).reshape(n, 4 * h, 4 * w, -1)
+
+
+def _hq_rows(decoder, up: torch.Tensor, taps: torch.Tensor, r0: int, r1: int) -> torch.Tensor:
+    """Rows r0:r1 of the HQ mask logits (N, r1-r0, W) from up (N, H, W, C/8) and the folded taps (N, 9, C/4)."""
+    hh, ww = up.shape[1:3]
+    lo, hi = max(r0 - 1, 0), min(r1 + 1, hh)  # rows of mask_conv1's output these need
+    ulo, uhi = max(lo - 1, 0), min(hi + 1, hh)  # rows of up those need
+    g = decoder.mask_conv1(up[:, ulo:uhi].permute(0, 3, 1, 2))  # channels-last memory in and out
+    g = gelu(decoder.mask_norm.last_dim(g[:, :, lo - ulo:hi - ulo].permute(0, 2, 3, 1)), in_place=True)  # (N, hi-lo, W, C/4)
+    nb, rows = g.shape[:2]
+    r = (taps @ g.reshape(nb, rows * ww, -1).transpose(1, 2)).view(nb, 9, rows, ww)
+    r = F.pad(r, (1, 1, int(r0 == 0), int(r1 == hh)))  # zeros beyond the image: rows r0-1 .. r1
+    m = r1 - r0
+    out = r[:, 0, :m, :ww].clone()
+    for k in range(1, 9):
+        ky, kx = divmod(k, 3)
+        out += r[:, k, ky:ky + m, kx:kx + ww]
+    return out

@@ -1,0 +1,69 @@
+"""Building a model from a checkpoint: `from_pretrained`'s body.
+
+The file is read by `samhq.checkpoints` (state dict in our naming, and the config when the file
+carries one; otherwise the config is inferred from the tensor shapes). The model is built on the meta
+device, the state dict is checked against it (missing, unexpected and mis-shaped tensors are one
+`CheckpointError`), and the weights are loaded.
+"""
+from __future__ import annotations
+
+import warnings
+
+import torch
+
+from ..checkpoints import CheckpointError, infer_config, read_checkpoint, short_list
+from .mask_decoder import is_hq_parameter
+
+
+def load_pretrained(model_class, source, device=None, dtype=None, strict_hq: bool = False):
+    """A `model_class` (SamHQModel or SamHQVisionModel) in eval mode with the weights of `source`.
+
+    device: where the model goes (default cpu); dtype: the image encoder's dtype (default float32;
+    the prompt encoder and mask decoder always stay float32). A plain SAM checkpoint loads with a
+    warning and `hq_enabled = False`, unless strict_hq.
+    """
+    state, config, where = read_checkpoint(source)
+    where = where.split(":", 1)[1]
+    if config is None:
+        config = infer_config(state, where)
+    with torch.device("meta"):
+        model = model_class(config)
+    vision_only = not hasattr(model, "mask_decoder")
+    if vision_only:
+        state = {k: v for k, v in state.items() if k.startswith("vision_encoder.")}
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    hq_missing = [k for k in missing if is_hq_parameter(k)]
+    plain_sam = not vision_only and hq_missing and len(hq_missing) == len(missing) and not strict_hq
+    if plain_sam:
+        hq_all = [k for k in expected if is_hq_parameter(k)]
+        if len(hq_missing) != len(hq_all):
+            raise CheckpointError(f"{where}: some HQ weights are present and some missing: {short_list(hq_missing)}")
+        warnings.warn(
+            f"{where} is a plain SAM checkpoint without SAM-HQ weights; running as SAM (the HQ branch is off)",
+            stacklevel=3,
+        )
+        missing = []
+    if missing or unexpected:
+        variant = config.variant or "custom"
+        raise CheckpointError(
+            f"{where}: does not match the {variant} model: missing keys {short_list(missing)}; "
+            f"unexpected keys {short_list(unexpected)}"
+        )
+    bad = [f"{k}: file {tuple(state[k].shape)} vs model {tuple(v.shape)}" for k, v in expected.items()
+           if k in state and tuple(state[k].shape) != tuple(v.shape)]
+    if bad:
+        raise CheckpointError(f"{where}: tensor shapes disagree with the {config.variant or 'custom'} config: {short_list(bad)}")
+    model.to_empty(device="cpu")
+    if plain_sam:
+        model.hq_enabled = False
+        state = {**{k: torch.zeros_like(v) for k, v in model.state_dict().items() if is_hq_parameter(k)}, **state}
+    model.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in state.items()})
+    for m in model.modules():
+        if hasattr(m, "init_buffers"):
+            m.init_buffers()
+    model = model.eval().to(device=device or "cpu", dtype=torch.float32)
+    if dtype is not None and dtype != torch.float32:  # low precision where the time is; the small decoder stays fp32
+        model.vision_encoder.to(dtype)
+    return model

@@ -1,0 +1,210 @@
+"""Every fast form in `samhq.modeling.fast_paths` gives the plain forward's numbers (fp32 rounding only).
+
+Each switchable part is run twice on the same random, perturbed weights and inputs, once with the
+fast path (eval mode, `set_fast_path(True)`) and once plain (`set_fast_path(False)`):
+- the attention shortcuts between few prompt tokens and many image tokens, against `Attention.forward`;
+- ViT attention with the blocked relative-position bias, TinyViT's folded batch norms, in-place GELU:
+  the encoders' outputs;
+- the decoder (prompt chunks, per-prompt upscaling on sub-pixels, the folded and banded HQ branch,
+  the shared per-image context): every token's masks and IoU for points, boxes, both and mask inputs;
+- the whole model's forward and the predictor's full-size masks.
+"""
+import numpy as np
+import pytest
+import torch
+from conftest import random_model
+
+from samhq import SamHQConfig, SamHQModel
+from samhq.modeling import fast_paths
+from samhq.modeling.two_way_transformer import Attention
+from samhq.predictor import SamHQPredictor
+
+NO_GRAD = True
+
+
+def close(got, want, rel=1e-5):
+    """Equal up to fp32 rounding: max |difference| within `rel` of the largest |value|."""
+    assert got.shape == want.shape
+    assert (got - want).abs().max() <= rel * want.abs().max()
+
+
+def attention(seed=0, dim=64, heads=4, rate=2):
+    torch.manual_seed(seed)
+    a = Attention(dim, heads, rate)
+    for p in a.parameters():
+        p.data.normal_(0, 0.3)
+    return a
+
+
+@pytest.mark.parametrize("t", [1, 5, 7])
+def test_tokens_to_image_without_projecting_the_image(t):
+    a = attention()
+    g = torch.Generator().manual_seed(1)
+    q = torch.randn(2, 3, t, 64, generator=g)
+    k, v = torch.randn(2, 3, 100, 64, generator=g), torch.randn(2, 3, 100, 64, generator=g)
+    assert t < a.head_dim  # the shortcut applies
+    close(fast_paths.tokens_to_image(a, q, k, v), a(q, k, v))
+
+
+@pytest.mark.parametrize("t", [1, 5, 7])
+def test_image_to_tokens_without_projecting_the_image(t):
+    a = attention(2)
+    g = torch.Generator().manual_seed(3)
+    q = torch.randn(2, 3, 100, 64, generator=g)
+    k, v = torch.randn(2, 3, t, 64, generator=g), torch.randn(2, 3, t, 64, generator=g)
+    close(fast_paths.image_to_tokens(a, q, k, v), a(q, k, v))
+
+
+def test_many_tokens_use_the_plain_attention():
+    a = attention(4)
+    g = torch.Generator().manual_seed(5)
+    q, kv = torch.randn(1, 2, 100, 64, generator=g), torch.randn(1, 2, a.head_dim, 64, generator=g)
+    torch.testing.assert_close(fast_paths.image_to_tokens(a, q, kv, kv), a(q, kv, kv), rtol=0, atol=0)
+
+
+def test_shared_image_projections():
+    """One image's projections shared by P prompts, as the decoder's per-image context gives them."""
+    a = attention(6)
+    g = torch.Generator().manual_seed(7)
+    image = torch.randn(2, 1, 100, 64, generator=g)
+    tokens = torch.randn(2, 3, 5, 64, generator=g)
+    heads = lambda x: a.heads(x)[:, 0].contiguous()  # noqa: E731  (B, 1, HW, inner) -> (B, heads, HW, d)
+    full = image.expand(2, 3, 100, 64)
+    close(fast_paths.tokens_to_image(a, tokens, None, None, (heads(a.k_proj(image)), heads(a.v_proj(image)))),
+          a(tokens, full, full))
+    close(fast_paths.image_to_tokens(a, None, tokens, tokens, heads(a.q_proj(image))), a(full, tokens, tokens))
+
+
+def both(model, fn):
+    """fn() with the fast path, then with the plain forms; the model is left fast."""
+    model.eval().set_fast_path(True)
+    fast = fn()
+    model.set_fast_path(False)
+    try:
+        plain = fn()
+    finally:
+        model.set_fast_path(True)
+    return fast, plain
+
+
+@pytest.fixture(scope="module")
+def model():
+    return random_model(seed=11)
+
+
+@pytest.mark.parametrize("vision", [dict(), dict(image_size=320, window_size=7, global_attn_indexes=[0, 2])])
+def test_vit_encoder(vision):
+    m = random_model(seed=12, **vision)
+    s = m.config.vision_config.image_size
+    x = torch.randn(1, 3, s, s, generator=torch.Generator().manual_seed(0))
+    (emb, inter), (emb0, inter0) = both(m, lambda: m.get_image_embeddings(x))
+    close(emb, emb0)
+    for a, b in zip(inter, inter0):
+        close(a, b)
+
+
+def test_vit_attention_blocks_cover_every_query_row(monkeypatch):
+    """Blocks of query rows smaller than the grid (as at 1024 px) give the whole attention."""
+    monkeypatch.setattr(fast_paths, "MAX_BIAS_ELEMENTS", 3 * 64 * 64 * 2)  # 3 rows per block, a shorter last block
+    m = random_model(seed=13)
+    x = torch.randn(1, 3, 1024, 1024, generator=torch.Generator().manual_seed(1))
+    (emb, _), (emb0, _) = both(m, lambda: m.get_image_embeddings(x))
+    close(emb, emb0)
+
+
+def test_tiny_vit_encoder():
+    from official_ref import perturb_
+
+    cfg = SamHQConfig.from_variant("vit_tiny")
+    cfg.vision_config.image_size = cfg.prompt_encoder_config.image_size = 256
+    m = perturb_(SamHQModel(SamHQConfig(vision_config=cfg.vision_config, prompt_encoder_config=cfg.prompt_encoder_config,
+                                        mask_decoder_config=cfg.mask_decoder_config)), seed=5)
+    for mod in m.modules():  # batch norms with non-trivial statistics, so folding them is tested
+        if isinstance(mod, torch.nn.BatchNorm2d):
+            mod.running_mean.normal_(0, 0.5)
+            mod.running_var.uniform_(0.5, 2.0)
+    x = torch.randn(2, 3, 256, 256, generator=torch.Generator().manual_seed(2))
+    (emb, inter), (emb0, inter0) = both(m, lambda: m.get_image_embeddings(x))
+    close(emb, emb0)
+    close(inter[0], inter0[0])
+
+
+def _prompts(g, p):
+    points = torch.rand(1, p, 2, 2, generator=g) * 1024
+    labels = torch.randint(0, 2, (1, p, 2), generator=g)
+    labels[0, -1, -1] = -1
+    boxes = torch.sort(torch.rand(1, p, 2, 2, generator=g) * 1024, dim=2).values.reshape(1, p, 4)
+    return [dict(input_points=points, input_labels=labels), dict(input_boxes=boxes),
+            dict(input_points=points, input_labels=labels, input_boxes=boxes),
+            dict(input_boxes=boxes, input_masks=torch.randn(1, p, 256, 256, generator=g)),
+            dict(input_masks=torch.randn(1, 1, 256, 256, generator=g))]
+
+
+@pytest.mark.parametrize("p", [3, 11])  # 11 > DECODE_CHUNK: prompts decoded in chunks
+@pytest.mark.parametrize("hq", [True, False])
+def test_decoder(model, p, hq):
+    g = torch.Generator().manual_seed(p)
+    emb, inter = model.get_image_embeddings(torch.randn(1, 3, 1024, 1024, generator=g))
+    hq_features = model.compute_hq_features(emb, inter) if hq else None
+    for prompts in _prompts(g, p):
+        def run():
+            return model.predict_all(emb, hq_features, **prompts, context=model.decoder_context(emb))
+        (masks, iou), (masks0, iou0) = both(model, run)
+        assert masks.shape[2] == (5 if hq else 4)
+        close(masks, masks0)
+        close(iou, iou0)
+
+
+def test_decoder_context_is_the_fast_paths_alone(model):
+    emb = torch.randn(1, 256, 64, 64, generator=torch.Generator().manual_seed(3))
+    assert model.decoder_context(emb) is not None
+    model.set_fast_path(False)
+    try:
+        assert model.decoder_context(emb) is None  # the plain forms share nothing between prompts
+    finally:
+        model.set_fast_path(True)
+
+
+def test_model_forward_and_train_mode(model):
+    g = torch.Generator().manual_seed(4)
+    pixels = torch.randn(1, 3, 1024, 1024, generator=g)
+    boxes = torch.tensor([[[10.0, 20, 500, 600], [300, 300, 900, 700]]])
+    fast, plain = both(model, lambda: model(pixel_values=pixels, input_boxes=boxes))
+    close(fast.pred_masks, plain.pred_masks)
+    close(fast.iou_scores, plain.iou_scores)
+    model.train()  # train mode runs the plain forms whatever the switch says, so autograd works
+    try:
+        with torch.enable_grad():
+            out = model(pixel_values=pixels, input_boxes=boxes, labels=torch.zeros(1, 256, 256))
+            out.loss.backward()
+        close(out.pred_masks.detach(), plain.pred_masks)
+    finally:
+        model.eval().zero_grad(set_to_none=True)
+
+
+def test_predictor_masks(model):
+    rng = np.random.default_rng(0)
+    image = (rng.random((300, 400, 3)) * 255).astype(np.uint8)
+
+    def run():
+        p = SamHQPredictor(model)
+        p.set_image(image)
+        return p.predict(point_coords=np.array([[100, 80], [250, 200]]), point_labels=np.array([1, 0]),
+                         box=np.array([50, 40, 350, 260]), return_logits=True)
+
+    fast, plain = both(model, run)
+    for a, b in zip(fast, plain):
+        close(torch.as_tensor(a), torch.as_tensor(b))
+
+
+def test_predictor_follows_features_assigned_directly(model):
+    rng = np.random.default_rng(0)
+    p = SamHQPredictor(model)
+    p.set_image((rng.random((300, 400, 3)) * 255).astype(np.uint8))
+    other = SamHQPredictor(model)
+    other.set_image((rng.random((300, 400, 3)) * 255).astype(np.uint8))
+    box = np.array([50, 40, 250, 200])
+    p.predict(box=box)  # the per-image context of the first image is made here
+    p.features, p.hq_features = other.features, other.hq_features  # assigned directly, as some segment_anything code does
+    torch.testing.assert_close(torch.as_tensor(p.predict(box=box, return_logits=True)[0]),
+                               torch.as_tensor(other.predict(box=box, return_logits=True)[0]))
