@@ -26,12 +26,13 @@ ROOT = HERE.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(HERE))
 
+from run import mask_ious  # noqa: E402
+
 from samhq import SamHQModel  # noqa: E402
 from samhq.data.synthetic import SyntheticShapes  # noqa: E402
 from samhq.eval.evaluate import box_prompt, point_prompt  # noqa: E402
 from samhq.fast import quantize_int8  # noqa: E402
 from samhq.predictor import SamHQPredictor  # noqa: E402
-from run import mask_ious  # noqa: E402
 
 MODES = ("bf16", "int8", "onnxruntime")
 FLOOR = 0.98
@@ -45,7 +46,7 @@ def predictor(mode: str, model_name: str, tmp: Path):
     if mode == "int8":
         return SamHQPredictor(quantize_int8(SamHQModel.from_pretrained(model_name)))
     if mode == "onnxruntime":
-        from samhq.export.ort import OnnxPredictor
+        from samhq.predictor import OnnxPredictor
 
         return OnnxPredictor.from_model(SamHQModel.from_pretrained(model_name), tmp / "onnx")
     raise ValueError(f"unknown mode {mode!r}; known: fp32, {', '.join(MODES)}")

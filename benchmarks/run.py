@@ -109,20 +109,24 @@ def _load_embedding(spec, dtype=None):
     return cast(e["features"]), [cast(t) for t in e["interm"]], cast(e["hq"]), tuple(e["original_size"]), tuple(e["input_size"])
 
 
+def _set_embedding(p, features: dict, orig, inp):
+    """Give predictor p an image embedding computed elsewhere, through its public API."""
+    from samhq.predictor import ImageEmbedding
+
+    tensors = {k: v for k, v in features.items() if k in p.engine.saved_features}
+    p.set_image_embedding(ImageEmbedding(tensors, orig, inp, p.image_size, p.engine.fingerprint()))
+
+
 def _samhq_predictor(impl, spec):
-    from samhq.predictor import SamHQPredictor
+    from samhq.predictor import OnnxPredictor, SamHQPredictor
 
+    feats, inter, hq, orig, inp = _load_embedding(spec)
     if impl == "samhq onnxruntime":
-        from samhq.export.ort import OnnxPredictor
-
         p = OnnxPredictor(spec["onnx_dir"])
-        feats, _, hq, orig, inp = _load_embedding(spec)
-        p.features, p.hq_features, p.original_size, p.input_size, p.is_image_set = feats, hq, orig, inp, True
+        _set_embedding(p, {"features": feats, "hq_features": hq}, orig, inp)
         return p
-    model = _samhq_model(impl, spec)
-    p = SamHQPredictor(model)
-    feats, inter, _, orig, inp = _load_embedding(spec, model.dtype)
-    p._set_features(feats, inter, orig, inp)
+    p = SamHQPredictor(_samhq_model(impl, spec))
+    _set_embedding(p, {"features": feats, "early_features": inter[0]}, orig, inp)
     return p
 
 
@@ -139,9 +143,9 @@ def _official_predictor(spec):
 def _transformers_runner(spec, kind):
     import numpy as np
     import torch
+    from _refs import transformers_model
     from transformers import SamImageProcessorPil
 
-    from _refs import transformers_model
     from samhq.processing import scale_coords
 
     hf = transformers_model(spec["seed_dir"])
@@ -178,28 +182,23 @@ def setup_encoder(impl, spec):
         return lambda: hf.get_image_embeddings(pixels), None
     e = torch.load(spec["embedding"], weights_only=True)
     orig, inp = tuple(e["original_size"]), tuple(e["input_size"])
-    if impl == "samhq onnxruntime":
-        from samhq.export.ort import OnnxPredictor
+    from samhq.predictor import OnnxPredictor, SamHQPredictor
 
-        p = OnnxPredictor(spec["onnx_dir"])
-        return lambda: p.set_torch_image(pixels, orig, inp), lambda: _box_masks(p, spec)
-    from samhq.predictor import SamHQPredictor
+    p = OnnxPredictor(spec["onnx_dir"]) if impl == "samhq onnxruntime" else SamHQPredictor(_samhq_model(impl, spec))
+    last = {}
 
-    model = _samhq_model(impl, spec)
-    p = SamHQPredictor(model)
+    def run():  # the engine's embedding of the preprocessed image, as set_image computes it
+        last["features"] = p.engine.embed(pixels)
 
-    def run():
-        feats, inter = model.get_image_embeddings(pixels)
-        p._set_features(feats, inter, orig, inp)
-
-    return run, lambda: _box_masks(p, spec)
+    return run, lambda: _box_masks(p, spec, last["features"], orig, inp)
 
 
-def _box_masks(p, spec) -> dict:
+def _box_masks(p, spec, features, orig, inp) -> dict:
     """64 box prompts decoded from this implementation's own embedding, saved for the quality report."""
     import numpy as np
     import torch
 
+    _set_embedding(p, features, orig, inp)
     boxes = p.transform.apply_boxes_torch(torch.as_tensor(_boxes(64), dtype=torch.float), p.original_size)
     masks, _, _ = p.predict_torch(None, None, boxes, multimask_output=False)
     np.save(spec["masks_out"], np.asarray(masks[:, 0]))
@@ -232,8 +231,8 @@ def setup_amg(impl, spec):
         from samhq.automatic import SamHQAutomaticMaskGenerator
 
         p = _samhq_predictor(impl, spec)
-        gen = SamHQAutomaticMaskGenerator(p.model, points_per_side=side, **spec["amg"])
-        cached = (p.features, p.interm_features, p.original_size, p.input_size)
+        gen = SamHQAutomaticMaskGenerator(p, points_per_side=side, **spec["amg"])
+        cached = p.export_image_embedding()
     target = gen.predictor
 
     def set_cached(img, image_format="RGB"):  # the embedding is cached: no encoder run per call
@@ -241,7 +240,7 @@ def setup_amg(impl, spec):
             target.features, target.interm_features, target.original_size, target.input_size = cached
             target.is_image_set = True
         else:
-            target._set_features(*cached)
+            target.set_image_embedding(cached)
 
     target.set_image = set_cached
     count = {}
@@ -254,7 +253,6 @@ def setup_amg(impl, spec):
 
 def setup_memory(impl, spec):
     import torch
-
     from _refs import fill_random_, on_meta
 
     pixels = torch.load(spec["pixels"], weights_only=True)
@@ -320,8 +318,8 @@ def worker(spec: dict) -> dict:
 def prepare(variant: str, work: Path, onnx: bool) -> dict:
     """Random, perturbed weights in both layouts, the preprocessed image and a cached embedding."""
     import torch
-
     from _refs import perturb_
+
     from samhq import SamHQConfig, SamHQModel
     from samhq.checkpoints import save_official
     from samhq.predictor import SamHQPredictor
@@ -369,9 +367,9 @@ def _amg_thresholds(model, p, feats, inter) -> dict:
     import torch
 
     from samhq.masks import stability_score
-    from samhq.modeling.mask_decoder import select_masks
 
-    p._set_features(feats, inter, IMAGE_SIZE, p.transform.get_preprocess_shape(*IMAGE_SIZE, 1024))
+    _set_embedding(p, {"features": feats, "early_features": inter[0]}, IMAGE_SIZE,
+                   p.transform.get_preprocess_shape(*IMAGE_SIZE, 1024))
     side = np.linspace(0.5 / 32, 1 - 0.5 / 32, 32)
     grid = np.stack(np.meshgrid(side, side), -1).reshape(-1, 2) * [IMAGE_SIZE[1], IMAGE_SIZE[0]]
     grid = grid[::8]  # a subsample is enough to place the quantiles
@@ -379,10 +377,9 @@ def _amg_thresholds(model, p, feats, inter) -> dict:
     ious, stabs = [], []
     for i in range(0, len(coords), 64):
         c = coords[i:i + 64]
-        masks, iou = model.predict_all(p.features, p.hq_features, c[None, :, None], torch.ones(1, len(c), 1, dtype=torch.int))
-        low, iou = select_masks(masks, iou, True, False, mode="official")
+        low, iou = p.decode(c[:, None], torch.ones(len(c), 1, dtype=torch.int), multimask_output=True)
         ious.append(iou.flatten())
-        stabs.append(stability_score(low.flatten(0, 2), 0.0, 1.0))
+        stabs.append(stability_score(low.flatten(0, 1), 0.0, 1.0))
     iou, stab = torch.cat(ious), torch.cat(stabs)
     iou_t = float(iou.quantile(0.7))
     return {"pred_iou_thresh": iou_t, "stability_score_thresh": float(stab[iou > iou_t].median())}
