@@ -208,3 +208,19 @@ def test_predictor_follows_features_assigned_directly(model):
     p.features, p.hq_features = other.features, other.hq_features  # assigned directly, as some segment_anything code does
     torch.testing.assert_close(torch.as_tensor(p.predict(box=box, return_logits=True)[0]),
                                torch.as_tensor(other.predict(box=box, return_logits=True)[0]))
+
+
+def test_eval_mode_inference_without_no_grad(model):
+    """transformers-style inference (eval mode, autograd left on) runs the fast path without autograd;
+    with the fast path off, eval mode gives gradients."""
+    pixels = torch.randn(1, 3, 1024, 1024, generator=torch.Generator().manual_seed(6))
+    boxes = torch.tensor([[[10.0, 20, 500, 600]]])
+    with torch.enable_grad():
+        out = model.eval()(pixel_values=pixels, input_boxes=boxes)
+        assert not out.pred_masks.requires_grad
+        model.set_fast_path(False)
+        try:
+            out = model(pixel_values=pixels, input_boxes=boxes)
+            assert out.pred_masks.requires_grad
+        finally:
+            model.set_fast_path(True)

@@ -9,8 +9,8 @@ class FastPathModule(nn.Module):
 
     The fast form runs when `fast_path` is set (the model sets it for every such module, see
     `SamHQModel.set_fast_path`) and the module is in eval mode. The fast forms are for inference:
-    they write into tensors in place and reuse buffers, which autograd cannot differentiate, so train
-    mode (or `set_fast_path(False)`) always runs the plain forward.
+    some reuse buffers, which autograd cannot differentiate, so the model's forwards run them without
+    autograd, and train mode (or `set_fast_path(False)`) always runs the plain forward.
     """
 
     fast_path = False

@@ -90,7 +90,17 @@ class _PretrainedMixin:
         """Use the fast forms of `samhq.modeling.fast_paths` in eval mode (the default), or the plain forms
         everywhere. Returns the model."""
         set_fast_path(self, enabled)
+        self._fast_path = enabled
         return self
+
+    @property
+    def runs_fast_path(self) -> bool:
+        """True in eval mode with the fast path on: forwards then compute without autograd (the fast forms
+        reuse buffers and write in place); train mode or `set_fast_path(False)` computes with autograd."""
+        return getattr(self, "_fast_path", False) and not self.training
+
+    def _autograd(self):
+        return torch.set_grad_enabled(torch.is_grad_enabled() and not self.runs_fast_path)
 
 
 class SamHQVisionModel(_PretrainedMixin, nn.Module):
@@ -106,7 +116,8 @@ class SamHQVisionModel(_PretrainedMixin, nn.Module):
 
     def forward(self, pixel_values: torch.Tensor, **kwargs) -> SamHQVisionEncoderOutput:
         _check_pixels(pixel_values, self.config.image_size)
-        last, inter = self.vision_encoder(pixel_values)
+        with self._autograd():
+            last, inter = self.vision_encoder(pixel_values)
         return SamHQVisionEncoderOutput(last_hidden_state=last, intermediate_embeddings=inter)
 
 
@@ -181,7 +192,8 @@ class SamHQModel(_PretrainedMixin, nn.Module):
                 "SAM-HQ needs intermediate_embeddings with image_embeddings: pass both, as returned by "
                 "model.get_image_embeddings(pixel_values)"
             )
-        return self.mask_decoder.hq_features(image_embeddings, intermediate_embeddings[0])
+        with self._autograd():
+            return self.mask_decoder.hq_features(image_embeddings, intermediate_embeddings[0])
 
     @torch.no_grad()
     def decoder_context(self, image_embeddings: torch.Tensor) -> dict | None:
@@ -207,6 +219,11 @@ class SamHQModel(_PretrainedMixin, nn.Module):
         Prompts as in `forward`. context: `decoder_context(image_embeddings)`, kept while the image stays
         the same; it is used for prompts without input_masks. See `select_masks` for the returned subset.
         """
+        with self._autograd():
+            return self._predict_all(image_embeddings, hq_features, input_points, input_labels, input_boxes, input_masks,
+                                     context)
+
+    def _predict_all(self, image_embeddings, hq_features, input_points, input_labels, input_boxes, input_masks, context):
         if input_points is not None and input_labels is None:
             input_labels = torch.ones(input_points.shape[:-1], dtype=torch.int, device=input_points.device)
         sparse, dense = self.prompt_encoder(input_points, input_labels, input_boxes, input_masks)
@@ -261,9 +278,12 @@ class SamHQModel(_PretrainedMixin, nn.Module):
             )
         if pixel_values is not None:
             _check_pixels(pixel_values, self.config.vision_config.image_size)
-            image_embeddings, intermediate_embeddings = self._encode(pixel_values)
-        hq_features = self.compute_hq_features(image_embeddings, intermediate_embeddings)
-        masks, iou = self.predict_all(image_embeddings, hq_features, input_points, input_labels, input_boxes, input_masks)
+        with self._autograd():
+            if pixel_values is not None:
+                image_embeddings, intermediate_embeddings = self._encode(pixel_values)
+            hq_features = self.compute_hq_features(image_embeddings, intermediate_embeddings)
+            masks, iou = self._predict_all(image_embeddings, hq_features, input_points, input_labels, input_boxes,
+                                           input_masks, None)
         pred_masks, scores = select_masks(masks, iou, multimask_output, hq_token_only, mask_selection)
         loss = segmentation_loss(pred_masks, labels) if labels is not None else None
         return SamHQImageSegmentationOutput(loss=loss, iou_scores=scores, pred_masks=pred_masks)
