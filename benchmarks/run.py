@@ -321,7 +321,7 @@ def prepare(variant: str, work: Path, onnx: bool) -> dict:
     from _refs import perturb_
 
     from samhq import SamHQConfig, SamHQModel
-    from samhq.checkpoints import save_official
+    from samhq import save_official
     from samhq.predictor import SamHQPredictor
 
     torch.set_grad_enabled(False)
