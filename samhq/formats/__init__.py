@@ -13,6 +13,7 @@ from .writers import (
     label_studio_result,
     normalize_categories,
     parse_formats,
+    split_output_formats,
     to_coco,
     to_geojson,
     to_label_studio,
@@ -24,6 +25,6 @@ from .writers import (
 
 __all__ = [
     "FORMATS", "keyhole", "label_studio_config", "label_studio_result", "mask_to_ls_rle", "mask_to_polygons",
-    "normalize_categories", "parse_formats", "polygons_to_mask", "read_labelme", "read_samhq_outputs", "read_yolo",
+    "normalize_categories", "parse_formats", "polygons_to_mask", "read_labelme", "read_samhq_outputs", "read_yolo", "split_output_formats",
     "to_coco", "to_geojson", "to_label_studio", "to_labelme", "to_yolo", "write_formats", "yolo_data_yaml",
 ]

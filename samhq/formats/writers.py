@@ -459,6 +459,25 @@ def parse_formats(text) -> list[str]:
     return out
 
 
+def split_output_formats(text) -> tuple[list[str], list[str]]:
+    """A `samhq segment` / `samhq everything` --format list -> (their own outputs, `write_formats` formats).
+
+    'json' (samhq's COCO-style file) and 'png' (mask PNGs and the overlay) are written by the commands
+    themselves, 'both' is 'json,png'; every other name must be one of FORMATS other than png.
+    E.g. 'both,coco,yolo' -> (['json', 'png'], ['coco', 'yolo']).
+    """
+    items = [t.strip().lower() for t in (text.split(",") if isinstance(text, str) else text) if t.strip()]
+    own = []
+    for t in items:
+        for o in (("json", "png") if t == "both" else (t,) if t in ("json", "png") else ()):
+            if o not in own:
+                own.append(o)
+    rest = [t for t in items if t not in ("json", "png", "both")]
+    if not own and not rest:
+        raise ValueError(f"no format given; choose from json, png, both, {', '.join(f for f in FORMATS if f != 'png')}")
+    return own, (parse_formats(rest) if rest else [])
+
+
 def format_paths(images: list[dict], out_dir, formats) -> dict[str, list[Path]]:
     """The files `write_formats` writes, per format (folders for png)."""
     out = Path(out_dir)
@@ -493,7 +512,8 @@ def _atomic_write(path: Path, data) -> None:
 
 def _image_file(image: dict, image_root) -> Path | None:
     p = Path(str(image["file_name"]))
-    for cand in ([p] if p.is_absolute() else ([Path(image_root) / p] if image_root else []) + [p]):
+    roots = [Path(image_root) / p, Path(image_root) / p.name] if image_root else []
+    for cand in ([p] if p.is_absolute() else roots + [p]):
         if cand.is_file():
             return cand
     return None
@@ -531,7 +551,8 @@ def write_formats(images: list[dict], out_dir, formats, categories="object", *, 
         label_studio/tasks.json, config.xml (`to_label_studio` with `label_studio_kind`, its config)
         geojson/NAME.geojson                pixel coordinates (`to_geojson`)
         NAME_masks/NNN.png                  one 0/255 PNG per object, as `samhq everything` writes
-    image_root: the folder relative file_names are found in (default: the current folder).
+    image_root: the folder images with relative file_names are looked for in (as root / file_name,
+        then root / its base name, then file_name from the current folder).
     image_url_prefix: Label Studio image URLs are prefix + file_name (relative to image_root),
         e.g. "/data/local-files/?d=photos/"; default the file_name itself.
     embed_images: put each image's bytes in the LabelMe JSON (imageData).
