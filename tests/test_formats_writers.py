@@ -248,6 +248,25 @@ def test_label_studio_brush_decoded_by_the_sdk(data, tmp_path):
     assert tasks[0]["predictions"][0]["score"] == pytest.approx(np.mean([0.9, 0.8, 0.7, 0.5, 0.4]))
 
 
+def test_our_brush_decoder_reads_the_sdk_encoder(tmp_path):
+    """ls_rle_to_mask reads what Label Studio's SDK writes (literal lists too: its encoder uses them for single values)."""
+    from samhq.formats import ls_rle_to_mask, mask_to_ls_rle
+
+    rng = np.random.default_rng(2)
+    masks = [rng.random((23, 31)) < 0.5, np.ones((300, 260), bool), np.zeros((5, 7), bool)]
+    rles = run_in_ls(
+        "import numpy as np\nfrom label_studio_sdk.converter.brush import mask2rle, encode_rle\n"
+        "out = [mask2rle((np.array(m, dtype=np.uint8) * 255)) for m in IN['masks']]\n"
+        "out.append(encode_rle(np.array(IN['mixed'])))\njson.dump(out, open(OUT, 'w'))\n",
+        {"masks": [m.astype(int).tolist() for m in masks], "mixed": [0, 0, 0, 9, 255, 255, 255, 255]}, tmp_path)
+    for rle, m in zip(rles, masks):
+        assert np.array_equal(ls_rle_to_mask(rle, *m.shape), m)
+        assert np.array_equal(ls_rle_to_mask(mask_to_ls_rle(m), *m.shape), m)
+    assert ls_rle_to_mask(rles[-1], 1, 2).tolist() == [[True, True]]  # alpha of (0, 0, 0, 9), (255, ...)
+    with pytest.raises(ValueError, match="not 4x4x4"):
+        ls_rle_to_mask(rles[0], 4, 4)
+
+
 def test_label_studio_polygons_through_the_converter(data, tmp_path):
     """Label Studio's own converter turns our PolygonLabels (percent) into COCO; pycocotools decodes it."""
     from PIL import Image

@@ -15,6 +15,7 @@ Label Studio keeps a brush mask as an RGBA image of the task's original size, fl
 Format described by Label Studio's converter (`label_studio_sdk.converter.brush`, whose
 `decode_rle` reads what this writes; the tests check it) and thi.ng/umbrella's rle-pack. A mask
 pixel becomes (255, 255, 255, 255), background (0, 0, 0, 0), as the converter's `mask2rle` does.
+`ls_rle_to_mask` reads any such stream back (e.g. masks annotators drew, from a Label Studio export).
 """
 from __future__ import annotations
 
@@ -64,3 +65,43 @@ def mask_to_ls_rle(mask: np.ndarray) -> list[int]:
     bits = ((codes[:, None] >> bit) & np.uint64(1)).astype(np.uint8)
     keep = np.arange(64)[None, :] >= 64 - lengths[:, None]
     return np.packbits(bits[keep]).tolist()
+
+
+def ls_rle_to_mask(rle, height: int, width: int) -> np.ndarray:
+    """Label Studio brush RLE (a list of byte values) -> (height, width) bool mask (alpha > 0).
+
+    Reads any rle-pack stream (runs and literal lists, any widths; 8-bit words) as the header
+    describes it; ValueError when it does not hold height * width * 4 values.
+    """
+    bits = np.unpackbits(np.asarray(rle, dtype=np.uint8))
+    pos = 0
+
+    def read(n: int) -> int:
+        nonlocal pos
+        if pos + n > len(bits):
+            raise ValueError("the brush RLE ends early")
+        v = 0
+        for b in bits[pos:pos + n]:
+            v = (v << 1) | int(b)
+        pos += n
+        return v
+
+    num, word = read(32), read(5) + 1
+    widths = [read(4) + 1 for _ in range(4)]
+    if num != height * width * 4:
+        raise ValueError(f"the brush RLE holds {num} values, not {height}x{width}x4")
+    if word != 8:
+        raise ValueError(f"the brush RLE uses {word}-bit values; Label Studio writes 8")
+    out = np.empty(num, dtype=np.uint8)
+    i = 0
+    while i < num:
+        repeat = read(1)
+        n = read(widths[read(2)]) + 1
+        if i + n > num:
+            raise ValueError("the brush RLE runs past its size")
+        if repeat:
+            out[i:i + n] = read(8)
+        else:
+            out[i:i + n] = [read(8) for _ in range(n)]
+        i += n
+    return out.reshape(height, width, 4)[:, :, 3] > 0
