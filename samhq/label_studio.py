@@ -12,6 +12,8 @@ label-studio-ml-backend package serves the same routes):
                           -> {"results": [{"result": [region, ...], "score": s, "model_version": v}, ...]},
                           one prediction per task
     GET  /versions        -> {"versions": [model_version]}
+    POST /webhook         -> 200 {"status": "ignored"} (Label Studio adds a webhook for every backend;
+                          samhq does not train from annotation events)
 
 Interactive pre-annotation (a task and a `context`, sent when an annotator uses a smart
 KeyPointLabels or RectangleLabels tool): every keypoint in `context["result"]` is a click (positive
@@ -506,6 +508,10 @@ def create_label_studio_app(model="samhq-tiny-shapes", label_studio_url: str | N
     @app.get("/health")
     def health():
         return {"status": "UP", "model_class": "samhq", "model_version": backend.model_version}
+
+    @app.post("/webhook")
+    async def webhook():  # Label Studio registers one for every backend; samhq does not train from its events
+        return {"status": "ignored", "detail": "samhq does not train from Label Studio events"}
 
     @app.get("/versions")
     def versions():

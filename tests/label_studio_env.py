@@ -1,19 +1,28 @@
 """Label Studio's own Python (its SDK and server) live in their own virtual environment, because the
 `label-studio` package pins many packages: `.ci-ls-venv/` in the repository (made by .ci/run), or
-the folder in $SAMHQ_LABEL_STUDIO_VENV. Tests that need it skip cleanly without it."""
+the folder in $SAMHQ_LABEL_STUDIO_VENV. Tests that need it skip cleanly without it. While .ci/run is
+still installing it in the background ($SAMHQ_LABEL_STUDIO_STATUS set, no status file yet), they wait."""
 import json
 import os
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
+INSTALL_WAIT = float(os.environ.get("SAMHQ_LABEL_STUDIO_START_TIMEOUT", 900))
 
 
 def ls_venv() -> Path | None:
+    """The environment, once complete (its `label-studio` script is installed last), or None."""
     venv = Path(os.environ.get("SAMHQ_LABEL_STUDIO_VENV", ROOT / ".ci-ls-venv"))
-    return venv if (venv / "bin" / "python").exists() else None
+    done = venv / "bin" / "label-studio"
+    status = os.environ.get("SAMHQ_LABEL_STUDIO_STATUS")
+    end = time.time() + INSTALL_WAIT
+    while status and not done.exists() and not Path(status).exists() and time.time() < end:
+        time.sleep(2)
+    return venv if done.exists() else None
 
 
 def ls_python() -> str:
