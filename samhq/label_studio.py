@@ -314,8 +314,8 @@ class SamHQBackend:
         if polygon_tolerance < 0:
             raise ValueError(f"polygon_tolerance must be >= 0, got {polygon_tolerance}")
         self.auto = parse_auto(auto)
-        name = model if isinstance(model, str) else type(model).__name__
-        self.model_version = model_version or f"samhq-{str(name).rstrip('/').split('/')[-1]}"
+        name = str(model if isinstance(model, str) else type(model).__name__).rstrip("/").split("/")[-1]
+        self.model_version = model_version or (name if name.startswith("samhq") else f"samhq-{name}")
         self.predictor = CachedEmbeddingPredictor(load_for_inference(model, device, dtype))
         self.predictor.max_images = max_images
         self.generator = SamHQAutomaticMaskGenerator(self.predictor, points_per_side=points_per_side,

@@ -287,3 +287,16 @@ def test_label_config_parse():
     assert LabelConfig.parse(POLY_CONFIG).mask_control("shape").name == "poly"
     with pytest.raises(ValueError, match="not valid XML"):
         LabelConfig.parse("<View><Image></View>")
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--auto", "point:1"], "point:X,Y"),
+    (["--basic-auth", "user"], "USER:PASSWORD"),
+    (["--port", "0"], "--port"),
+])
+def test_cli_errors_are_one_line(capsys, args, message):
+    from samhq.cli import main
+
+    assert main(["label-studio", *args]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("samhq label-studio: error:") and message in err and len(err.strip().splitlines()) == 1

@@ -546,7 +546,8 @@ def write_formats(images: list[dict], out_dir, formats, categories="object", *, 
     Layout (NAME: the image's `name`, default its file stem):
         coco/instances.json                 all images (`to_coco`, segmentation `coco_segmentation`)
         yolo/data.yaml, yolo/labels/NAME.txt   (`to_yolo`); yolo/images/NAME.ext links to the images
-                                            that exist, so the folder trains as it is
+                                            that exist (a copy where links fail; files already
+                                            there are kept), so the folder trains as it is
         labelme/NAME.json                   (`to_labelme`), imagePath relative to labelme/
         label_studio/tasks.json, config.xml (`to_label_studio` with `label_studio_kind`, its config)
         geojson/NAME.geojson                pixel coordinates (`to_geojson`)
@@ -589,7 +590,9 @@ def write_formats(images: list[dict], out_dir, formats, categories="object", *, 
             if src is not None:
                 link = ydir / "images" / f"{stem}{src.suffix}"
                 link.parent.mkdir(parents=True, exist_ok=True)
-                if link.is_symlink() or link.exists():
+                if link.exists() and not link.is_symlink():
+                    continue  # a copy of the user's: kept
+                if link.is_symlink():
                     link.unlink()
                 try:
                     link.symlink_to(os.path.relpath(src.resolve(), link.parent.resolve()))
