@@ -1,4 +1,4 @@
-"""Model-level behaviour: shapes, batching invariants, the seed's call conventions, bad inputs."""
+"""Model-level behaviour: shapes, batching invariants, transformers' call conventions, bad inputs."""
 import pytest
 import torch
 

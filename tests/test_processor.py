@@ -1,4 +1,4 @@
-"""`SamHQProcessor`: parity with the seed's processor (transformers >= 5, `SamImageProcessorPil`) on
+"""`SamHQProcessor`: parity with transformers' processor (transformers >= 5, `SamImageProcessorPil`) on
 pixel values, scaled prompts, labels and post-processed masks; ragged prompts; bad prompts."""
 import numpy as np
 import pytest

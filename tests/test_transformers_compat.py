@@ -1,4 +1,4 @@
-"""Compatibility with the seed's API: transformers' `SamHQModel` (transformers >= 5).
+"""Compatibility with transformers' API: transformers' `SamHQModel` (transformers >= 5).
 
 transformers differs from the official SAM-HQ code (which trained the checkpoints) in two places,
 both pinned down here so we notice if it changes:
