@@ -25,7 +25,6 @@ def register(sub) -> None:
                    help="pre-annotation of tasks without clicks: everything (default), none, point:X,Y or "
                    "box:X0,Y0,X1,Y1 in percent of the image")
     p.add_argument("--auto-label", metavar="LABEL", help="label of automatic masks (default: the mask control's first)")
-    p.add_argument("--dtype", default="auto", help="auto (bfloat16 on a capable GPU, else float32), float32, bfloat16")
     p.add_argument("--max-images", type=int, default=8, help="image embeddings kept in memory (default 8)")
     p.add_argument("--multimask", action="store_true", help="let SAM pick the best of three masks per prompt")
     p.add_argument("--hq-only", action="store_true", help="the HQ token's mask alone (else SAM + HQ)")
