@@ -9,7 +9,9 @@ convolution (3x3 conv, LayerNorm2d, GELU, 3x3 conv) of the upscaled embedding; t
 HQ hypernetwork's output dotted with that feature map.
 
 Token order inside the transformer: [object score (when pred_obj_scores), IoU, mask_0 (single),
-mask_1..3 (multimask), HQ (when enabled), prompt tokens...].
+mask_1..3 (multimask), HQ (when enabled), prompt tokens...]. (sam-hq2's code leaves the HQ token
+out when pred_obj_scores is False, which no released config uses; here it always follows the mask
+tokens.)
 """
 from __future__ import annotations
 
