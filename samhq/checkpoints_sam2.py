@@ -1,0 +1,547 @@
+"""SAM 2 / SAM 2.1 / HQ-SAM 2 checkpoints as state dicts: Meta's official `.pt`, transformers' `Sam2Model`
+directory layout, and our own parameter names. Nothing here builds a model.
+
+- Official (Meta's `sam2.1_hiera_{tiny,small,base_plus,large}.pt`, SAM 2.0's `sam2_hiera_*.pt`,
+  SysCV's `sam2.1_hq_hiera_large.pt`): `{"model": state_dict}` with `image_encoder.trunk.*`,
+  `sam_prompt_encoder.*`, `sam_mask_decoder.*` (HQ: `hf_token`, `hf_mlp`, `embedding_maskfeature`)
+  and the video modules' tensors.
+- transformers (`Sam2Model.save_pretrained`): `config.json` (model_type "sam2") + `model.safetensors`
+  with `vision_encoder.backbone.*`, `prompt_encoder.*`, `mask_decoder.*`, `no_memory_embedding`.
+- Ours (`SamHQ2Model.state_dict()`): transformers' names, except where the modules are shared with
+  SAM-HQ v1 (`samhq.modeling.two_way_transformer`: `out_proj`, `mlp.lin1/lin2`;
+  `samhq.modeling.prompt_encoder`: `point_embed.N`), plus the HQ parts under SAM-HQ's
+  transformers names (`hq_token`, `hq_mask_mlp`, `mask_conv1/mask_norm/mask_conv2`).
+
+Video tensors (official: `memory_attention.*`, `memory_encoder.*`, `maskmem_tpos_enc`,
+`no_mem_pos_enc`, `no_obj_ptr`, `obj_ptr_proj.*`, `obj_ptr_tpos_proj.*`, `mask_downsample.*`,
+`no_obj_embed_spatial`; transformers: the keys `Sam2Model` ignores, `memory_*`,
+`object_pointer_proj.*`, ...) are not part of the image model: readers return them separately,
+under the names of the layout they came in, so that the video model (issue 19) can take them and
+a writer of the same layout can put them back. Renaming them between layouts is issue 19's.
+
+Files are read with `torch.load(weights_only=True)` or safetensors only: nothing runs code.
+"""
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .checkpoints import CheckpointError, resolve_source
+from .config_sam2 import SAM2_VARIANTS, SamHQ2Config, SamHQ2HieraConfig, SamHQ2MaskDecoderConfig, SamHQ2PromptEncoderConfig
+
+VIDEO_KEYS = re.compile(
+    r"^(memory_attention\.|memory_encoder\.|maskmem_tpos_enc$|no_mem_pos_enc$|no_obj_ptr$|obj_ptr_proj\.|"
+    r"obj_ptr_tpos_proj\.|mask_downsample\.|no_obj_embed_spatial$)"
+)
+# The same tensors under transformers' `Sam2VideoModel` names (hub checkpoints carry them; Sam2Model ignores them).
+TRANSFORMERS_VIDEO_KEYS = re.compile(
+    r"^(memory_|mask_downsample\.|object_pointer_proj\.|temporal_positional_encoding_projection_layer\.|"
+    r"no_memory_positional_encoding$|no_object_pointer$|occlusion_spatial_embedding_parameter$)"
+)
+HQ_PREFIXES = ("mask_decoder.hq_token.", "mask_decoder.hq_mask_mlp.", "mask_decoder.mask_conv1.",
+               "mask_decoder.mask_norm.", "mask_decoder.mask_conv2.")
+TIED = ("shared_image_embedding.positional_embedding", "prompt_encoder.shared_embedding.positional_embedding")
+
+# (official, ours) name prefixes, most specific first; `#` stands for a number.
+_OFFICIAL_RULES = [
+    ("image_encoder.trunk.patch_embed.proj.", "vision_encoder.backbone.patch_embed.projection."),
+    ("image_encoder.trunk.blocks.#.norm#.", "vision_encoder.backbone.blocks.#.layer_norm#."),
+    ("image_encoder.trunk.", "vision_encoder.backbone."),
+    ("image_encoder.neck.convs.#.conv.", "vision_encoder.neck.convs.#."),
+    ("sam_prompt_encoder.pe_layer.positional_encoding_gaussian_matrix", "shared_image_embedding.positional_embedding"),
+    ("sam_prompt_encoder.point_embeddings.", "prompt_encoder.point_embed."),
+    ("sam_prompt_encoder.mask_downscaling.0.", "prompt_encoder.mask_embed.conv1."),
+    ("sam_prompt_encoder.mask_downscaling.1.", "prompt_encoder.mask_embed.layer_norm1."),
+    ("sam_prompt_encoder.mask_downscaling.3.", "prompt_encoder.mask_embed.conv2."),
+    ("sam_prompt_encoder.mask_downscaling.4.", "prompt_encoder.mask_embed.layer_norm2."),
+    ("sam_prompt_encoder.mask_downscaling.6.", "prompt_encoder.mask_embed.conv3."),
+    ("sam_prompt_encoder.", "prompt_encoder."),
+    ("sam_mask_decoder.transformer.layers.#.norm#.", "mask_decoder.transformer.layers.#.layer_norm#."),
+    ("sam_mask_decoder.transformer.layers.#.mlp.layers.0.", "mask_decoder.transformer.layers.#.mlp.lin1."),
+    ("sam_mask_decoder.transformer.layers.#.mlp.layers.1.", "mask_decoder.transformer.layers.#.mlp.lin2."),
+    ("sam_mask_decoder.transformer.norm_final_attn.", "mask_decoder.transformer.layer_norm_final_attn."),
+    ("sam_mask_decoder.output_upscaling.0.", "mask_decoder.upscale_conv1."),
+    ("sam_mask_decoder.output_upscaling.1.", "mask_decoder.upscale_layer_norm."),
+    ("sam_mask_decoder.output_upscaling.3.", "mask_decoder.upscale_conv2."),
+    ("sam_mask_decoder.hf_token.", "mask_decoder.hq_token."),
+    ("sam_mask_decoder.hf_mlp.", "mask_decoder.hq_mask_mlp."),
+    ("sam_mask_decoder.embedding_maskfeature.0.", "mask_decoder.mask_conv1."),
+    ("sam_mask_decoder.embedding_maskfeature.1.", "mask_decoder.mask_norm."),
+    ("sam_mask_decoder.embedding_maskfeature.3.", "mask_decoder.mask_conv2."),
+    ("sam_mask_decoder.", "mask_decoder."),
+    ("no_mem_embed", "no_memory_embedding"),
+]
+# (transformers, ours): the names of the modules shared with SAM-HQ v1.
+_TRANSFORMERS_RULES = [
+    ("mask_decoder.transformer.layers.#.self_attn.o_proj.", "mask_decoder.transformer.layers.#.self_attn.out_proj."),
+    ("mask_decoder.transformer.layers.#.cross_attn_token_to_image.o_proj.",
+     "mask_decoder.transformer.layers.#.cross_attn_token_to_image.out_proj."),
+    ("mask_decoder.transformer.layers.#.cross_attn_image_to_token.o_proj.",
+     "mask_decoder.transformer.layers.#.cross_attn_image_to_token.out_proj."),
+    ("mask_decoder.transformer.final_attn_token_to_image.o_proj.",
+     "mask_decoder.transformer.final_attn_token_to_image.out_proj."),
+    ("mask_decoder.transformer.layers.#.mlp.proj_in.", "mask_decoder.transformer.layers.#.mlp.lin1."),
+    ("mask_decoder.transformer.layers.#.mlp.proj_out.", "mask_decoder.transformer.layers.#.mlp.lin2."),
+]
+# Official MLPs (`layers.0..n-1`) that are `proj_in`, `layers.0..n-3`, `proj_out` in ours (official names).
+_OFFICIAL_MLP = re.compile(
+    r"^(sam_mask_decoder\.(?:output_hypernetworks_mlps\.\d+|iou_prediction_head|pred_obj_score_head|hf_mlp)"
+    r"|image_encoder\.trunk\.blocks\.\d+\.mlp)\.layers\.(\d+)\.(.*)$"
+)
+_OUR_MLP = re.compile(
+    r"^(mask_decoder\.(?:output_hypernetworks_mlps\.\d+|iou_prediction_head|pred_obj_score_head|hq_mask_mlp)"
+    r"|vision_encoder\.backbone\.blocks\.\d+\.mlp)\.(proj_in|proj_out|layers\.\d+)\.(.*)$"
+)
+
+
+def _compile(rules, reverse: bool):
+    out = []
+    for a, b in rules:
+        src, dst = (b, a) if reverse else (a, b)
+        pattern = "^" + re.escape(src).replace("\\#", "#").replace("#", r"(\d+)")
+        groups = iter(range(1, 10))
+        out.append((re.compile(pattern), re.sub("#", lambda _: f"\\{next(groups)}", dst)))
+    return out
+
+
+_FROM_OFFICIAL, _TO_OFFICIAL = _compile(_OFFICIAL_RULES, False), _compile(_OFFICIAL_RULES, True)
+_FROM_TRANSFORMERS, _TO_TRANSFORMERS = _compile(_TRANSFORMERS_RULES, False), _compile(_TRANSFORMERS_RULES, True)
+
+
+def _rename(name: str, rules) -> str:
+    for pattern, repl in rules:
+        new, n = pattern.subn(repl, name, count=1)
+        if n:
+            return new
+    return name
+
+
+def is_video_key(name: str) -> bool:
+    """True for the official names of the video modules' tensors (kept aside by the image model)."""
+    return bool(VIDEO_KEYS.match(name))
+
+
+def official_to_ours(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """An official state dict -> (image model state in our names, video tensors under their official names)."""
+    depths: dict[str, int] = {}
+    for name in state:
+        if m := _OFFICIAL_MLP.match(name):
+            depths[m.group(1)] = max(depths.get(m.group(1), 0), int(m.group(2)) + 1)
+    image, video = {}, {}
+    for name, tensor in state.items():
+        if is_video_key(name):
+            video[name] = tensor
+            continue
+        if m := _OFFICIAL_MLP.match(name):
+            prefix, i, tail = m.group(1), int(m.group(2)), m.group(3)
+            sub = "proj_in" if i == 0 else "proj_out" if i == depths[prefix] - 1 else f"layers.{i - 1}"
+            name = f"{_rename(prefix + '.', _FROM_OFFICIAL)}{sub}.{tail}"
+        else:
+            name = _rename(name, _FROM_OFFICIAL)
+        image[name] = tensor
+    if TIED[0] in image:
+        image[TIED[1]] = image[TIED[0]]
+    return image, video
+
+
+def ours_to_official(state: dict[str, torch.Tensor],
+                     video_state: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+    """Our state dict (+ video tensors under official names) -> an official state dict (Meta's / sam-hq2's names)."""
+    depths: dict[str, int] = {}
+    for name in state:
+        if (m := _OUR_MLP.match(name)) and m.group(2).startswith("layers."):
+            depths[m.group(1)] = max(depths.get(m.group(1), 2), int(m.group(2).split(".")[1]) + 3)
+    out = {}
+    for name, tensor in state.items():
+        if name == TIED[1]:
+            continue
+        if m := _OUR_MLP.match(name):
+            prefix, sub, tail = m.groups()
+            depth = depths.get(prefix, 2)
+            i = 0 if sub == "proj_in" else depth - 1 if sub == "proj_out" else int(sub.split(".")[1]) + 1
+            out[f"{_rename(prefix + '.', _TO_OFFICIAL)}layers.{i}.{tail}"] = tensor
+        else:
+            out[_rename(name, _TO_OFFICIAL)] = tensor
+    out.update(video_state or {})
+    return out
+
+
+def transformers_to_ours(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """A transformers `Sam2Model` / `Sam2VideoModel` state dict (HQ tensors, if any, already in our names)
+    -> (image model state in our names, video tensors under transformers' names)."""
+    out, video = {}, {}
+    for name, tensor in state.items():
+        if TRANSFORMERS_VIDEO_KEYS.match(name):
+            video[name] = tensor
+            continue
+        if name == "prompt_encoder.point_embed.weight":  # one (4, C) table -> four (1, C) embeddings
+            for i, row in enumerate(tensor):
+                out[f"prompt_encoder.point_embed.{i}.weight"] = row[None].clone()
+            continue
+        out[_rename(name, _FROM_TRANSFORMERS)] = tensor
+    present = [out[k] for k in TIED if k in out]
+    if len(present) == 2 and not present[0].is_meta and not torch.equal(*present):
+        raise CheckpointError(f"{TIED[0]} and {TIED[1]} differ; SAM 2 has one random-feature matrix for both")
+    if present:
+        out[TIED[0]] = out[TIED[1]] = present[0]
+    return out, video
+
+
+def ours_to_transformers(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Our state dict -> transformers' `Sam2Model` names (the HQ tensors keep ours; video tensors are not handled here)."""
+    out, points = {}, {}
+    for name, tensor in state.items():
+        if name == TIED[1]:  # transformers keeps two copies of the one matrix (two buffers)
+            tensor = tensor.clone()
+        if m := re.fullmatch(r"prompt_encoder\.point_embed\.(\d+)\.weight", name):
+            points[int(m.group(1))] = tensor
+            continue
+        out[_rename(name, _TO_TRANSFORMERS)] = tensor
+    if points:
+        out["prompt_encoder.point_embed.weight"] = torch.cat([points[i] for i in sorted(points)])
+    return out
+
+
+def _layout(names) -> str:
+    names = list(names)
+    if any(n.startswith(("image_encoder.trunk.", "sam_mask_decoder.", "sam_prompt_encoder.")) for n in names):
+        return "official"
+    if any(n.startswith("vision_encoder.backbone.") for n in names):
+        return "transformers"
+    if any(n.startswith(("image_encoder.blocks.", "vision_encoder.layers.", "image_encoder.patch_embed.seq")) for n in names):
+        return "sam_v1"
+    return "unknown"
+
+
+def is_sam2_checkpoint(names) -> bool:
+    """Whether a state dict's names are SAM 2's (official or transformers layout), e.g. to pick the model class."""
+    return _layout(names) in ("official", "transformers")
+
+
+# ---------------------------------------------------------------------------------------------
+# Configs: inferred from tensor shapes, or transformers' config.json
+
+
+def _count(state, pattern) -> int:
+    idx = {int(m.group(1)) for k in state if (m := re.match(pattern, k))}
+    if not idx:
+        raise KeyError(f"no tensors match {pattern!r}")
+    return max(idx) + 1
+
+
+def infer_config(state: dict[str, torch.Tensor], where: str = "checkpoint") -> SamHQ2Config:
+    """The config of a state dict in our names, from its tensor shapes.
+
+    Shapes give the widths, the stages and the decoder's options, but not Hiera's head counts,
+    windows and global-attention blocks: those come from the SAM 2.1 preset with the same trunk
+    (all of Meta's and SysCV's releases). Raises CheckpointError for a trunk no preset matches.
+    """
+    try:
+        patch = state["vision_encoder.backbone.patch_embed.projection.weight"]
+        depth = _count(state, r"vision_encoder\.backbone\.blocks\.(\d+)\.")
+        starts = [i for i in range(depth) if f"vision_encoder.backbone.blocks.{i}.proj.weight" in state]
+        bounds = [0, *starts, depth]
+        stages = [b - a for a, b in zip(bounds, bounds[1:])]
+        trunk = dict(embed_dim=patch.shape[0], stages=stages,
+                     window_pos_embed_bkg_spatial_size=list(state["vision_encoder.backbone.pos_embed"].shape[-2:]))
+        window0 = state["vision_encoder.backbone.pos_embed_window"].shape[-1]
+        preset = next((p for p in SAM2_VARIANTS.values()
+                       if all(p[k] == v for k, v in trunk.items()) and p["window_spec"][0] == window0), None)
+        if preset is None:
+            raise CheckpointError(
+                f"{where}: a Hiera trunk with embed_dim {trunk['embed_dim']}, stages {stages} matches none of the SAM 2.1 "
+                f"presets ({', '.join(SAM2_VARIANTS)}); its head counts, windows and global-attention blocks cannot be "
+                "read from tensor shapes: save it with a config.json (SamHQ2Model.save_pretrained)"
+            )
+        d_model = state["vision_encoder.neck.convs.0.weight"].shape[0]
+        vision = SamHQ2HieraConfig(**preset, d_model=d_model, num_channels=patch.shape[1], patch_kernel_size=patch.shape[-1],
+                                   patch_padding=patch.shape[-1] // 2)
+        decoder = SamHQ2MaskDecoderConfig(
+            hidden_size=state["mask_decoder.iou_token.weight"].shape[1],
+            mlp_dim=state["mask_decoder.transformer.layers.0.mlp.lin1.weight"].shape[0],
+            num_hidden_layers=_count(state, r"mask_decoder\.transformer\.layers\.(\d+)\."),
+            num_multimask_outputs=state["mask_decoder.mask_tokens.weight"].shape[0] - 1,
+            iou_head_depth=_count(state, r"mask_decoder\.iou_prediction_head\.layers\.(\d+)\.") + 2
+            if "mask_decoder.iou_prediction_head.layers.0.weight" in state else 2,
+            iou_head_hidden_dim=state["mask_decoder.iou_prediction_head.proj_in.weight"].shape[0],
+            use_high_res_features="mask_decoder.conv_s0.weight" in state,
+            pred_obj_scores="mask_decoder.obj_score_token.weight" in state,
+            pred_obj_scores_mlp="mask_decoder.pred_obj_score_head.proj_in.weight" in state,
+        )
+        prompt = SamHQ2PromptEncoderConfig(
+            hidden_size=d_model, image_size=vision.image_size, patch_size=vision.backbone_stride,
+            mask_input_channels=state["prompt_encoder.mask_embed.conv2.weight"].shape[0],
+        )
+        return SamHQ2Config(vision_config=vision, prompt_encoder_config=prompt, mask_decoder_config=decoder)
+    except (KeyError, IndexError, ValueError) as e:
+        if isinstance(e, CheckpointError):
+            raise
+        raise CheckpointError(f"{where}: does not look like a SAM 2 / HQ-SAM 2 checkpoint ({e})") from None
+
+
+# transformers' Sam2 code hard-wires these options; a config with other values has no transformers layout.
+_TRANSFORMERS_FIXED = dict(use_high_res_features=True, iou_prediction_use_sigmoid=True, pred_obj_scores=True,
+                           pred_obj_scores_mlp=True)
+
+
+def config_from_transformers(data: dict) -> SamHQ2Config:
+    """transformers' `Sam2Config` as a dict (its config.json) -> SamHQ2Config. Raises CheckpointError if it is not one."""
+    if data.get("model_type") != "sam2":
+        raise CheckpointError(f"config.json has model_type {data.get('model_type')!r}, expected 'sam2' or 'sam_hq2'")
+    try:
+        v = data.get("vision_config") or {}
+        t = v.get("backbone_config") or {}
+        dims, heads = t["embed_dim_per_stage"], t["num_attention_heads_per_stage"]
+        vision = SamHQ2HieraConfig(
+            embed_dim=t["hidden_size"], num_heads=t["num_attention_heads"], stages=t["blocks_per_stage"],
+            global_att_blocks=t["global_attention_blocks"], window_spec=t["window_size_per_stage"],
+            window_pos_embed_bkg_spatial_size=t["window_positional_embedding_background_size"],
+            q_pool=t["num_query_pool_stages"], q_stride=t["query_stride"], dim_mul=dims[1] / dims[0],
+            head_mul=heads[1] / heads[0],
+            mlp_ratio=t["mlp_ratio"], layer_norm_eps=t["layer_norm_eps"], patch_kernel_size=_side(t["patch_kernel_size"]),
+            patch_stride=_side(t["patch_stride"]), patch_padding=_side(t["patch_padding"]), num_channels=t["num_channels"],
+            image_size=_side(t["image_size"]), d_model=v["fpn_hidden_size"], fpn_top_down_levels=v["fpn_top_down_levels"],
+            scalp=len(t["blocks_per_stage"]) - v["num_feature_levels"],
+        )
+        if vision.stage_dims != list(dims) or vision.stage_heads != list(heads):
+            raise ValueError(f"stage widths {dims} / heads {heads} do not grow geometrically")
+        p, m = data.get("prompt_encoder_config") or {}, data.get("mask_decoder_config") or {}
+        prompt = SamHQ2PromptEncoderConfig.from_dict(p)
+        decoder = SamHQ2MaskDecoderConfig.from_dict({**m, **_TRANSFORMERS_FIXED})
+        return SamHQ2Config(vision_config=vision, prompt_encoder_config=prompt, mask_decoder_config=decoder)
+    except (KeyError, IndexError, TypeError, ValueError, ZeroDivisionError) as e:
+        raise CheckpointError(f"config.json is not a usable transformers Sam2Config ({type(e).__name__}: {e})") from None
+
+
+def _side(value) -> int:
+    return int(value[0] if isinstance(value, (list, tuple)) else value)
+
+
+def config_to_transformers(config: SamHQ2Config) -> dict:
+    """SamHQ2Config -> the dict transformers' `Sam2Config` saves (model_type "sam2").
+
+    Raises CheckpointError for options transformers' Sam2 code does not have.
+    """
+    v, p, m = config.vision_config, config.prompt_encoder_config, config.mask_decoder_config
+    fixed = {k: getattr(m, k) for k in _TRANSFORMERS_FIXED if getattr(m, k) != _TRANSFORMERS_FIXED[k]}
+    if v.fpn_interp_model != "nearest" or v.fuse_type != "sum":
+        fixed.update(fpn_interp_model=v.fpn_interp_model, fuse_type=v.fuse_type)
+    if fixed:
+        raise CheckpointError(f"transformers' Sam2Model has no layout for {fixed}; save in the official format instead")
+    backbone = dict(
+        model_type="sam2_hiera_det_model", hidden_size=v.embed_dim, num_attention_heads=v.num_heads,
+        num_channels=v.num_channels, image_size=[v.image_size] * 2, patch_kernel_size=[v.patch_kernel_size] * 2,
+        patch_stride=[v.patch_stride] * 2, patch_padding=[v.patch_padding] * 2, query_stride=list(v.q_stride),
+        window_positional_embedding_background_size=list(v.window_pos_embed_bkg_spatial_size),
+        num_query_pool_stages=v.q_pool, blocks_per_stage=list(v.stages), embed_dim_per_stage=v.stage_dims,
+        num_attention_heads_per_stage=v.stage_heads, window_size_per_stage=list(v.window_spec),
+        global_attention_blocks=list(v.global_att_blocks), mlp_ratio=v.mlp_ratio, hidden_act="gelu",
+        layer_norm_eps=v.layer_norm_eps,
+    )
+    vision = dict(
+        model_type="sam2_vision_model", backbone_config=backbone, backbone_channel_list=v.backbone_channel_list,
+        backbone_feature_sizes=[[s, s] for s in v.feature_sizes], fpn_hidden_size=v.d_model, fpn_kernel_size=1,
+        fpn_stride=1, fpn_padding=0, fpn_top_down_levels=list(v.fpn_top_down_levels),
+        num_feature_levels=v.num_feature_levels, hidden_act="gelu", layer_norm_eps=1e-6,
+    )
+    prompt = dict(model_type="sam2_prompt_encoder", hidden_size=p.hidden_size, image_size=p.image_size,
+                  patch_size=p.patch_size, mask_input_channels=p.mask_input_channels,
+                  num_point_embeddings=p.num_point_embeddings, hidden_act="gelu", layer_norm_eps=p.layer_norm_eps, scale=1)
+    decoder = dict(model_type="sam2_mask_decoder", hidden_act="gelu", **{
+        k: getattr(m, k) for k in ("hidden_size", "mlp_dim", "num_hidden_layers", "num_attention_heads",
+                                   "attention_downsample_rate", "num_multimask_outputs", "iou_head_depth",
+                                   "iou_head_hidden_dim", "dynamic_multimask_via_stability",
+                                   "dynamic_multimask_stability_delta", "dynamic_multimask_stability_thresh")})
+    return dict(model_type="sam2", architectures=["Sam2Model"], vision_config=vision, prompt_encoder_config=prompt,
+                mask_decoder_config=decoder, initializer_range=0.02)
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading
+
+
+@dataclass
+class Sam2Checkpoint:
+    """What a SAM 2 checkpoint holds: `state` (image model, our names), `video_state` (the video modules'
+    tensors under the names of `layout`), `config` (from config.json, else None), `layout` ("official" or
+    "transformers") and `path`."""
+
+    state: dict[str, torch.Tensor]
+    video_state: dict[str, torch.Tensor]
+    config: SamHQ2Config | None
+    layout: str
+    path: Path
+
+
+def _torch_load(path: Path) -> dict:
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - every failure becomes one clear message
+        if "Unsupported global" in str(e):  # a pickled object; "Weights only load failed" alone is also damage
+            raise CheckpointError(f"{path}: refusing to load: the file holds pickled Python objects, not just tensors, "
+                                  "and loading it could run code. Convert it where you trust it, e.g. to safetensors.") from None
+        detail = "Unsupported operand" if "Unsupported operand" in str(e) else str(e).splitlines()[0]
+        raise CheckpointError(f"{path}: not a readable PyTorch checkpoint (damaged or truncated?): {detail}") from None
+    if isinstance(obj, dict) and isinstance(obj.get("model"), dict):
+        obj = obj["model"]
+    if not isinstance(obj, dict) or not obj or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise CheckpointError(f"{path}: not a state dict (a mapping of names to tensors, or {{'model': state_dict}})")
+    return obj
+
+
+def _safetensors_load(path: Path) -> dict:
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return {k: f.get_tensor(k) for k in f.keys()}
+    except (SafetensorError, OSError, ValueError) as e:
+        raise CheckpointError(f"{path}: not a readable safetensors file (damaged or truncated?): {e}") from None
+
+
+def _read_file(path: Path) -> dict:
+    if path.suffix == ".safetensors":
+        return _safetensors_load(path)
+    if path.suffix in (".pt", ".pth", ".bin", ".ckpt"):
+        return _torch_load(path)
+    raise CheckpointError(f"{path}: not a checkpoint (expected .pt, .pth, .bin or .safetensors)")
+
+
+def read_checkpoint(source) -> Sam2Checkpoint:
+    """Read a SAM 2 checkpoint: an official `.pt`, a `.safetensors` file, or a directory (transformers layout
+    `config.json` + `model.safetensors` / `pytorch_model.bin`, or holding exactly one checkpoint file); a hub
+    id is downloaded through huggingface_hub (`samhq.checkpoints.resolve_source`).
+
+    Raises CheckpointError for unreadable, damaged or non-SAM 2 files.
+    """
+    path = resolve_source(source)
+    config = None
+    if path.is_dir():
+        weights = next((path / n for n in ("model.safetensors", "pytorch_model.bin") if (path / n).exists()), None)
+        if weights is None:
+            found = [p for ext in ("*.pt", "*.pth", "*.safetensors") for p in sorted(path.glob(ext))]
+            if len(found) != 1:
+                raise CheckpointError(f"{path}: expected model.safetensors (+ config.json) or exactly one .pt/.pth/.safetensors "
+                                      f"file, found {[p.name for p in found] or 'none'}")
+            weights = found[0]
+        if (path / "config.json").exists():
+            config = read_config(path / "config.json")
+        path = weights
+    raw = _read_file(path)
+    layout = _layout(raw)
+    if layout == "official":
+        state, video = official_to_ours(raw)
+    elif layout == "transformers":
+        state, video = transformers_to_ours(raw)
+    elif layout == "sam_v1":
+        raise CheckpointError(f"{path}: a SAM / SAM-HQ (v1, ViT) checkpoint, not SAM 2: load it with SamHQModel.from_pretrained")
+    else:
+        raise CheckpointError(f"{path}: no SAM 2 tensors "
+                              "(image_encoder.trunk.*, sam_mask_decoder.* or vision_encoder.backbone.*)")
+    return Sam2Checkpoint(state=state, video_state=video, config=config, layout=layout, path=path)
+
+
+def read_config(path) -> SamHQ2Config:
+    """Our config.json (model_type "sam_hq2"), or transformers' (model_type "sam2"; ours is used when it carries one)."""
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{path}: not a readable JSON config ({e})") from None
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{path}: a config must be a JSON object")
+    try:
+        if isinstance(data.get("samhq2_config"), dict):
+            return SamHQ2Config.from_dict(data["samhq2_config"])
+        if data.get("model_type") == SamHQ2Config.model_type:
+            return SamHQ2Config.from_dict(data)
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"{path}: {e}") from None
+    try:
+        return config_from_transformers(data)
+    except CheckpointError as e:
+        raise CheckpointError(f"{path}: {e}") from None
+
+
+def check_state(state: dict[str, torch.Tensor], expected: dict[str, tuple], where: str, variant: str = "custom") -> bool:
+    """Check a state dict (our names) against a model's (name -> shape); returns whether it has the HQ tensors.
+
+    A checkpoint may lack all HQ tensors (plain SAM 2), not some of them. Raises CheckpointError
+    naming missing, unexpected and mis-shaped tensors.
+    """
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    hq_all = [k for k in expected if k.startswith(HQ_PREFIXES)]
+    hq_missing = [k for k in missing if k.startswith(HQ_PREFIXES)]
+    if hq_missing and len(hq_missing) != len(hq_all):
+        raise CheckpointError(f"{where}: some HQ-SAM 2 tensors are present and some missing: {_short(hq_missing)}")
+    missing = [k for k in missing if not k.startswith(HQ_PREFIXES)]
+    if missing or unexpected:
+        raise CheckpointError(f"{where}: does not match the {variant} SAM 2 model: missing {_short(missing)}; "
+                              f"unexpected {_short(unexpected)}")
+    bad = [f"{k}: file {tuple(state[k].shape)} vs model {tuple(s)}" for k, s in expected.items()
+           if k in state and tuple(state[k].shape) != tuple(s)]
+    if bad:
+        raise CheckpointError(f"{where}: tensor shapes disagree with the {variant} config: {_short(bad)}")
+    return not hq_missing
+
+
+def _short(items, n: int = 6) -> str:
+    items = list(items)
+    if not items:
+        return "none"
+    return ", ".join(items[:n]) + (f" ... ({len(items)} in all)" if len(items) > n else "")
+
+
+# ---------------------------------------------------------------------------------------------
+# Writing
+
+
+def _refuse_overwrite(path: Path, overwrite: bool) -> None:
+    if path.exists() and not overwrite:
+        raise FileExistsError(f"{path} already exists; pass overwrite=True to replace it")
+
+
+def write_official(state: dict[str, torch.Tensor], path, video_state: dict[str, torch.Tensor] | None = None,
+                   overwrite: bool = False) -> Path:
+    """Write Meta's / sam-hq2's format: `torch.save({"model": official_state_dict}, path)` (loadable by their `build_sam2`).
+
+    video_state: video tensors under official names, written as they are.
+    """
+    path = Path(path)
+    _refuse_overwrite(path, overwrite)
+    official = ours_to_official({k: v.detach().contiguous().cpu() for k, v in state.items()}, video_state)
+    torch.save({"model": official}, path)
+    return path
+
+
+def write_transformers(state: dict[str, torch.Tensor], config: SamHQ2Config, directory, overwrite: bool = False,
+                       video_state: dict[str, torch.Tensor] | None = None) -> Path:
+    """Write transformers' `Sam2Model` layout: config.json (model_type "sam2", ours under "samhq2_config") and model.safetensors.
+
+    transformers' `Sam2Model.from_pretrained(directory)` loads it (an HQ-SAM 2 model's HQ tensors are
+    then reported as unused: transformers has no HQ-SAM 2). video_state: video tensors under
+    transformers' names, written as they are.
+    """
+    from safetensors.torch import save_file
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    weights = directory / "model.safetensors"
+    _refuse_overwrite(weights, overwrite)
+    data = config_to_transformers(config)
+    data["samhq2_config"] = config.to_dict()
+    tensors = ours_to_transformers({k: v.detach().contiguous().cpu() for k, v in state.items()})
+    tensors.update({k: v.detach().contiguous().cpu() for k, v in (video_state or {}).items()})
+    save_file(tensors, str(weights), metadata={"format": "pt"})
+    (directory / "config.json").write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    return directory
+
+
+__all__ = ["CheckpointError", "Sam2Checkpoint", "read_checkpoint", "read_config", "infer_config", "check_state",
+           "official_to_ours", "ours_to_official", "transformers_to_ours", "ours_to_transformers",
+           "config_from_transformers", "config_to_transformers", "write_official", "write_transformers",
+           "is_sam2_checkpoint", "is_video_key", "VIDEO_KEYS", "TRANSFORMERS_VIDEO_KEYS", "HQ_PREFIXES"]

@@ -1,0 +1,262 @@
+"""`SamHQ2Model`: SAM 2.1 and HQ-SAM 2 for images, and `load_sam2_model`.
+
+The image path of Meta's `SAM2Base` + `SAM2ImagePredictor` (and of SysCV's `SAM2HQBase` + its
+predictor): Hiera + FPN neck, `no_memory_embedding` added to the image embedding, the SAM 2
+prompt encoder and the (HQ) mask decoder. Parameter names are transformers' `Sam2Model` names
+where the modules are SAM 2's own, so the video modules (memory encoder, memory attention, object
+pointers; transformers' `Sam2VideoModel` names) can join the same model later.
+`hq_enabled` is False for plain SAM 2 / 2.1 weights, as `SamHQModel` for plain SAM.
+"""
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from ... import checkpoints_sam2 as ckpt
+from ...config_sam2 import SamHQ2Config
+from ..model import ModelOutput
+from ..prompt_encoder import check_prompts
+from ..prompt_encoder import PositionalEmbedding
+from .hiera import Sam2VisionEncoder
+from .mask_decoder import Sam2MaskDecoder, select_sam2_masks
+from .prompt_encoder import Sam2PromptEncoder
+
+# SAM 2's pixel normalisation (Meta's SAM2Transforms): RGB in [0, 1], then ImageNet mean and std.
+PIXEL_MEAN = (0.485, 0.456, 0.406)
+PIXEL_STD = (0.229, 0.224, 0.225)
+
+
+@dataclass
+class SamHQ2ImageSegmentationOutput(ModelOutput):
+    """iou_scores (B, P, M'), pred_masks (B, P, M, 4h, 4w) low-resolution logits (256 x 256 at 1024 px),
+    object_score_logits (B, P, 1) (> 0: the object is predicted present)."""
+
+    iou_scores: torch.Tensor | None = None
+    pred_masks: torch.Tensor | None = None
+    object_score_logits: torch.Tensor | None = None
+
+
+class SamHQ2Model(nn.Module):
+    """SAM 2.1 / HQ-SAM 2 image model: image encoder, prompt encoder, (HQ) mask decoder.
+
+    Frames: pixel_values are the image resized (without keeping the aspect ratio) to
+    `config.image_size` squared, to [0, 1], normalised with `PIXEL_MEAN` / `PIXEL_STD`. Points and
+    boxes are (x, y) pixels in that resized frame; mask inputs and outputs are logits at 4x the
+    embedding grid (256 x 256 at 1024 px) covering the whole resized image.
+    """
+
+    def __init__(self, config: SamHQ2Config | None = None):
+        super().__init__()
+        config = config or SamHQ2Config()
+        self.config = config
+        self.vision_encoder = Sam2VisionEncoder(config.vision_config)
+        self.shared_image_embedding = PositionalEmbedding(config.prompt_encoder_config.num_pos_feats)
+        self.prompt_encoder = Sam2PromptEncoder(config.prompt_encoder_config, self.shared_image_embedding)
+        self.mask_decoder = Sam2MaskDecoder(config.mask_decoder_config)
+        # Added to the image embedding when there is no memory (every image), Meta's `no_mem_embed`.
+        self.no_memory_embedding = nn.Parameter(torch.zeros(1, 1, config.vision_config.d_model))
+        self.hq_enabled = True
+        # Video-module tensors of a loaded checkpoint, under the names of `video_layout` ("official" or
+        # "transformers"), kept for the video model and for writing that layout back; not parameters.
+        self.video_state: dict[str, torch.Tensor] = {}
+        self.video_layout = "official"
+
+    @property
+    def no_mem_embed(self) -> nn.Parameter:
+        """Meta's name for `no_memory_embedding`, (1, 1, C)."""
+        return self.no_memory_embedding
+
+    @property
+    def device(self) -> torch.device:
+        return self.no_memory_embedding.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The prompt encoder's and mask decoder's dtype: image embeddings are given to them in it."""
+        return self.mask_decoder.iou_token.weight.dtype
+
+    @property
+    def encoder_dtype(self) -> torch.dtype:
+        """The image encoder's dtype (bfloat16 after `from_pretrained(..., dtype=torch.bfloat16)`)."""
+        return self.vision_encoder.backbone.pos_embed.dtype
+
+    def get_image_wide_positional_embeddings(self) -> torch.Tensor:
+        """(1, C, h, w) positional encoding of the image-embedding grid (the prompt encoder's `get_dense_pe`)."""
+        return self.shared_image_embedding.grid(self.config.prompt_encoder_config.image_embedding_size)
+
+    @torch.no_grad()
+    def get_image_embeddings(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """Embed images once; decode any number of prompts with `predict_all` afterwards.
+
+        pixel_values (B, 3, S, S) normalised as SAM 2 does (see the class docstring), S =
+        config.image_size (1024). Returns the image embeddings (B, C, S/16, S/16) with
+        `no_memory_embedding` added (as SAM2ImagePredictor does) and the high-resolution features
+        [(B, C/8, S/4, S/4), (B, C/4, S/8, S/8)] after `conv_s0` / `conv_s1` ([] when the config
+        does not use them); C = 256: (B, 256, 64, 64), [(B, 32, 256, 256), (B, 64, 128, 128)].
+        Raises ValueError for a wrong pixel_values shape.
+        """
+        _check_pixels(pixel_values, self.config.image_size)
+        features, _ = self.vision_encoder(pixel_values.to(self.encoder_dtype))
+        features = [f.to(self.dtype) for f in features]
+        embeddings = features[-1] + self.no_memory_embedding.view(1, -1, 1, 1)
+        high_res = self.mask_decoder.high_res_features(features) if self.config.mask_decoder_config.use_high_res_features else []
+        return embeddings, high_res
+
+    def get_prompt_embeddings(self, input_points=None, input_labels=None, input_boxes=None, input_masks=None):
+        """Sparse (B, P, T, C) and dense (B, 1 or P, C, h, w) prompt embeddings (see `Sam2PromptEncoder.forward`)."""
+        if input_points is not None and input_labels is None:
+            input_labels = torch.ones(input_points.shape[:-1], dtype=torch.int, device=input_points.device)
+        return self.prompt_encoder(input_points, input_labels, input_boxes, input_masks)
+
+    def predict_all(
+        self,
+        image_embeddings: torch.Tensor,
+        high_res_features: list[torch.Tensor] | None,
+        input_points: torch.Tensor | None = None,
+        input_labels: torch.Tensor | None = None,
+        input_boxes: torch.Tensor | None = None,
+        input_masks: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Every output token's low-resolution mask logits for B images x P prompts.
+
+        image_embeddings (B or 1, C, h, w) and high_res_features from `get_image_embeddings`;
+        input_points (B, P, N, 2) (x, y) in the S-pixel input frame with input_labels (B, P, N)
+        (1 foreground, 0 background, -1 not a point, -10 padding; all 1 when omitted); input_boxes
+        (B, P, 4) x0, y0, x1, y1 in the same frame; input_masks (B, 1 or P, 4h, 4w) logits.
+        Returns mask logits (B, P, K, 4h, 4w) (K = 4 SAM tokens, + 1 HQ when `hq_enabled`), IoU
+        predictions (B, P, 4) and object-score logits (B, P, 1). `select_masks` picks the outputs.
+        """
+        sparse, dense = self.get_prompt_embeddings(input_points, input_labels, input_boxes, input_masks)
+        b = sparse.shape[0]
+        high_res = list(high_res_features) if high_res_features else None
+        if image_embeddings.shape[0] != b:
+            if image_embeddings.shape[0] != 1:
+                raise ValueError(f"prompts are given for {b} images but there are {image_embeddings.shape[0]} image embeddings")
+            image_embeddings = image_embeddings.expand(b, -1, -1, -1)
+            high_res = [f.expand(b, -1, -1, -1) for f in high_res] if high_res else None
+        if self.config.mask_decoder_config.use_high_res_features and not high_res:
+            raise ValueError("this model needs high_res_features with image_embeddings: pass both, as returned by "
+                             "model.get_image_embeddings(pixel_values)")
+        return self.mask_decoder(image_embeddings, self.get_image_wide_positional_embeddings(), sparse, dense,
+                                 high_res, self.hq_enabled)
+
+    def select_masks(self, masks: torch.Tensor, iou: torch.Tensor, multimask_output: bool, hq_token_only: bool = False,
+                     order: str = "official") -> tuple[torch.Tensor, torch.Tensor]:
+        """`select_sam2_masks` with this model's dynamic-multimask settings (off in training mode, as in SAM 2)."""
+        cfg = self.config.mask_decoder_config
+        return select_sam2_masks(masks, iou, multimask_output, hq_token_only, order,
+                                 cfg.dynamic_multimask_via_stability and not self.training,
+                                 cfg.dynamic_multimask_stability_delta, cfg.dynamic_multimask_stability_thresh)
+
+    def forward(
+        self,
+        pixel_values: torch.Tensor | None = None,
+        input_points: torch.Tensor | None = None,
+        input_labels: torch.Tensor | None = None,
+        input_boxes: torch.Tensor | None = None,
+        input_masks: torch.Tensor | None = None,
+        image_embeddings: torch.Tensor | None = None,
+        high_res_features: list[torch.Tensor] | None = None,
+        multimask_output: bool = True,
+        hq_token_only: bool = False,
+        mask_selection: str = "official",
+        **kwargs: Any,
+    ) -> SamHQ2ImageSegmentationOutput:
+        """Low-resolution masks for B images x P prompts (transformers' `Sam2Model` outputs, + HQ).
+
+        Pass pixel_values (B, 3, S, S), or image_embeddings with high_res_features from
+        `get_image_embeddings`; prompts as in `predict_all`. multimask_output / hq_token_only /
+        mask_selection ("official", "sorted", "best") as in `select_sam2_masks`. Extra processor
+        keys (`original_sizes`, `reshaped_input_sizes`) are accepted and ignored. Raises ValueError
+        for malformed inputs.
+        """
+        ignored = {"original_sizes", "reshaped_input_sizes", "return_dict", "output_attentions", "output_hidden_states"}
+        unknown = set(kwargs) - ignored
+        if unknown:
+            raise TypeError(f"SamHQ2Model.forward got unexpected arguments: {sorted(unknown)}")
+        if (pixel_values is None) == (image_embeddings is None):
+            raise ValueError("pass exactly one of pixel_values and image_embeddings")
+        mask_size = 4 * self.config.prompt_encoder_config.image_embedding_size
+        check_prompts(input_points, input_labels, input_boxes, input_masks, mask_size)
+        if pixel_values is not None:
+            image_embeddings, high_res_features = self.get_image_embeddings(pixel_values)
+        masks, iou, object_scores = self.predict_all(image_embeddings, high_res_features, input_points, input_labels,
+                                                     input_boxes, input_masks)
+        pred_masks, scores = self.select_masks(masks, iou, multimask_output, hq_token_only, mask_selection)
+        return SamHQ2ImageSegmentationOutput(iou_scores=scores, pred_masks=pred_masks, object_score_logits=object_scores)
+
+    # -- checkpoints -------------------------------------------------------------------------------
+
+    @classmethod
+    def from_pretrained(cls, source, device=None, dtype=None, config: SamHQ2Config | None = None) -> "SamHQ2Model":
+        """`load_sam2_model(source, device, dtype, config)`."""
+        return load_sam2_model(source, device=device, dtype=dtype, config=config)
+
+    def _state_to_save(self) -> dict[str, torch.Tensor]:
+        state = {k: v for k, v in self.state_dict().items()}
+        if not self.hq_enabled:  # plain SAM 2 stays plain SAM 2 when reloaded
+            state = {k: v for k, v in state.items() if not k.startswith(ckpt.HQ_PREFIXES)}
+        return state
+
+    def _video_state(self, layout: str) -> dict[str, torch.Tensor]:
+        if self.video_state and self.video_layout != layout:
+            warnings.warn(f"the {len(self.video_state)} video-module tensors came in the {self.video_layout} layout and are "
+                          f"not written to the {layout} one (renaming them is the video model's job)", stacklevel=3)
+            return {}
+        return self.video_state
+
+    def save_pretrained(self, directory, overwrite: bool = True):
+        """Write transformers' `Sam2Model` layout (config.json + model.safetensors); see `checkpoints_sam2.write_transformers`.
+
+        Video tensors loaded from a transformers-layout checkpoint are written back; official-layout ones are not.
+        """
+        return ckpt.write_transformers(self._state_to_save(), self.config, directory, overwrite=overwrite,
+                                       video_state=self._video_state("transformers"))
+
+    def save_official(self, path, overwrite: bool = False):
+        """Write Meta's / sam-hq2's `.pt` format, with the video tensors of an official checkpoint the model was loaded from."""
+        return ckpt.write_official(self._state_to_save(), path, self._video_state("official"), overwrite=overwrite)
+
+
+def load_sam2_model(source, device=None, dtype=None, config: SamHQ2Config | None = None) -> SamHQ2Model:
+    """Build and load a SAM 2 / SAM 2.1 / HQ-SAM 2 image model.
+
+    source: an official `.pt` (Meta's `sam2.1_hiera_*.pt` / `sam2_hiera_*.pt`, SysCV's
+    `sam2.1_hq_hiera_large.pt`), a `.safetensors` file, a transformers-layout directory, or a
+    hub id (downloaded through huggingface_hub). The variant is detected from the tensors unless
+    `config` is given or a config.json says it; checkpoints without HQ tensors give
+    `hq_enabled=False`. Video tensors go to `model.video_state` (under the names of
+    `model.video_layout`). dtype (e.g. torch.bfloat16) applies to the image encoder; the prompt
+    encoder and decoder stay fp32. Raises CheckpointError for unreadable or mismatched files.
+    """
+    read = ckpt.read_checkpoint(source)
+    config = config or read.config or ckpt.infer_config(read.state, str(read.path))
+    with torch.device("meta"):
+        model = SamHQ2Model(config)
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    has_hq = ckpt.check_state(read.state, expected, str(read.path), config.variant or "custom")
+    model.to_empty(device="cpu")
+    state = {k: v.float() if v.is_floating_point() else v for k, v in read.state.items()}
+    if not has_hq:
+        state.update({k: torch.zeros(s) for k, s in expected.items() if k.startswith(ckpt.HQ_PREFIXES)})
+    model.load_state_dict(state)
+    model.hq_enabled = has_hq
+    model.video_state, model.video_layout = read.video_state, read.layout
+    model = model.eval().to(device=device or "cpu", dtype=torch.float32)
+    if dtype is not None and dtype != torch.float32:
+        model.vision_encoder.to(dtype)
+    return model
+
+
+def _check_pixels(pixel_values: torch.Tensor, image_size: int) -> None:
+    if not isinstance(pixel_values, torch.Tensor):
+        raise TypeError(f"pixel_values must be a torch.Tensor, got {type(pixel_values).__name__}")
+    if pixel_values.ndim != 4 or pixel_values.shape[1] != 3 or tuple(pixel_values.shape[2:]) != (image_size, image_size):
+        raise ValueError(
+            f"pixel_values must have shape (B, 3, {image_size}, {image_size}), got {tuple(pixel_values.shape)}; SAM 2 resizes "
+            "images to that square (aspect ratio not kept) and normalises them with ImageNet mean/std"
+        )
