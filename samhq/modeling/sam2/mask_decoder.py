@@ -89,14 +89,15 @@ class Sam2MaskDecoder(nn.Module):
         tokens = torch.cat([out_tokens.expand(b, p, -1, -1), sparse], dim=2)
 
         # Two-way transformer over the image (plus the dense prompt) and the tokens.
-        src = image_embeddings[:, None] + dense  # (B, 1 or P, C, h, w)
-        hs, keys = self.transformer(src, image_pe.to(src.dtype), tokens)  # (B, P, T', C), (B, 1 or P, hw, C)
+        src = (image_embeddings[:, None] + dense).expand(b, p, c, h, w).reshape(b * p, c, h, w)
+        hs, keys = self.transformer(src, image_pe.to(src.dtype), tokens.flatten(0, 1))  # (BP, T', C), (BP, hw, C)
+        hs = hs.unflatten(0, (b, p))
         s = int(cfg.pred_obj_scores)
         iou_token_out = hs[:, :, s]
         mask_tokens_out = hs[:, :, s + 1:s + 1 + self.num_mask_tokens]
 
         # Upscale the image tokens 4x, adding the high-resolution features on the way.
-        src = keys.expand(b, p, -1, -1).transpose(-1, -2).reshape(b * p, c, h, w)
+        src = keys.transpose(1, 2).reshape(b * p, c, h, w)
         x = self.upscale_conv1(src)  # (BP, C/4, 2h, 2w)
         if high_res_features is not None:
             feat_s0, feat_s1 = high_res_features

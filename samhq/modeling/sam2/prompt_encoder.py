@@ -10,19 +10,13 @@ from __future__ import annotations
 
 import torch
 
-from ..prompt_encoder import NOT_A_POINT, PromptEncoder
+from ..prompt_encoder import PromptEncoder
 
 BOX_CORNER_LABELS = (2, 3)
 
 
 class Sam2PromptEncoder(PromptEncoder):
-    def embed_points(self, points: torch.Tensor, labels: torch.Tensor, pad: bool) -> torch.Tensor:
-        """points (..., N, 2) in input-frame pixels, labels (..., N) -> (..., N [+1], C); labels 2 and 3 mark box corners."""
-        emb = super().embed_points(points, labels, pad)
-        if pad:
-            labels = torch.cat([labels, labels.new_full((*labels.shape[:-1], 1), NOT_A_POINT)], dim=-1)
-        labels = labels[..., None]
-        return emb + (labels == 2) * self.point_embed[2].weight + (labels == 3) * self.point_embed[3].weight
+    """SAM's prompt encoder (whose `embed_points` reads labels 2 and 3 as box corners) with SAM 2's token order."""
 
     def forward(
         self,
