@@ -159,7 +159,7 @@ class SamHQ2MaskDecoderConfig(_ConfigBase):
       one linear layer); without it the object score is the constant logit 10.
     - iou_prediction_use_sigmoid: IoU predictions pass through a sigmoid.
     - dynamic_multimask_via_stability (+ delta, thresh): single-mask output falls back to the best
-      multimask mask when token 0's mask is unstable (see `select_sam2_masks`); Meta's
+      multimask mask when token 0's mask is unstable (see `samhq.modeling.mask_selection`); Meta's
       `build_sam2` turns it on for images with delta 0.05 and threshold 0.98.
     - use_multimask_token_for_obj_ptr: which token becomes the video object pointer; it does not
       change image outputs (kept for the video model).

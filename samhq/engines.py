@@ -99,6 +99,8 @@ class TorchEngine:
             mask = mask.to(model.dtype)
         all_masks, iou = model.predict_all(features["features"], features["hq_features"], pts, lab, box, mask,
                                            None if mask is not None else features["context"])
+        # a plain SAM checkpoint gives what segment_anything's predictor gives: the masks in token order
+        selection = selection if model.hq_enabled else "token_order"
         low_res, scores = select_masks(all_masks.flatten(0, 1)[None], iou.flatten(0, 1)[None],
                                        multimask_output, hq_token_only, selection, sam_token_only)
         return low_res[0].float(), scores[0].float()

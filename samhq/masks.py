@@ -53,11 +53,17 @@ def generate_crop_boxes(im_size: tuple[int, int], n_layers: int, overlap_ratio: 
 # Scores and boxes
 
 
-def stability_score(logits: torch.Tensor, mask_threshold: float, offset: float) -> torch.Tensor:
-    """IoU of the masks thresholded at mask_threshold +- offset: (..., H, W) -> (...)."""
-    inner = (logits > mask_threshold + offset).sum((-2, -1))
-    outer = (logits > mask_threshold - offset).sum((-2, -1))
-    return inner.float() / outer.float()
+def stability_score(logits: torch.Tensor, mask_threshold: float, offset: float, empty: float | None = None) -> torch.Tensor:
+    """IoU of the masks thresholded at mask_threshold +- offset: (..., H, W) -> (...).
+
+    A mask empty at both thresholds scores NaN (SAM's automatic generator), or `empty` when given
+    (SAM 2's dynamic multimask selection uses 1).
+    """
+    inner = (logits > mask_threshold + offset).sum((-2, -1)).float()
+    outer = (logits > mask_threshold - offset).sum((-2, -1)).float()
+    if empty is None:
+        return inner / outer
+    return torch.where(outer > 0, inner / outer.clamp(min=1), torch.full_like(outer, empty))
 
 
 def masks_to_boxes(masks: torch.Tensor) -> torch.Tensor:

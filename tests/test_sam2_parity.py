@@ -17,7 +17,8 @@ from sam2_ref import (SMALL_IMAGE_SIZE, TOL, build_sam2_image_model, load_sam2, 
                       random_image, rel_err, save_official, small_hiera)
 
 from samhq.config_sam2 import SAM2_VARIANTS, SamHQ2Config
-from samhq.modeling.sam2 import load_sam2_model, select_sam2_masks
+from samhq.modeling.mask_selection import select_masks
+from samhq.modeling.sam2 import load_sam2_model
 
 sam2 = load_sam2()
 pytestmark = [pytest.mark.skipif(sam2 is None, reason="sam2 (and hydra-core) are not installed"),
@@ -140,14 +141,14 @@ def test_dynamic_multimask_fallback_matches_sam2(small):
     finally:
         dec.dynamic_multimask_stability_thresh = old
     masks, ours_iou, _ = small.ours_all(prompt)
-    sel, scores = select_sam2_masks(masks, ours_iou, False, stability_thresh=1.5)
+    sel, scores = select_masks(masks, ours_iou, False, False, "token_order", stability=(0.05, 1.5))
     assert torch.equal(scores[0, :, 0], ours_iou[0, :, 1:].max(dim=1).values)
     assert rel_err(sel[0].clamp(-32, 32), low_res) < TOL
     assert rel_err(scores[0], iou, floor=1.0) < TOL
 
 
 def test_stability_selection_matches_sam2_on_mixed_logits(small):
-    """`select_sam2_masks` against sam2's `_dynamic_multimask_via_stability` where some masks are stable and some not."""
+    """`select_masks` with SAM 2's stability setting against sam2's `_dynamic_multimask_via_stability` where some masks are stable and some not."""
     dec = small.ref.sam_mask_decoder
     g = torch.Generator().manual_seed(3)
     logits = torch.randn(16, 4, 32, 32, generator=g) * torch.logspace(-2, 1, 16).view(16, 1, 1, 1)
@@ -156,7 +157,7 @@ def test_stability_selection_matches_sam2_on_mixed_logits(small):
     iou = torch.rand(16, 4, generator=g)
     iou[5, 1:] = 0.5  # a tie: the first index wins
     ref_masks, ref_iou = dec._dynamic_multimask_via_stability(logits, iou)
-    sel, scores = select_sam2_masks(logits[None], iou[None], False)
+    sel, scores = select_masks(logits[None], iou[None], False, False, "token_order", stability=(0.05, 0.98))
     assert torch.equal(sel[0], ref_masks) and torch.equal(scores[0], ref_iou)
     stable = torch.all(ref_masks[:, 0] == logits[:, 0], dim=(1, 2))
     assert 0 < stable.sum() < 16  # both branches are taken
@@ -165,18 +166,18 @@ def test_stability_selection_matches_sam2_on_mixed_logits(small):
 def test_selection_orders():
     masks = torch.randn(1, 2, 4, 8, 8)
     iou = torch.tensor([[[0.9, 0.2, 0.7, 0.5], [0.1, 0.6, 0.6, 0.8]]])
-    off, s_off = select_sam2_masks(masks, iou, True, order="official")
+    off, s_off = select_masks(masks, iou, True, False, "token_order")
     assert torch.equal(off, masks[:, :, 1:]) and torch.equal(s_off, iou[:, :, 1:])
-    srt, s_srt = select_sam2_masks(masks, iou, True, order="sorted")
+    srt, s_srt = select_masks(masks, iou, True, False, "sorted")
     assert torch.equal(s_srt, torch.tensor([[[0.7, 0.5, 0.2], [0.8, 0.6, 0.6]]]))
     assert torch.equal(srt[0, 0], masks[0, 0, [2, 3, 1]]) and torch.equal(srt[0, 1], masks[0, 1, [3, 1, 2]])
-    best, s_best = select_sam2_masks(masks, iou, True, order="best")
+    best, s_best = select_masks(masks, iou, True, False, "best")
     assert torch.equal(best[0, :, 0], torch.stack([masks[0, 0, 2], masks[0, 1, 3]]))
     assert s_best.shape == (1, 2, 1)
-    with pytest.raises(ValueError, match="order"):
-        select_sam2_masks(masks, iou, True, order="nope")
+    with pytest.raises(ValueError, match="mask_selection must be one of"):
+        select_masks(masks, iou, True, False, "nope")
     with pytest.raises(ValueError, match="hq_token_only"):
-        select_sam2_masks(masks, iou, True, hq_token_only=True)
+        select_masks(masks, iou, True, True, "token_order")
 
 
 @pytest.mark.slow

@@ -284,7 +284,9 @@ class SamHQModel(_PretrainedMixin, nn.Module):
             hq_features = self.compute_hq_features(image_embeddings, intermediate_embeddings)
             masks, iou = self._predict_all(image_embeddings, hq_features, input_points, input_labels, input_boxes,
                                            input_masks, None)
-        pred_masks, scores = select_masks(masks, iou, multimask_output, hq_token_only, mask_selection)
+        # a plain SAM checkpoint returns what transformers' SamModel returns: the masks in token order
+        selection = mask_selection if self.hq_enabled else "token_order"
+        pred_masks, scores = select_masks(masks, iou, multimask_output, hq_token_only, selection)
         loss = segmentation_loss(pred_masks, labels) if labels is not None else None
         return SamHQImageSegmentationOutput(loss=loss, iou_scores=scores, pred_masks=pred_masks)
 

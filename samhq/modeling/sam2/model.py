@@ -18,11 +18,12 @@ from torch import nn
 
 from ... import checkpoints_sam2 as ckpt
 from ...config_sam2 import SamHQ2Config
+from ..mask_selection import select_masks
 from ..model import ModelOutput
 from ..prompt_encoder import check_prompts
 from ..prompt_encoder import PositionalEmbedding
 from .hiera import Sam2VisionEncoder
-from .mask_decoder import Sam2MaskDecoder, select_sam2_masks
+from .mask_decoder import Sam2MaskDecoder
 from .prompt_encoder import Sam2PromptEncoder
 
 # SAM 2's pixel normalisation (Meta's SAM2Transforms): RGB in [0, 1], then ImageNet mean and std.
@@ -144,13 +145,19 @@ class SamHQ2Model(nn.Module):
         return self.mask_decoder(image_embeddings, self.get_image_wide_positional_embeddings(), sparse, dense,
                                  high_res, self.hq_enabled)
 
-    def select_masks(self, masks: torch.Tensor, iou: torch.Tensor, multimask_output: bool, hq_token_only: bool = False,
-                     order: str = "official") -> tuple[torch.Tensor, torch.Tensor]:
-        """`select_sam2_masks` with this model's dynamic-multimask settings (off in training mode, as in SAM 2)."""
+    @property
+    def stability(self) -> tuple[float, float] | None:
+        """SAM 2's dynamic multimask setting for `select_masks`: (delta, threshold), None when off (and in
+        training mode, as in SAM 2)."""
         cfg = self.config.mask_decoder_config
-        return select_sam2_masks(masks, iou, multimask_output, hq_token_only, order,
-                                 cfg.dynamic_multimask_via_stability and not self.training,
-                                 cfg.dynamic_multimask_stability_delta, cfg.dynamic_multimask_stability_thresh)
+        if not cfg.dynamic_multimask_via_stability or self.training:
+            return None
+        return cfg.dynamic_multimask_stability_delta, cfg.dynamic_multimask_stability_thresh
+
+    def select_masks(self, masks: torch.Tensor, iou: torch.Tensor, multimask_output: bool, hq_token_only: bool = False,
+                     selection: str = "token_order") -> tuple[torch.Tensor, torch.Tensor]:
+        """`samhq.modeling.mask_selection.select_masks` with this model's dynamic multimask setting."""
+        return select_masks(masks, iou, multimask_output, hq_token_only, selection, stability=self.stability)
 
     def forward(
         self,
@@ -163,14 +170,14 @@ class SamHQ2Model(nn.Module):
         high_res_features: list[torch.Tensor] | None = None,
         multimask_output: bool = True,
         hq_token_only: bool = False,
-        mask_selection: str = "official",
+        mask_selection: str = "token_order",
         **kwargs: Any,
     ) -> SamHQ2ImageSegmentationOutput:
         """Low-resolution masks for B images x P prompts (transformers' `Sam2Model` outputs, + HQ).
 
         Pass pixel_values (B, 3, S, S), or image_embeddings with high_res_features from
         `get_image_embeddings`; prompts as in `predict_all`. multimask_output / hq_token_only /
-        mask_selection ("official", "sorted", "best") as in `select_sam2_masks`. Extra processor
+        mask_selection ("token_order", "sorted", "best") as in `select_masks`. Extra processor
         keys (`original_sizes`, `reshaped_input_sizes`) are accepted and ignored. Raises ValueError
         for malformed inputs.
         """
