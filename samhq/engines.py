@@ -27,7 +27,7 @@ import torch
 from .export.onnx import DECODER_FILE, ENCODER_FILE, META_FILE, export_onnx
 from .modeling.mask_selection import select_masks
 from .modeling.model import model_fingerprint
-from .processing import ResizeLongestSide
+from .processing import ResizeLongestSide, ResizeSquare
 
 
 def _prompt_batch(points, labels, boxes, masks):
@@ -43,16 +43,21 @@ def _prompt_batch(points, labels, boxes, masks):
 
 
 class TorchEngine:
-    """A `SamHQModel` (any device and dtype) as an engine."""
+    """A torch model of either family as an engine: `SamHQModel` (SAM-HQ, SAM) or `SamHQ2Model` (HQ-SAM 2, SAM 2.1).
+
+    The model supplies the per-family work (`embed_image`, `prepare_features`, `decode_features`,
+    `saved_features`, `stability`); the engine adds the family's image transform and output selection.
+    """
 
     name = "torch"
-    saved_features = ("features", "early_features")
 
     def __init__(self, model):
         self.model = model
-        self.image_size = model.config.vision_config.image_size
+        self.image_size = model.config.image_size if is_sam2(model) else model.config.vision_config.image_size
         self.mask_size = model.mask_size
-        self.transform = ResizeLongestSide(self.image_size)
+        self.transform = ResizeSquare(self.image_size) if is_sam2(model) else ResizeLongestSide(self.image_size)
+        self.selection = "token_order" if is_sam2(model) else "best"  # the official predictors'
+        self.saved_features = model.saved_features
 
     @property
     def device(self) -> torch.device:
@@ -67,43 +72,37 @@ class TorchEngine:
 
     @torch.no_grad()
     def embed(self, pixel_values: torch.Tensor) -> dict[str, torch.Tensor]:
-        emb, inter = self.model.get_image_embeddings(pixel_values.to(self.device))
-        features = {"features": emb}
-        if self.model.hq_enabled:
-            features["early_features"] = inter[0]
-        return features
+        return self.model.embed_image(pixel_values.to(self.device))
 
     def load_features(self, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Saved features (see `saved_features`) on this engine's device and dtype."""
-        if self.model.hq_enabled and "early_features" not in tensors:
-            raise ValueError("the image embedding has no early features, which SAM-HQ needs; it was saved from plain SAM")
+        missing = [k for k in self.saved_features if k not in tensors and (k != "early_features" or self.hq_enabled)]
+        if missing:
+            raise ValueError(f"the image embedding lacks {', '.join(missing)}, which this model needs; embed the image again")
         return {k: tensors[k].to(device=self.device, dtype=self.model.dtype) for k in self.saved_features if k in tensors}
 
-    @torch.no_grad()
     def prepare(self, features: dict) -> dict:
-        """Add the per-image work every prompt shares (HQ features, the decoder's context), once."""
-        if "hq_features" not in features:
-            early = [features["early_features"]] if "early_features" in features else []
-            features["hq_features"] = self.model.compute_hq_features(features["features"], early)
-        if "context" not in features:
-            features["context"] = self.model.decoder_context(features["features"])
-        return features
+        """Add the per-image work every prompt shares, once (see the model's `prepare_features`)."""
+        return self.model.prepare_features(features)
 
     @torch.no_grad()
     def decode(self, features, points, labels, boxes, masks, multimask_output: bool, hq_token_only: bool,
                selection: str = "best", sam_token_only: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         model = self.model
-        self.prepare(features)
         pts, lab, box, mask = _prompt_batch(points, labels, boxes, masks)
         if mask is not None:
             mask = mask.to(model.dtype)
-        all_masks, iou = model.predict_all(features["features"], features["hq_features"], pts, lab, box, mask,
-                                           None if mask is not None else features["context"])
+        all_masks, iou = model.decode_features(features, pts, lab, box, mask)
         # a plain SAM checkpoint gives what segment_anything's predictor gives: the masks in token order
         selection = selection if model.hq_enabled else "token_order"
-        low_res, scores = select_masks(all_masks.flatten(0, 1)[None], iou.flatten(0, 1)[None],
-                                       multimask_output, hq_token_only, selection, sam_token_only)
+        low_res, scores = select_masks(all_masks.flatten(0, 1)[None], iou.flatten(0, 1)[None], multimask_output,
+                                       hq_token_only, selection, sam_token_only, model.stability)
         return low_res[0].float(), scores[0].float()
+
+
+def is_sam2(model) -> bool:
+    """True for a SAM 2 family model (SAM 2.1, HQ-SAM 2)."""
+    return getattr(model.config, "model_type", "") == "sam_hq2"
 
 
 def _session(path: Path, threads: int | None, providers):
@@ -124,6 +123,7 @@ class OnnxEngine:
 
     name = "onnxruntime"
     saved_features = ("features", "hq_features")
+    selection = "best"
     hq_enabled = True  # the export refuses plain SAM
 
     def __init__(self, onnx_dir: str | os.PathLike, threads: int | None = None, providers=None, model=None):

@@ -120,7 +120,6 @@ class SamHQPredictor:
     """
 
     mask_threshold = 0.0
-    selection = "best"  # the official predictor's output selection (see samhq.modeling.mask_selection)
 
     def __init__(self, model, engine: str = "torch") -> None:
         if engine not in ("torch", "onnxruntime"):
@@ -132,6 +131,7 @@ class SamHQPredictor:
         else:
             self.engine = TorchEngine(model)
         self.transform = self.engine.transform
+        self.selection = self.engine.selection  # the family's official predictor (see samhq.modeling.mask_selection)
         self.image_size = self.engine.image_size
         self.mask_size = self.engine.mask_size
         self.reset_image()
@@ -200,12 +200,18 @@ class SamHQPredictor:
         """
         rgb = to_rgb_array(image, image_format=image_format)
         check_image_size(rgb.shape[0], rgb.shape[1], self.image_size)
-        resized = torch.as_tensor(self.transform.apply_image(rgb), device=self.device)
-        self.set_torch_image(resized.permute(2, 0, 1)[None], rgb.shape[:2])
+        self.reset_image()
+        with torch.no_grad():
+            features = self.engine.embed(self.transform.preprocess(rgb).to(self.device))
+        self._set(features, rgb.shape[:2], self.transform.input_size(rgb.shape[:2]))
 
     @torch.no_grad()
     def set_torch_image(self, transformed_image: torch.Tensor, original_image_size: tuple[int, int]) -> None:
-        """Embed an image already resized with `transform.apply_image`: (1, 3, h, w), values 0..255, long side = image size."""
+        """Embed an image already resized with `transform.apply_image`: (1, 3, h, w), values 0..255, long side =
+        image size (SAM's API; SAM 2 models take `set_image`)."""
+        if not hasattr(self.transform, "pixel_values"):
+            raise ValueError("set_torch_image is SAM's API for images resized by transform.apply_image; "
+                             "give this SAM 2 model the image itself with set_image")
         s = self.image_size
         if transformed_image.ndim != 4 or transformed_image.shape[:2] != (1, 3) or max(transformed_image.shape[2:]) != s:
             raise ValueError(

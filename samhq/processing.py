@@ -99,6 +99,10 @@ class ResizeLongestSide:
         """The encoder's input from a resized image (1, 3, h, w) with values 0..255: (1, 3, S, S) float32."""
         return normalize_and_pad(resized, self.target_length)
 
+    def preprocess(self, rgb: np.ndarray) -> torch.Tensor:
+        """(H, W, 3) uint8 -> the encoder's input (1, 3, S, S) float32: resized, normalised, padded."""
+        return self.pixel_values(torch.from_numpy(self.apply_image(rgb)).permute(2, 0, 1)[None])
+
     def apply_coords(self, coords: np.ndarray, original_size: tuple[int, int]) -> np.ndarray:
         """(..., 2) x, y in the original (H, W) image -> the resized frame (float64)."""
         return scale_coords(coords, original_size, self.target_length)
@@ -116,6 +120,86 @@ class ResizeLongestSide:
     def postprocess_masks(self, low_res: torch.Tensor, input_size, original_size) -> torch.Tensor:
         """Low-res logits (..., m, m) -> float32 logits (..., H, W) at the original size (`upscale_logits`)."""
         return upscale_logits(low_res, input_size, original_size, self.target_length)
+
+
+class ResizeSquare:
+    """SAM 2's image transform: resize the image to `target_length` squared without keeping its aspect
+    ratio (bilinear with antialiasing on the [0, 1] float image, as torchvision's `Resize` on a tensor),
+    normalise with ImageNet mean / std, no padding; prompt coordinates scale by S / W and S / H; mask
+    logits go back by one bilinear resize to the original size (Meta's `SAM2Transforms`).
+
+    `max_hole_area` / `max_sprinkle_area` (low-res pixels, 0 = off): SAM 2's post-processing fills
+    background regions of at most that area inside a mask and removes foreground specks of at most
+    that area, 8-connected, on the low-res logits before the resize (needs scipy).
+    """
+
+    def __init__(self, target_length: int, max_hole_area: float = 0.0, max_sprinkle_area: float = 0.0) -> None:
+        self.target_length = target_length
+        self.max_hole_area = max_hole_area
+        self.max_sprinkle_area = max_sprinkle_area
+
+    def input_size(self, original_size: tuple[int, int]) -> tuple[int, int]:
+        return self.target_length, self.target_length
+
+    def preprocess(self, rgb: np.ndarray) -> torch.Tensor:
+        """(H, W, 3) uint8 -> the encoder's input (1, 3, S, S) float32."""
+        x = torch.from_numpy(np.ascontiguousarray(rgb)).permute(2, 0, 1)[None].float() / 255.0
+        s = self.target_length
+        x = F.interpolate(x, (s, s), mode="bilinear", align_corners=False, antialias=True)
+        mean, std = torch.tensor(IMAGENET_MEAN).view(3, 1, 1), torch.tensor(IMAGENET_STD).view(3, 1, 1)
+        return (x - mean) / std
+
+    def apply_coords(self, coords: np.ndarray, original_size: tuple[int, int]) -> np.ndarray:
+        """(..., 2) x, y in the original (H, W) image -> the S x S frame (float64)."""
+        h, w = original_size
+        return np.asarray(coords, dtype=np.float64) * np.array([self.target_length / w, self.target_length / h])
+
+    def apply_boxes(self, boxes: np.ndarray, original_size: tuple[int, int]) -> np.ndarray:
+        return self.apply_coords(np.asarray(boxes).reshape(-1, 2, 2), original_size).reshape(-1, 4)
+
+    def apply_coords_torch(self, coords: torch.Tensor, original_size: tuple[int, int]) -> torch.Tensor:
+        h, w = original_size
+        factor = torch.tensor([self.target_length / w, self.target_length / h], device=coords.device)
+        return coords.to(torch.float) * factor
+
+    def apply_boxes_torch(self, boxes: torch.Tensor, original_size: tuple[int, int]) -> torch.Tensor:
+        return self.apply_coords_torch(boxes.reshape(-1, 2, 2), original_size).reshape(-1, 4)
+
+    def postprocess_masks(self, low_res: torch.Tensor, input_size, original_size) -> torch.Tensor:
+        """Low-res logits (..., m, m) -> float32 logits (..., H, W) at the original size."""
+        x = low_res.float()
+        if self.max_hole_area > 0 or self.max_sprinkle_area > 0:
+            x = fill_holes_and_sprinkles(x, self.max_hole_area, self.max_sprinkle_area)
+        lead = x.shape[:-2]
+        x = F.interpolate(x.reshape(1, -1, *x.shape[-2:]), tuple(int(v) for v in original_size), mode="bilinear",
+                          align_corners=False)
+        return x.reshape(*lead, *x.shape[-2:])
+
+
+def fill_holes_and_sprinkles(logits: torch.Tensor, max_hole_area: float, max_sprinkle_area: float,
+                             threshold: float = 0.0) -> torch.Tensor:
+    """SAM 2's mask clean-up on logits (..., H, W): background regions (logit <= threshold) of at most
+    `max_hole_area` pixels become foreground (threshold + 10), then foreground regions of at most
+    `max_sprinkle_area` pixels become background (threshold - 10); regions are 8-connected and a
+    region touching the border counts as well. Returns a new tensor."""
+    try:
+        from scipy import ndimage
+    except ImportError:
+        raise ImportError("filling holes and removing sprinkles needs scipy: pip install 'samhq[amg]'") from None
+    out = logits.detach().cpu().clone()
+    flat = out.reshape(-1, *out.shape[-2:])
+    eight = np.ones((3, 3), bool)
+    for step, area, value in (("holes", max_hole_area, threshold + 10.0), ("sprinkles", max_sprinkle_area, threshold - 10.0)):
+        if area <= 0:
+            continue
+        for m in flat:
+            region = (m <= threshold).numpy() if step == "holes" else (m > threshold).numpy()
+            labels, n = ndimage.label(region, structure=eight)
+            if n:
+                sizes = np.bincount(labels.ravel(), minlength=n + 1)
+                small = (labels > 0) & (sizes[labels] <= area)
+                m[torch.from_numpy(small)] = value
+    return out.to(logits.device)
 
 
 class BatchFeature(dict):

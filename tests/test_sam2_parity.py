@@ -244,3 +244,26 @@ def test_config_presets_match_meta_yaml():
             assert model["iou_prediction_use_sigmoid"] == d.iou_prediction_use_sigmoid
             assert model["pred_obj_scores"] == d.pred_obj_scores and model["pred_obj_scores_mlp"] == d.pred_obj_scores_mlp
             assert model["use_multimask_token_for_obj_ptr"] == d.use_multimask_token_for_obj_ptr
+
+
+@pytest.mark.parametrize("multimask", [True, False])
+def test_predictor_front_end_matches_sam2_image_predictor(small, multimask):
+    """samhq's one front end over a SAM 2 model: original-image prompts in, full-size masks out, as
+    Meta's `SAM2ImagePredictor.predict` (square resize, coordinate scaling, token-order multimask and the
+    dynamic single-mask fallback, direct bilinear upscaling)."""
+    from samhq.predictor import SamHQPredictor
+
+    image = random_image(180, 300, 7)
+    ours = SamHQPredictor(small.ours)
+    ours.set_image(image)
+    assert rel_err(ours.features, small.predictor._features["image_embed"]) < TOL
+    cases = [dict(point_coords=np.array([[40.0, 60.0], [200, 90]]), point_labels=np.array([1, 0])),
+             dict(box=np.array([30.0, 20.0, 250.0, 160.0])),
+             dict(point_coords=np.array([[120.0, 80.0]]), point_labels=np.array([1]), box=np.array([60.0, 30.0, 220.0, 150.0]))]
+    for kw in cases:
+        ref_masks, ref_iou, ref_low = small.predictor.predict(**kw, multimask_output=multimask, return_logits=True)
+        masks, iou, low = ours.predict(**kw, multimask_output=multimask, return_logits=True)
+        assert masks.shape == ref_masks.shape == ((3 if multimask else 1), 180, 300)
+        assert rel_err(torch.as_tensor(low), torch.as_tensor(ref_low)) < TOL
+        assert rel_err(torch.as_tensor(iou), torch.as_tensor(ref_iou), floor=1.0) < TOL
+        assert rel_err(torch.as_tensor(masks), torch.as_tensor(ref_masks)) < TOL

@@ -195,6 +195,32 @@ class SamHQModel(_PretrainedMixin, nn.Module):
         with self._autograd():
             return self.mask_decoder.hq_features(image_embeddings, intermediate_embeddings[0])
 
+    # The engine interface (samhq.engines.TorchEngine): what a front end needs from a model family.
+    saved_features = ("features", "early_features")
+    stability = None  # SAM decodes no dynamic multimask (see mask_selection)
+
+    @torch.no_grad()
+    def embed_image(self, pixel_values: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The per-image features to keep: "features" (B, 256, h, w) and, for SAM-HQ, "early_features" (B, h, w, C)."""
+        emb, inter = self.get_image_embeddings(pixel_values)
+        return {"features": emb, "early_features": inter[0]} if self.hq_enabled else {"features": emb}
+
+    @torch.no_grad()
+    def prepare_features(self, features: dict) -> dict:
+        """Add the per-image work every prompt shares (HQ features, the decoder's context), once."""
+        if "hq_features" not in features:
+            early = [features["early_features"]] if "early_features" in features else []
+            features["hq_features"] = self.compute_hq_features(features["features"], early)
+        if "context" not in features:
+            features["context"] = self.decoder_context(features["features"])
+        return features
+
+    def decode_features(self, features: dict, input_points=None, input_labels=None, input_boxes=None, input_masks=None):
+        """`predict_all` on `prepare_features`' dict: every token's masks (B, P, K, 4h, 4w) and IoU (B, P, 4)."""
+        features = self.prepare_features(features)
+        return self.predict_all(features["features"], features["hq_features"], input_points, input_labels, input_boxes,
+                                input_masks, None if input_masks is not None else features["context"])
+
     @torch.no_grad()
     def decoder_context(self, image_embeddings: torch.Tensor) -> dict | None:
         """The mask decoder's per-image work for prompts without a mask input, to pass to `predict_all`

@@ -85,6 +85,11 @@ class SamHQ2Model(nn.Module):
         """The image encoder's dtype (bfloat16 after `from_pretrained(..., dtype=torch.bfloat16)`)."""
         return self.vision_encoder.backbone.pos_embed.dtype
 
+    @property
+    def mask_size(self) -> int:
+        """Side of the low-resolution mask logits (256 for the released models)."""
+        return 4 * self.config.prompt_encoder_config.image_embedding_size
+
     def get_image_wide_positional_embeddings(self) -> torch.Tensor:
         """(1, C, h, w) positional encoding of the image-embedding grid (the prompt encoder's `get_dense_pe`)."""
         return self.shared_image_embedding.grid(self.config.prompt_encoder_config.image_embedding_size)
@@ -106,6 +111,24 @@ class SamHQ2Model(nn.Module):
         embeddings = features[-1] + self.no_memory_embedding.view(1, -1, 1, 1)
         high_res = self.mask_decoder.high_res_features(features) if self.config.mask_decoder_config.use_high_res_features else []
         return embeddings, high_res
+
+    # The engine interface (samhq.engines.TorchEngine): what a front end needs from a model family.
+    saved_features = ("features", "high_res_s0", "high_res_s1")
+
+    @torch.no_grad()
+    def embed_image(self, pixel_values: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The per-image features: "features" (B, 256, h, w) and the high-resolution "high_res_s0" / "high_res_s1"."""
+        emb, high_res = self.get_image_embeddings(pixel_values)
+        return {"features": emb, **{f"high_res_s{i}": t for i, t in enumerate(high_res)}}
+
+    def prepare_features(self, features: dict) -> dict:
+        return features  # nothing is derived per image
+
+    def decode_features(self, features: dict, input_points=None, input_labels=None, input_boxes=None, input_masks=None):
+        """`predict_all` on `embed_image`'s dict: every token's masks (B, P, K, 4h, 4w) and IoU (B, P, 4)."""
+        high_res = [features[k] for k in ("high_res_s0", "high_res_s1") if k in features]
+        masks, iou, _ = self.predict_all(features["features"], high_res, input_points, input_labels, input_boxes, input_masks)
+        return masks, iou
 
     def get_prompt_embeddings(self, input_points=None, input_labels=None, input_boxes=None, input_masks=None):
         """Sparse (B, P, T, C) and dense (B, 1 or P, C, h, w) prompt embeddings (see `Sam2PromptEncoder.forward`)."""
