@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from .image_io import check_image_size, to_rgb_array
+from .limits import check_prompts
 from .modeling.mask_decoder import select_masks
 from .processing import check_boxes, normalize_and_pad, preprocess_shape, resize_rgb, scale_coords, upscale_logits
 
@@ -234,6 +235,7 @@ def check_torch_prompts(points, labels, boxes, masks, mask_size: int) -> int:
         raise ValueError("give a prompt: point_coords with point_labels, boxes, or mask_input")
     if len(set(sizes)) > 1:
         raise ValueError(f"prompt batch sizes disagree (points, boxes, masks): {sizes}")
+    check_prompts(0 if points is None else points.shape[0] * points.shape[1], 0 if boxes is None else boxes.reshape(-1, 4).shape[0])
     return sizes[0]
 
 
