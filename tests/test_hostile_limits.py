@@ -166,8 +166,12 @@ def test_everything_goes_on_after_a_bomb(files, tmp_path, capsys):
 # prompts
 
 
-def test_prompt_count_limit_in_python(model):
-    predictor = SamHQPredictor(model)
+@pytest.mark.parametrize("engine", ["torch", "onnxruntime"])
+def test_prompt_count_limit_in_python(model, engine):
+    if engine == "onnxruntime":
+        pytest.importorskip("onnxruntime")
+        pytest.importorskip("onnx")
+    predictor = SamHQPredictor(model, engine=engine)
     predictor.set_image(make_image(40, 50))
     pts = np.random.default_rng(0).random((300, 2)) * 40
     with pytest.raises(LimitError, match=r"300 points and 0 boxes in one request, over the limit of 256 .*--max-prompts"):
