@@ -268,6 +268,137 @@ def _infer_tiny(state) -> SamHQTinyViTConfig:
 
 
 # ---------------------------------------------------------------------------------------------
+# Checking a checkpoint before a model is built from it
+
+
+def validate_checkpoint(state: dict[str, torch.Tensor], config: SamHQConfig, where: str = "checkpoint",
+                        limits=None) -> None:
+    """Refuse weights that cannot be right, before any model is built (state in our naming).
+
+    Raises CheckpointError naming the tensor or config field when
+    - a tensor is not floating point (int64, bool, uint8 ... of the right shape; only BatchNorm's
+      `num_batches_tracked` counters are integers), or holds NaN or infinite values;
+    - a config value disagrees with the tensors present (layer counts, widths, heads, window and
+      image sizes: a `config.json` claiming 100000 layers for 12 layers of weights fails here, in
+      milliseconds, instead of building the 100000 layers);
+    - an integer config value that no tensor confirms is over `limits.max_config_value`
+      (`samhq.limits`; default 16384).
+    """
+    from .limits import HOW_TO_RAISE, get_limits
+
+    for name, t in state.items():
+        if not t.is_floating_point() and not (name.endswith("num_batches_tracked") and not t.is_complex()
+                                              and t.dtype != torch.bool):
+            raise CheckpointError(f"{where}: tensor {name} has dtype {str(t.dtype).replace('torch.', '')}; SAM-HQ weights "
+                                  "are floating point, so the file is damaged or not a SAM-HQ checkpoint")
+    for name, t in state.items():
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            bad = int((~torch.isfinite(t)).sum())
+            raise CheckpointError(f"{where}: tensor {name} holds {bad} NaN or infinite values (of {t.numel()}); "
+                                  "the weights are damaged")
+    wrong = [f"{field} is {value} but the tensors say {found}"
+             for field, value, found in _config_vs_tensors(state, config) if value != found]
+    if wrong:
+        raise CheckpointError(f"{where}: config does not match the weights: {short_list(wrong, 4)}")
+    maximum = (limits or get_limits()).max_config_value
+    for field, value in _config_ints(config.to_dict()):
+        if value > maximum:
+            raise CheckpointError(f"{where}: config value {field} = {value} is over the limit of {maximum} "
+                                  f"(max_config_value; raise it with {HOW_TO_RAISE['max_config_value']})")
+
+
+def _config_ints(d: dict, prefix: str = ""):
+    for k, v in d.items():
+        if isinstance(v, dict):
+            yield from _config_ints(v, f"{prefix}{k}.")
+        elif isinstance(v, (list, tuple)):
+            yield from ((f"{prefix}{k}[{i}]", x) for i, x in enumerate(v) if isinstance(x, int) and not isinstance(x, bool))
+        elif isinstance(v, int) and not isinstance(v, bool):
+            yield f"{prefix}{k}", v
+
+
+def _config_vs_tensors(state, config: SamHQConfig):
+    """(config field, its value, the value the tensors imply) for every config value a tensor pins down."""
+
+    def shape(name, dim):
+        t = state.get(name)
+        return None if t is None or t.ndim <= dim else int(t.shape[dim])
+
+    def count(pattern):  # None when no tensor matches: the missing keys are named later, once the model is built
+        idx = [int(m.group(1)) for k in state if (m := re.match(pattern, k))]
+        return max(idx) + 1 if idx else None
+
+    def pinned(field, value, found):
+        return [] if found is None else [(field, value, found)]
+
+    v, p, d = config.vision_config, config.prompt_encoder_config, config.mask_decoder_config
+    out = []
+    if config.is_tiny:
+        for i in range(4):
+            out += pinned(f"vision_config.depths[{i}]", v.depths[i], count(rf"vision_encoder\.layers\.{i}\.blocks\.(\d+)\."))
+        out += pinned("vision_config.embed_dims[0]", v.embed_dims[0], shape("vision_encoder.patch_embed.seq.2.c.weight", 0))
+        for i in (1, 2, 3):
+            block = f"vision_encoder.layers.{i}.blocks.0.attn."
+            out += pinned(f"vision_config.embed_dims[{i}]", v.embed_dims[i], shape(block + "qkv.weight", 1))
+            out += pinned(f"vision_config.num_heads[{i}]", v.num_heads[i], shape(block + "attention_biases", 0))
+            out += pinned(f"vision_config.window_sizes[{i}] squared", v.window_sizes[i] ** 2, shape(block + "attention_biases", 1))
+    elif "vision_encoder.patch_embed.projection.weight" in state:
+        proj = "vision_encoder.patch_embed.projection.weight"
+        out += pinned("vision_config.num_hidden_layers", v.num_hidden_layers, count(r"vision_encoder\.layers\.(\d+)\."))
+        out += pinned("vision_config.hidden_size", v.hidden_size, shape(proj, 0))
+        out += pinned("vision_config.num_channels", v.num_channels, shape(proj, 1))
+        out += pinned("vision_config.patch_size", v.patch_size, shape(proj, 3))
+        out += pinned("vision_config.mlp_dim", v.mlp_dim, shape("vision_encoder.layers.0.mlp.lin1.weight", 0))
+        out += pinned("vision_config.output_channels", v.output_channels, shape("vision_encoder.neck.conv1.weight", 0))
+        grid = v.image_size // v.patch_size
+        out.append(("vision_config.use_abs_pos", v.use_abs_pos, "vision_encoder.pos_embed" in state))
+        out += pinned("vision_config.image_size / patch_size", grid, shape("vision_encoder.pos_embed", 1))
+        out.append(("vision_config.use_rel_pos", v.use_rel_pos, "vision_encoder.layers.0.attn.rel_pos_h" in state))
+        if v.use_rel_pos:
+            head_dim = v.hidden_size // v.num_attention_heads
+            for i in range(min(v.num_hidden_layers, count(r"vision_encoder\.layers\.(\d+)\.") or 0)):
+                rel = f"vision_encoder.layers.{i}.attn.rel_pos_h"
+                size = grid if i in v.global_attn_indexes else v.window_size
+                out += pinned(f"vision_config (layer {i}'s {'global' if size == grid else 'window'} size) * 2 - 1",
+                              2 * size - 1, shape(rel, 0))
+                out += pinned("vision_config.hidden_size / num_attention_heads", head_dim, shape(rel, 1))
+    out += pinned("vision_config.num_pos_feats", v.num_pos_feats, shape("shared_image_embedding.positional_embedding", 1))
+    out += pinned("prompt_encoder_config.hidden_size", p.hidden_size, shape("prompt_encoder.no_mask_embed.weight", 1))
+    out += pinned("prompt_encoder_config.num_point_embeddings", p.num_point_embeddings,
+                  count(r"prompt_encoder\.point_embed\.(\d+)\."))
+    out += pinned("prompt_encoder_config.mask_input_channels", p.mask_input_channels,
+                  shape("prompt_encoder.mask_embed.conv3.weight", 1))
+    out += pinned("mask_decoder_config.hidden_size", d.hidden_size, shape("mask_decoder.iou_token.weight", 1))
+    out += pinned("mask_decoder_config.num_hidden_layers", d.num_hidden_layers,
+                  count(r"mask_decoder\.transformer\.layers\.(\d+)\."))
+    out += pinned("mask_decoder_config.mlp_dim", d.mlp_dim, shape("mask_decoder.transformer.layers.0.mlp.lin1.weight", 0))
+    out += pinned("mask_decoder_config.hidden_size / attention_downsample_rate", d.hidden_size // d.attention_downsample_rate,
+                  shape("mask_decoder.transformer.final_attn_token_to_image.q_proj.weight", 0))
+    out += pinned("mask_decoder_config.num_multimask_outputs + 1", d.num_multimask_outputs + 1,
+                  count(r"mask_decoder\.output_hypernetworks_mlps\.(\d+)\."))
+    if "mask_decoder.iou_prediction_head.proj_in.weight" in state:
+        out.append(("mask_decoder_config.iou_head_depth", d.iou_head_depth,
+                    2 + (count(r"mask_decoder\.iou_prediction_head\.layers\.(\d+)\.") or 0)))
+    out += pinned("mask_decoder_config.iou_head_hidden_dim", d.iou_head_hidden_dim,
+                  shape("mask_decoder.iou_prediction_head.proj_in.weight", 0))
+    out += pinned("mask_decoder_config.vit_dim", d.vit_dim, shape("mask_decoder.compress_vit_conv1.weight", 0))
+    return out
+
+
+class NonFiniteOutputError(ValueError):
+    """A model output (score, mask logit) is NaN or infinite: damaged weights, or a dtype that overflows."""
+
+
+def require_finite(values, what: str) -> None:
+    """Raise NonFiniteOutputError unless every value is finite (so no NaN ever reaches a JSON output)."""
+    t = torch.as_tensor(values, dtype=torch.float64) if not isinstance(values, torch.Tensor) else values
+    if not bool(torch.isfinite(t).all()):
+        raise NonFiniteOutputError(
+            f"the model produced NaN or infinite {what}: its weights are damaged or its dtype overflows "
+            "(load it in float32; checkpoints with such weights are refused when loaded)")
+
+
+# ---------------------------------------------------------------------------------------------
 # Loading
 
 
@@ -382,5 +513,6 @@ def write_official(state: dict[str, torch.Tensor], path, overwrite: bool = False
     return path
 
 
-__all__ = ["CheckpointError", "read_checkpoint", "resolve_source", "infer_config", "write_pretrained", "write_official",
-           "official_to_ours", "ours_to_official", "BUNDLED", "DEMO_MODEL", "VARIANTS"]
+__all__ = ["CheckpointError", "NonFiniteOutputError", "validate_checkpoint", "require_finite", "read_checkpoint",
+           "resolve_source", "infer_config", "write_pretrained", "write_official", "official_to_ours", "ours_to_official",
+           "BUNDLED", "DEMO_MODEL", "VARIANTS"]

@@ -26,6 +26,7 @@ import torch
 
 from .engines import OnnxEngine, TorchEngine, model_fingerprint
 from .image_io import check_image_size, to_rgb_array
+from .limits import check_prompt_count
 from .modeling.prompt_encoder import check_prompts
 
 EMBEDDING_FORMAT = "samhq-image-embedding/1"
@@ -406,6 +407,7 @@ class SamHQPredictor:
             raise ValueError("give a prompt: point_coords with point_labels, boxes, or mask_input")
         if len(set(sizes)) > 1:
             raise ValueError(f"prompt batch sizes disagree (points, boxes, masks): {sizes}")
+        check_prompt_count(0 if points is None else points.shape[0] * points.shape[1], 0 if boxes is None else len(boxes))
         check_prompts(None if points is None else points[None], None if labels is None else labels[None],
                       None if boxes is None else boxes[None], masks, self.mask_size, _NAMES)
         self._warn_outside(points, boxes)

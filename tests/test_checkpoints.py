@@ -234,7 +234,8 @@ def test_shapes_that_disagree_with_the_config_are_named(small_model, tmp_path):
     cfg = json.loads((tmp_path / "config.json").read_text())
     cfg["mask_decoder_config"]["iou_head_hidden_dim"] = 128  # the config now describes another model
     (tmp_path / "config.json").write_text(json.dumps(cfg))
-    with pytest.raises(CheckpointError, match=r"shapes disagree.*iou_prediction_head"):
+    with pytest.raises(CheckpointError, match=r"config does not match the weights: "
+                       r"mask_decoder_config\.iou_head_hidden_dim is 128 but the tensors say 256"):
         SamHQModel.from_pretrained(tmp_path)
 
 

@@ -56,7 +56,9 @@ def test_folder_run_resume_and_force(setup, capsys):
         for ann, r, png in zip(anns, ref, pngs):
             np.testing.assert_array_equal(coco_to_mask(ann["segmentation"]), r["segmentation"])
             np.testing.assert_array_equal(np.asarray(Image.open(png)) > 0, r["segmentation"])
-            assert ann["bbox"] == r["bbox"] and ann["area"] == r["area"]
+            ys, xs = np.nonzero(r["segmentation"])  # COCO's bbox: width = x_max - x_min + 1
+            assert ann["bbox"] == [xs.min(), ys.min(), xs.max() - xs.min() + 1, ys.max() - ys.min() + 1]
+            assert ann["area"] == r["area"]
         overlay = Image.open(out_dir / f"{name}_overlay.png")
         assert overlay.size == (image.shape[1], image.shape[0]) and overlay.mode == "RGB"
     assert not list(out_dir.rglob("*.tmp"))

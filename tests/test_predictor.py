@@ -304,7 +304,7 @@ def test_bad_images_and_missing_image(tmp_path):
         with pytest.raises(ValueError, match=message):
             predictor.set_image(image)
     (tmp_path / "bad.png").write_bytes(b"not an image")
-    with pytest.raises(ValueError, match="cannot read image"):
+    with pytest.raises(ValueError, match="cannot read .* as an image"):
         predictor.set_image(tmp_path / "bad.png")
     with pytest.raises(ValueError, match="image_format"):
         predictor.set_image(np.zeros((4, 4, 3), np.uint8), image_format="HSV")

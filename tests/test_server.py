@@ -33,7 +33,7 @@ def decode_mask(b64: str) -> np.ndarray:
 def served():
     item = SyntheticShapes(1, (96, 128), seed=1000)[0]
     app = create_app("samhq-tiny-shapes", max_images=2)
-    return TestClient(app), item
+    return TestClient(app, base_url="http://127.0.0.1:8000"), item
 
 
 def test_segment_matches_the_predictor(served):
@@ -70,7 +70,7 @@ def test_errors_are_clear(served):
     client, item = served
     image_id = client.post("/api/images", files={"file": ("a.png", png_bytes(item["image"]), "image/png")}).json()["image_id"]
     r = client.post("/api/images", files={"file": ("x.png", b"not an image", "image/png")})
-    assert r.status_code == 400 and "could not read the upload as an image" in r.json()["detail"]
+    assert r.status_code == 400 and "cannot read the upload as an image" in r.json()["detail"]
     r = client.post("/api/segment", json={"image_id": "0123456789abcdef", "points": [[1, 1]]})
     assert r.status_code == 404 and "upload the image first" in r.json()["detail"]
     r = client.post("/api/segment", json={"image_id": image_id})

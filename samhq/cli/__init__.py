@@ -39,8 +39,11 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     from ..checkpoints import CheckpointError
 
+    from ._common import command_setup
+
     try:
-        return int(args.func(args) or 0)
+        with command_setup(args):  # --threads, limits, one-line warnings
+            return int(args.func(args) or 0)
     except (ValueError, FileExistsError, FileNotFoundError, CheckpointError, ImportError) as e:
         print(f"samhq {args.command}: error: {e}", file=sys.stderr)
         return 2

@@ -5,7 +5,7 @@ import re
 import sys
 from pathlib import Path
 
-from ._common import DEMO_MODEL, add_model_arg, new_command, refuse_overwrite
+from ._common import DEMO_MODEL, add_image_args, add_model_arg, new_command, refuse_overwrite
 
 DATASET_HELP = """\
 DATASET is one of:
@@ -42,6 +42,7 @@ def register(sub) -> None:
     p.add_argument("--csv", metavar="PATH", help="write per-object scores as CSV")
     p.add_argument("--force", action="store_true", help="overwrite existing --json / --csv files")
     p.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
+    add_image_args(p, bit_depth=False)  # --max-pixels for the dataset's images
     p.set_defaults(func=run)
 
 

@@ -15,10 +15,11 @@ def register(sub) -> None:
 
 
 def describe(src) -> dict:
-    from ..checkpoints import infer_config, read_checkpoint
+    from ..checkpoints import infer_config, read_checkpoint, validate_checkpoint
 
     state, config, fmt = read_checkpoint(src)
     config = config or infer_config(state, str(src))
+    validate_checkpoint(state, config, str(src))  # what loading it would refuse, said here too
     dtypes = sorted({str(t.dtype).replace("torch.", "") for t in state.values()})
     hq = any(k.startswith("mask_decoder.hq_token") for k in state)
     return {

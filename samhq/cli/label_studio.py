@@ -27,7 +27,7 @@ def register(sub) -> None:
     p.add_argument("--auto-label", metavar="LABEL", help="label of automatic masks (default: the mask control's first)")
     p.add_argument("--max-images", type=int, default=8, help="image embeddings kept in memory (default 8)")
     p.add_argument("--multimask", action="store_true", help="let SAM pick the best of three masks per prompt")
-    p.add_argument("--hq-only", action="store_true", help="the HQ token's mask alone (else SAM + HQ)")
+    p.add_argument("--hq-token-only", action="store_true", help="the HQ token's mask alone (else SAM + HQ)")
     p.add_argument("--polygon-tolerance", type=float, default=1.0, metavar="PX",
                    help="simplification of PolygonLabels answers in pixels (default 1)")
     p.add_argument("--points-per-side", type=int, default=32, help="everything mode's prompt grid (default 32)")
@@ -62,7 +62,7 @@ def run(args) -> int:
     app = create_label_studio_app(
         args.model, args.label_studio_url, args.api_key, allowed_hosts=hosts, basic_auth=basic, image_hosts=args.image_host,
         device=args.device, dtype=args.dtype, max_images=args.max_images, auto=args.auto, auto_label=args.auto_label,
-        multimask=args.multimask, hq_token_only=args.hq_only, polygon_tolerance=args.polygon_tolerance,
+        multimask=args.multimask, hq_token_only=args.hq_token_only, polygon_tolerance=args.polygon_tolerance,
         points_per_side=args.points_per_side, pred_iou_thresh=args.pred_iou_thresh, stability_thresh=args.stability_thresh,
     )
     where = args.label_studio_url or "no Label Studio URL (images cannot be fetched: give --label-studio-url)"

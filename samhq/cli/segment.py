@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ._common import DeprecatedAlias, add_model_arg, new_command, refuse_overwrite
+from ._common import DeprecatedAlias, add_image_args, add_model_arg, new_command, refuse_overwrite
 
 
 def register(sub) -> None:
@@ -40,6 +40,7 @@ def register(sub) -> None:
     p.add_argument("--overlay", help="overlay PNG: the image with the mask, its outline and the prompts")
     p.add_argument("--json", help="JSON with score, bbox, area and COCO RLE per mask")
     p.add_argument("--force", action="store_true", help="overwrite existing output files")
+    add_image_args(p, prompts=True)
     p.set_defaults(func=run)
 
 
@@ -77,6 +78,9 @@ def parse_prompts(points: list[str], boxes: list[str]):
         raise ValueError("give at least one prompt: --point X,Y[,LABEL] or --box X0,Y0,X1,Y1")
     if pts and len(bxs) > 1:
         raise ValueError("--point can be combined with one --box only; run once per box to add points to several")
+    from ..limits import check_prompt_count
+
+    check_prompt_count(len(pts), len(bxs))
     return pts, labels, bxs
 
 
@@ -99,6 +103,7 @@ def run(args) -> int:
     import torch
     from PIL import Image
 
+    from ..checkpoints import require_finite
     from ..image_io import check_image_size, to_rgb_array
     from ..masks import mask_bbox, mask_to_coco
     from ..pipelines import load_for_inference
@@ -109,13 +114,20 @@ def run(args) -> int:
     n = max(1, len(boxes))
     paths = output_paths(args, n)
     every = [p for group in paths.values() for p in group]
+    seen = {}
+    for option, group in (("--out", paths["mask"]), ("--overlay", paths["overlay"]), ("--json", paths["json"])):
+        for p in group:
+            key = p.resolve()
+            if key in seen:
+                raise ValueError(f"{seen[key]} and {option} both name {p}; give each output its own file")
+            seen[key] = option
     refuse_overwrite(every, args.force)
     for p in every:
         if not p.parent.is_dir():
             raise ValueError(f"output folder {p.parent} does not exist")
     if args.json:
         mask_to_coco(np.zeros((1, 1), bool))  # fail now, before any work, when pycocotools is missing
-    image = to_rgb_array(args.image)
+    image = to_rgb_array(args.image, bit_depth=args.bit_depth)
     check_image_size(*image.shape[:2])
 
     predictor = SamHQPredictor(load_for_inference(args.model, args.device, args.dtype))
@@ -134,6 +146,7 @@ def run(args) -> int:
     for w in caught:
         print(f"samhq segment: warning: {w.message}", file=sys.stderr)
     # One mask per object (plain SAM weights give three candidates: keep the best scored).
+    require_finite(s, "scores")
     best = s.argmax(axis=1)
     masks, scores = m[np.arange(len(m)), best], s[np.arange(len(s)), best]
 
@@ -147,15 +160,18 @@ def run(args) -> int:
             entry["segmentation"] = mask_to_coco(mask)
         results.append(entry)
 
+    text = None
+    if paths["json"]:  # made before any file is written: nothing is written when it cannot be
+        doc = {"image": str(args.image), "height": int(image.shape[0]), "width": int(image.shape[1]),
+               "model": str(args.model), "multimask": args.multimask, "hq_token_only": args.hq_token_only, "masks": results}
+        text = json.dumps(doc, indent=2, allow_nan=False) + "\n"
     for path, mask in zip(paths["mask"], masks):
         Image.fromarray(mask.astype(np.uint8) * 255).save(path)
     if paths["overlay"]:
         overlay = draw_masks(image, masks, points=pts or None, labels=labels or None, boxes=boxes or None)
         Image.fromarray(overlay).save(paths["overlay"][0])
-    if paths["json"]:
-        doc = {"image": str(args.image), "height": int(image.shape[0]), "width": int(image.shape[1]),
-               "model": str(args.model), "multimask": args.multimask, "hq_token_only": args.hq_token_only, "masks": results}
-        paths["json"][0].write_text(json.dumps(doc, indent=2) + "\n")
+    if text is not None:
+        paths["json"][0].write_text(text)
     for p in every:
         print(f"wrote {p}")
     for i, r in enumerate(results):

@@ -1,7 +1,7 @@
 """`samhq serve`: the click-to-segment web page and its JSON API (see samhq.server)."""
 from __future__ import annotations
 
-from ._common import add_model_arg, new_command
+from ._common import add_image_args, add_model_arg, new_command
 
 
 def register(sub) -> None:
@@ -12,22 +12,48 @@ def register(sub) -> None:
     add_model_arg(p)
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1; 0.0.0.0 for all)")
     p.add_argument("--port", type=int, default=8000, help="port (default 8000)")
-    p.add_argument("--max-images", type=int, default=8, help="image embeddings kept in memory (default 8)")
+    p.add_argument("--max-images", type=int, default=8, help="image embeddings kept in memory, least recently used "
+                   "dropped first (default 8)")
+    p.add_argument("--max-upload-mb", type=float, metavar="MB", help="refuse uploads over MB megabytes (MiB), "
+                   "counted as they stream in (default 100)")
+    p.add_argument("--max-request-kb", type=float, metavar="KB", help="refuse JSON requests over KB kilobytes (KiB) "
+                   "(default 1024)")
+    add_image_args(p, prompts=True)
+    p.add_argument("--allowed-hosts", metavar="NAMES", help="comma-separated Host names to answer besides loopback, "
+                   "e.g. seg.example.org behind a proxy ('*' for any; default: loopback names when bound to loopback, "
+                   "any otherwise)")
+    p.add_argument("--allowed-origins", metavar="ORIGINS", help="comma-separated origins whose pages may post uploads "
+                   "and prompts besides this server's own, e.g. https://seg.example.org")
     p.set_defaults(func=run)
+
+
+def _names(text: str | None) -> list[str]:
+    return [t.strip() for t in (text or "").split(",") if t.strip()]
 
 
 def run(args) -> int:
     if not 0 < args.port < 65536:
         raise ValueError(f"--port must be between 1 and 65535, got {args.port}")
+    for option, value in (("--max-upload-mb", args.max_upload_mb), ("--max-request-kb", args.max_request_kb)):
+        if value is not None and not value > 0:
+            raise ValueError(f"{option} must be positive, got {value}")
     try:
         import uvicorn
     except ImportError:
         raise ImportError("samhq serve needs uvicorn and FastAPI: pip install 'samhq[serve]'") from None
+    from ..limits import get_limits
     from ..pipelines import load_for_inference
-    from ..server import create_app
+    from ..server import LOOPBACK_HOSTS, create_app
 
+    limits = get_limits().replace(
+        max_upload_bytes=None if args.max_upload_mb is None else int(args.max_upload_mb * 2**20),
+        max_request_bytes=None if args.max_request_kb is None else int(args.max_request_kb * 2**10),
+    )
+    allowed_hosts = [*LOOPBACK_HOSTS, *_names(args.allowed_hosts)] if args.allowed_hosts else None
     model = load_for_inference(args.model, args.device, args.dtype)
-    app = create_app(model, device=args.device, max_images=args.max_images, name=str(args.model))
+    app = create_app(model, device=args.device, max_images=args.max_images, limits=limits, host=args.host,
+                     allowed_hosts=allowed_hosts, allowed_origins=_names(args.allowed_origins), bit_depth=args.bit_depth,
+                     name=str(args.model))
     print(f"samhq serve: model {args.model} on http://{args.host}:{args.port}/", flush=True)
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
     return 0

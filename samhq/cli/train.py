@@ -4,7 +4,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from ._common import new_command
+from ._common import add_image_args, new_command
 
 # command-line flag -> TrainConfig field: (type, help, choices); flags left unset keep the config file's / default value
 _FLAGS = {
@@ -54,9 +54,9 @@ def register(sub) -> None:
     p.add_argument("--no-cache", dest="cache_embeddings", action="store_false", default=None,
                    help="do not keep image embeddings in memory when the encoder is frozen")
     p.add_argument("--no-progress", dest="progress", action="store_false", default=None)
-    p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--device", default=None, help="torch device (default: cuda:LOCAL_RANK if available, else cpu)")
     p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --output")
+    add_image_args(p, bit_depth=False)  # --max-pixels for the dataset's images
     p.add_argument("--force", action="store_true", help="train into an existing --output folder from scratch")
     p.set_defaults(func=run)
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from ..image_io import to_rgb_array
+from ..image_io import image_size, open_image, to_rgb_array
 
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 _READ_ERRORS = (OSError, ValueError, UnidentifiedImageError, SyntaxError, Image.DecompressionBombError)
@@ -52,15 +52,16 @@ class _SkippingDataset:
 
 
 def _header_size(path: Path) -> tuple[int, int]:
-    """(width, height) from the file header; raises one of _READ_ERRORS if it is not an image."""
-    with Image.open(path) as im:
-        return im.size
+    """(width, height) as the image will be read (EXIF orientation applied), from the file header;
+    raises one of _READ_ERRORS if it is not an image or is over the pixel limit (`samhq.limits`)."""
+    return image_size(path)
 
 
 def _read_mask(path: Path, threshold: int) -> np.ndarray:
-    """A mask file (any mode; colour is converted to grey) -> bool (H, W): grey value > threshold."""
-    with Image.open(path) as im:
-        im.load()
+    """A mask file (any mode; colour is converted to grey) -> bool (H, W): grey value > threshold.
+
+    Read through the image intake like the images (`samhq.image_io.open_image`: EXIF orientation, pixel limit)."""
+    with open_image(path) as im:
         arr = np.asarray(im.convert("L") if im.mode not in ("L", "1", "I", "I;16") else im)
     if arr.dtype == bool:
         return arr.copy()
@@ -123,7 +124,7 @@ class MaskFolder(_SkippingDataset):
     def __getitem__(self, index: int) -> dict:
         img_path, mask_path = self.pairs[index]
         try:
-            image = to_rgb_array(Image.open(img_path))
+            image = to_rgb_array(img_path)
             mask = _read_mask(mask_path, self.threshold)
         except _READ_ERRORS as e:
             self._skip(img_path.name, f"cannot decode: {e}")
@@ -178,7 +179,8 @@ class CocoInstances(_SkippingDataset):
                 self._skip(name, f"unreadable image: {e}")
                 continue
             if (info.get("width", w), info.get("height", h)) != (w, h):
-                self._skip(name, f"file is {w}x{h} but the JSON says {info.get('width')}x{info.get('height')}")
+                self._skip(name, f"file is {w}x{h} (EXIF orientation applied) but the JSON says "
+                                 f"{info.get('width')}x{info.get('height')}")
                 continue
             self.entries.append(({"file": file, "name": name, "height": h, "width": w}, anns))
 
@@ -188,7 +190,7 @@ class CocoInstances(_SkippingDataset):
     def __getitem__(self, index: int) -> dict:
         info, anns = self.entries[index]
         try:
-            image = to_rgb_array(Image.open(info["file"]))
+            image = to_rgb_array(info["file"])
         except _READ_ERRORS as e:
             self._skip(info["name"], f"cannot decode: {e}")
             raise SkippedItem(f"{info['name']}: cannot decode: {e}") from None

@@ -11,7 +11,7 @@ import warnings
 
 import torch
 
-from ..checkpoints import CheckpointError, infer_config, read_checkpoint, short_list
+from ..checkpoints import CheckpointError, infer_config, read_checkpoint, short_list, validate_checkpoint
 from .mask_decoder import is_hq_parameter
 
 
@@ -26,6 +26,7 @@ def load_pretrained(model_class, source, device=None, dtype=None, strict_hq: boo
     where = where.split(":", 1)[1]
     if config is None:
         config = infer_config(state, where)
+    validate_checkpoint(state, config, where)  # before anything is built: dtypes, finite values, config vs tensors
     with torch.device("meta"):
         model = model_class(config)
     vision_only = not hasattr(model, "mask_decoder")

@@ -1,0 +1,87 @@
+"""Issue 14, kind 7: the thread count defaults to the CPUs the process may really use (affinity and
+cgroup v2 / v1 CPU quota, read here from files written by the test), every command has --threads,
+and `samhq` sets it once per run and restores it afterwards."""
+import os
+
+import pytest
+import torch
+
+from samhq import limits
+from samhq.cli import build_parser, main
+
+
+def write(path, text):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+
+
+def test_cgroup_v2_quota(tmp_path):
+    root, proc = tmp_path / "cg", tmp_path / "cgroup"
+    write(proc, "0::/user.slice/job\n")
+    assert limits.cgroup_cpu_quota(root, proc) is None  # no files: no quota
+    write(root / "user.slice" / "job" / "cpu.max", "150000 100000\n")
+    assert limits.cgroup_cpu_quota(root, proc) == 1.5
+    write(root / "user.slice" / "cpu.max", "100000 100000\n")  # a parent's smaller quota wins
+    assert limits.cgroup_cpu_quota(root, proc) == 1.0
+    write(root / "user.slice" / "job" / "cpu.max", "max 100000\n")
+    write(root / "user.slice" / "cpu.max", "max 100000\n")
+    assert limits.cgroup_cpu_quota(root, proc) is None
+    write(proc, "0::/\n")  # a container sees its own cgroup as the root
+    write(root / "cpu.max", "250000 50000\n")
+    assert limits.cgroup_cpu_quota(root, proc) == 5.0
+    write(proc, "0::/host/path/not/visible\n")  # the host's path is not mounted: fall back to the root
+    assert limits.cgroup_cpu_quota(root, proc) == 5.0
+
+
+def test_cgroup_v1_quota(tmp_path):
+    root, proc = tmp_path / "cg", tmp_path / "cgroup"
+    write(proc, "4:memory:/docker/abc\n3:cpu,cpuacct:/docker/abc\n")
+    folder = root / "cpu,cpuacct" / "docker" / "abc"
+    write(folder / "cpu.cfs_quota_us", "250000\n")
+    write(folder / "cpu.cfs_period_us", "100000\n")
+    assert limits.cgroup_cpu_quota(root, proc) == 2.5
+    write(folder / "cpu.cfs_quota_us", "-1\n")  # unlimited
+    assert limits.cgroup_cpu_quota(root, proc) is None
+
+
+def test_available_cpus_and_default(monkeypatch):
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2, 3}, raising=False)
+    for quota, expected in ((None, 4), (1.5, 1), (0.3, 1), (2.0, 2), (8.0, 4)):
+        monkeypatch.setattr(limits, "cgroup_cpu_quota", lambda q=quota: q)
+        assert limits.available_cpus() == expected, quota
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")
+    assert limits.default_threads() == 3
+    monkeypatch.setenv("OMP_NUM_THREADS", "lots")
+    assert limits.default_threads() == 4
+
+
+def test_every_command_has_threads():
+    parser = build_parser()
+    commands = next(a for a in parser._actions if a.dest == "command").choices
+    assert set(commands) >= {"segment", "everything", "info", "convert", "train", "evaluate", "export", "serve"}
+    for name, sub in commands.items():
+        assert any("--threads" in a.option_strings for a in sub._actions), name
+
+
+def test_main_sets_threads_once_and_restores_them(monkeypatch, capsys):
+    before = torch.get_num_threads()
+    calls = []
+    real = torch.set_num_threads
+    monkeypatch.setattr(torch, "set_num_threads", lambda n: (calls.append(n), real(n)))
+    seen = {}
+    monkeypatch.setattr("samhq.cli.info.run", lambda args: seen.setdefault("threads", torch.get_num_threads()) and 0)
+    assert main(["info", "samhq-tiny-shapes", "--threads", "1"]) == 0
+    assert seen["threads"] == 1 and calls == [1, before] and torch.get_num_threads() == before
+    calls.clear()
+    seen.clear()
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    assert main(["info", "samhq-tiny-shapes"]) == 0
+    assert seen["threads"] == limits.available_cpus() and calls[0] == limits.available_cpus()
+    assert main(["info", "samhq-tiny-shapes", "--threads", "0"]) == 2
+    assert "--threads must be at least 1" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("bad", [0, -2, True, 1.5])
+def test_set_threads_refuses_nonsense(bad):
+    with pytest.raises(ValueError, match="--threads must be a positive integer"):
+        limits.set_threads(bad)
