@@ -11,7 +11,6 @@ tests/label_studio_env.py (about 3 minutes on two busy cores, mostly its databas
 when neither is there, or when Label Studio could not be installed or started ($SAMHQ_LABEL_STUDIO=off,
 or the file $SAMHQ_LABEL_STUDIO_STATUS, which .ci/run writes when its Label Studio fails). Label Studio must allow backends on loopback: ML_BLOCK_LOCAL_IP=false and
 SSRF_PROTECTION_ENABLED=false (the latter for the webhook it registers for every backend)."""
-import json
 import os
 import socket
 import subprocess
