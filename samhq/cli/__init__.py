@@ -10,7 +10,7 @@ import argparse
 import importlib
 import sys
 
-COMMANDS = ["segment", "everything", "info", "convert", "train", "evaluate", "export", "serve"]
+COMMANDS = ["segment", "everything", "info", "convert", "train", "evaluate", "export", "serve", "label_studio"]
 
 
 def build_parser() -> argparse.ArgumentParser:
