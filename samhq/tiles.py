@@ -1052,6 +1052,13 @@ class TiledMaskGenerator:
                                         (win.box[0] + px, win.box[1] + py), _touches(crop, box, win, self.edge_tolerance)))
         return pieces
 
+    def objects(self, image, multimask_output: bool = True, hq_token_only: bool = False, progress=None) -> list[dict]:
+        """The merged objects as crops (`merge_tile_masks`' dicts: mask, box, area, scores, ...): no full-size
+        array is made, so this suits images of any size (`samhq.geo` writes them out)."""
+        source = as_source(image)
+        return merge_tile_masks(self.tile_pieces(source, multimask_output, hq_token_only, progress),
+                                self.merge_iou_thresh, self.generator.box_nms_thresh)
+
     def generate(self, image, multimask_output: bool = True, hq_token_only: bool = False, progress=None) -> list[dict]:
         """Records like `SamHQAutomaticMaskGenerator.generate`'s, in image coordinates, for an image or a window source.
 
@@ -1059,8 +1066,7 @@ class TiledMaskGenerator:
         """
         source = as_source(image)
         h, w = source.shape
-        objects = merge_tile_masks(self.tile_pieces(source, multimask_output, hq_token_only, progress),
-                                   self.merge_iou_thresh, self.generator.box_nms_thresh)
+        objects = self.objects(source, multimask_output, hq_token_only, progress)
         records = []
         for o in objects:
             x0, y0, x1, y1 = o["box"]
