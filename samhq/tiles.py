@@ -21,7 +21,8 @@ they lie farthest from a cut edge. A mask touching a cut edge (its object goes o
 is decoded again one level up, on a window that contains the prompt and the mask found so far, and
 so on up to the top level, so nothing is clipped at a tile edge. A mask from a coarse level is then
 refined at native resolution where the level-0 windows agree with it: in a band around its boundary
-the level-0 decode (box and coarse mask as prompts) replaces it, tile by tile (`refine=`).
+the level-0 decode (the object's box, clipped to the tile, as prompt) replaces it, tile by tile, where
+the two agree (IoU >= 0.5 within the tile); `refine=` chooses the prompt or turns this off.
 
 Embeddings are made lazily (on the first prompt that needs a window) or up front (`embed="eager"`),
 kept in memory up to `cache_bytes` (least recently used dropped first), and optionally kept in a
@@ -43,7 +44,7 @@ from __future__ import annotations
 import hashlib
 import math
 from collections import OrderedDict
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -395,8 +396,6 @@ class _Prompt:
     mask_window: Window | None
     extent: np.ndarray  # (4,) x0, y0, x1, y1 that a window must contain
     result: Region | None = None
-    coarse: bool = False
-    history: list = field(default_factory=list)
 
 
 def _extent(points, box, mask, height, width) -> np.ndarray:
@@ -436,9 +435,9 @@ class TiledPredictor:
     window embeddings (default 1 GiB; least recently used dropped); embed, "lazy" (a window is
     embedded when a prompt first needs it) or "eager" (every window of every level in `set_image`);
     refine, how a mask from a coarse level is refined at native resolution (module docstring):
-    "box+mask" (default: each level-0 window is prompted with the object's box clipped to it and the
-    coarse mask; best on thin structures), "box" (the box alone; a little better on solid objects
-    in our trials, see docs/notes/scale.md) or None (keep the coarse mask); max_refine_tiles, the
+    "box" (default: each level-0 window is prompted with the object's box clipped to it), "box+mask"
+    (the coarse mask as well; as good on the thin-structure benchmark, slower: docs/notes/scale.md)
+    or None (keep the coarse mask); max_refine_tiles, the
     most level-0 windows an object may span and still be refined (default 64); edge_tolerance, in
     the window's input pixels: a mask this close to a cut edge is taken to go on beyond it (default:
     one low-res mask cell, image_size / mask size, 4 for the released models).
@@ -448,7 +447,7 @@ class TiledPredictor:
     """
 
     def __init__(self, model, tile_size: int | None = None, overlap: int | None = None, cache_bytes: int = 2**30,
-                 embed: str = "lazy", refine: str | None = "box+mask", max_refine_tiles: int = 64,
+                 embed: str = "lazy", refine: str | None = "box", max_refine_tiles: int = 64,
                  edge_tolerance: float | None = None) -> None:
         self.predictor = model if isinstance(model, SamHQPredictor) else SamHQPredictor(model)
         self.tile_size = int(tile_size or self.predictor.image_size)
@@ -701,7 +700,6 @@ class TiledPredictor:
                 groups.setdefault(key, (w, []))[1].append(q)
             for w, group in groups.values():
                 for q, region in zip(group, self._decode(w, group, multimask_output, hq_token_only, full_logits)):
-                    q.history.append(region)
                     touched = _touches(region.mask, region.box, w, self.edge_tolerance * w.width / self._input_shape(w)[1])
                     if level == n_levels - 1 or not any(touched) or q.mask_window is not None:
                         q.result = region

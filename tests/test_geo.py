@@ -43,6 +43,8 @@ def test_windows_are_read_exactly(tmp_path):
             x0, y0, x1, y1 = box
             assert np.array_equal(src.read(box), rgb[y0:y1, x0:x1])
         assert src.read((0, 0, 200, 130), (65, 100)).shape == (65, 100, 3)  # GDAL's decimated read
+    with RasterSource(write_tif(tmp_path / "big.tif", rgb, BIGTIFF="YES")) as src:  # BigTIFF (64-bit offsets)
+        assert open(tmp_path / "big.tif", "rb").read(4) == b"II+\x00" and np.array_equal(src.read((3, 4, 150, 100)), rgb[4:100, 3:150])
     grey = rng.integers(0, 4096, (40, 50), dtype=np.uint16)  # 12-bit single band
     with RasterSource(write_tif(tmp_path / "grey.tif", grey), value_range=(0, 4095)) as src:
         got = src.read((0, 0, 50, 40))

@@ -197,10 +197,10 @@ def test_batched_prompts_equal_one_at_a_time(demo):
 
 
 @needs_demo
-@pytest.mark.parametrize("prompt", ["box", "point"])
-def test_objects_crossing_borders_come_out_whole(demo, prompt):
+@pytest.mark.parametrize("prompt, refine", [("box", "box"), ("point", "box"), ("box", "box+mask")])
+def test_objects_crossing_borders_come_out_whole(demo, prompt, refine):
     image, masks = scene(640, 640, CROSSING)
-    tp = TiledPredictor(demo)
+    tp = TiledPredictor(demo, refine=refine)
     tp.set_image(image)
     # a point on the 400-px rectangle is not tried: a 256-px window around it sees only its flat inside
     for gt in masks if prompt == "box" else masks[:1]:
