@@ -26,7 +26,6 @@ from __future__ import annotations
 import json
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Callable
 
 import numpy as np
@@ -65,12 +64,12 @@ class SamHQBatchPredictor:
     dtype as `SamHQModel.from_pretrained` takes them.
 
     A batch is a dict of columns: "key" (str, the image's name in the output), and "path" (str) or
-    "image" ((H, W, 3) uint8 arrays); in "prompts" mode also "image_id" (a number, or JSON text of
-    one, a string or null: then the key is used) and "prompts" (a JSON list
-    of prompt dicts as `samhq.prompt_files` reads them: {"box": [x0, y0, x1, y1]} and/or
-    {"points": [...], "labels": [...]}, with "score", "category_id", "id"). The result has one row
-    per image: key, ok (bool), error (str, "" when ok), height, width, and records: a JSON list of
-    the records (automatic-mask records with COCO RLE segmentations, or COCO results records).
+    "image" ((H, W, 3) uint8 arrays); in "prompts" mode also "image_id" (a number, or JSON text of a
+    number, a string or null; null: the key is used) and "prompts" (a JSON list of prompt dicts as
+    `samhq.prompt_files.parse_prompt` reads them: {"box": [x0, y0, x1, y1]} and/or {"points": [...],
+    "labels": [...]}, with "score", "category_id", "id"). The result has one row per image: key, ok
+    (bool), error (str, "" when ok), height, width, and records: a JSON list of the records
+    (automatic-mask records with COCO RLE segmentations, or COCO results records).
     An image that cannot be read or segmented gives ok=False and the error (the worker goes on); a
     worker process that dies is restarted by Ray and its batch retried.
     """
@@ -117,14 +116,14 @@ class SamHQBatchPredictor:
         from .image_io import to_rgb_array
 
         try:
-            rgb = to_rgb_array(image if not isinstance(image, str) else Path(image))
+            rgb = to_rgb_array(image)
             if self.mode == "everything":
                 records = [_everything_record(r) for r in self.engine.generate(rgb)]
             else:
-                from .prompt_files import _free_prompt, segment_prompts
+                from .prompt_files import parse_prompt, segment_prompts
 
                 items = json.loads(prompts) if isinstance(prompts, str) else (prompts or [])
-                parsed = [_free_prompt(p, f"{key}[{j}]") for j, p in enumerate(items)]
+                parsed = [parse_prompt(p, f"{key}[{j}]") for j, p in enumerate(items)]
                 records = segment_prompts(self.engine, rgb, parsed, image_id if image_id is not None else key,
                                           **self.prompt_options)
         except Exception as e:  # noqa: BLE001 - one image's failure is reported, the worker goes on

@@ -145,7 +145,9 @@ def _box_prompt(ann: dict, where: str, score_required: bool) -> FilePrompt:
     return FilePrompt(np.array([x, y, x + w, y + h]), None, None, float(score), cat, ann.get("id"), where)
 
 
-def _free_prompt(p, where: str) -> FilePrompt:
+def parse_prompt(p, where: str) -> FilePrompt:
+    """One per-image prompt dict ({"box": [x0, y0, x1, y1]} and/or {"points": [[x, y], ...], "labels": [...]},
+    optional "score", "category_id", "id") -> FilePrompt; PromptFileError naming `where` when malformed."""
     if not isinstance(p, dict) or not ({"box", "points"} & p.keys()):
         raise PromptFileError(f"{where}: a prompt is {{\"box\": [x0, y0, x1, y1]}} and/or {{\"points\": [[x, y], ...], \"labels\": [...]}}")
     box = pts = labels = None
@@ -221,7 +223,7 @@ def read_prompts(path, images=None, image_dir=None) -> list[ImageEntry]:
             if not isinstance(prompts, list):
                 raise PromptFileError(f"{where}: the value must be a list of prompts")
             for j, p in enumerate(prompts):
-                entry.prompts.append(_free_prompt(p, f"{where}[{j}]"))
+                entry.prompts.append(parse_prompt(p, f"{where}[{j}]"))
     else:
         raise PromptFileError(f"{path}: not a prompt file (a COCO results list, a COCO annotation file, or {{file: [prompts]}})")
     return [e for e in entries if e.prompts]

@@ -54,8 +54,8 @@ from torch.nn import functional as F
 
 from . import masks as M
 from .image_io import to_rgb_array
-from .predictor import ImageEmbedding, ResizeLongestSide, SamHQPredictor, check_torch_prompts, model_fingerprint
-from .predictor import prompt_from_numpy
+from .predictor import (ImageEmbedding, ResizeLongestSide, SamHQPredictor, check_torch_prompts, model_fingerprint,
+                        prompt_from_numpy)
 from .processing import preprocess_shape, resize_rgb, upscale_logits
 
 STORE_FORMAT = "samhq-tile-embeddings/1"
@@ -68,7 +68,7 @@ MASK_LOGIT = 6.9  # a binary mask input becomes +-6.9 logits (sigmoid 0.999), as
 
 @dataclass(frozen=True)
 class Window:
-    """A square region of the image embedded as one model input.
+    """A region of the image embedded as one model input (square unless the image is smaller).
 
     level: pyramid level (0: native resolution); index: position in its level's list;
     box: (x0, y0, x1, y1) native pixels, end exclusive; cut: (left, top, right, bottom), True for an
@@ -117,8 +117,11 @@ def tile_windows(height: int, width: int, tile_size: int, overlap: int, level: i
 
 
 def pyramid_levels(height: int, width: int, tile_size: int) -> int:
-    """Number of levels: the top one has a single window over the whole image."""
-    return max(0, math.ceil(math.log2(max(height, width) / tile_size))) + 1 if max(height, width) > tile_size else 1
+    """Number of levels: the top one, `tile_size * 2**k` >= the long side, has a single window over the whole image."""
+    k = 0
+    while tile_size << k < max(height, width):
+        k += 1
+    return k + 1
 
 
 def _check_tiling(tile_size: int, overlap: int) -> None:
