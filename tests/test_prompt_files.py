@@ -112,8 +112,10 @@ def demo():
 
     if not (BUNDLED["samhq-tiny-shapes"] / "model.safetensors").exists():
         pytest.skip("the demo model is not in this checkout")
+    threads = torch.get_num_threads()
     torch.set_num_threads(1)
-    return SamHQModel.from_pretrained("samhq-tiny-shapes").eval()
+    yield SamHQModel.from_pretrained("samhq-tiny-shapes").eval()
+    torch.set_num_threads(threads)
 
 
 def detection_set(tmp_path):
