@@ -7,11 +7,15 @@
 | `max_upload_bytes` | 100 MiB per upload | `create_app(limits=Limits(...))`       | `samhq serve --max-upload-mb N`  |
 | `max_request_bytes`| 1 MiB per JSON request | `create_app(limits=Limits(...))`   | `samhq serve --max-request-kb N` |
 | `max_config_value` | 16384            | `configure(max_config_value=N)`          | -                                |
+| `max_tiled_pixels` | 4,000,000,000    | `configure(max_tiled_pixels=N)`          | -                                |
 
 - `max_pixels` (width x height of one image) is checked on the size an encoded file *declares*,
   before a pixel is decoded, so a 20 KB PNG that declares 30000x30000 pixels costs nothing. It
-  also bounds arrays, tensors and PIL images. Huge images will be the job of a tiled mode; until
-  it exists the message says how to raise the limit (`image_too_large` is the one place it is made).
+  also bounds arrays, tensors and PIL images. Huge images are the tiled mode's (`samhq.tiles`):
+  the message says so (`image_too_large` is the one place it is made).
+- `max_tiled_pixels` bounds an image the tiled mode decodes whole into memory (a path or bytes it
+  cannot read in windows, or an array); `samhq.geo.RasterSource` reads TIFFs window by window and
+  needs no such bound.
 - `max_prompts` bounds the points plus boxes of one request or one predictor call: every point
   is a token the decoder attends over, every box a full-size mask.
 - `max_upload_bytes` and `max_request_bytes` bound request bodies of `samhq serve`: the body is
@@ -46,6 +50,7 @@ class Limits:
     max_upload_bytes: int = 100 * 2**20
     max_request_bytes: int = 2**20
     max_config_value: int = 16384
+    max_tiled_pixels: int = 4_000_000_000
 
     def __post_init__(self):
         for f in dataclasses.fields(self):
@@ -69,6 +74,8 @@ HOW_TO_RAISE = {
     "max_upload_bytes": "samhq serve --max-upload-mb N, or create_app(limits=Limits(max_upload_bytes=N))",
     "max_request_bytes": "samhq serve --max-request-kb N, or create_app(limits=Limits(max_request_bytes=N))",
     "max_config_value": "samhq.limits.configure(max_config_value=N) in Python",
+    "max_tiled_pixels": "samhq.limits.configure(max_tiled_pixels=N) in Python, or read the image in windows "
+                        "(samhq.geo.RasterSource for TIFF and GeoTIFF)",
 }
 
 _current = Limits()
@@ -109,7 +116,8 @@ def image_too_large(width: int | None, height: int | None, maximum: int, pixels:
         pixels, size = width * height, f"{width}x{height} pixels ({_mp(width * height)})"
     else:
         size = f"{_mp(pixels)}" if pixels else "larger than PIL's own limit"
-    return LimitError(f"image is {size}, over the limit of {_mp(maximum)} (max_pixels)", "max_pixels", pixels or 0, maximum)
+    return LimitError(f"image is {size}, over the limit of {_mp(maximum)} (max_pixels); huge images are segmented at "
+                      "their own resolution in tiles (samhq.tiles.TiledPredictor)", "max_pixels", pixels or 0, maximum)
 
 
 def check_pixels(width: int, height: int, limits: Limits | None = None) -> None:

@@ -276,3 +276,33 @@ def mask_bbox(mask) -> list[int]:
     if len(xs) == 0:
         return [0, 0, 0, 0]
     return [int(xs.min()), int(ys.min()), int(xs.max() - xs.min() + 1), int(ys.max() - ys.min() + 1)]
+
+
+def crop_to_rle(crop: np.ndarray, x0: int, y0: int, height: int, width: int) -> dict:
+    """A bool mask crop placed at column x0, row y0 of an all-zero (height, width) image -> uncompressed RLE.
+
+    The full-size mask is never built, so this is cheap for a small object in a huge image. Runs are
+    pycocotools' column-major runs, zeros first (as `mask_to_rle`).
+    """
+    crop = np.asarray(crop, dtype=bool)
+    h, w = crop.shape
+    if x0 < 0 or y0 < 0 or x0 + w > width or y0 + h > height:
+        raise ValueError(f"a {w}x{h} crop at ({x0}, {y0}) does not fit in a {width}x{height} image")
+    # zero rows above and below separate the columns, so every run starts and ends inside one column
+    padded = np.zeros((h + 2, w), dtype=np.int8)
+    padded[1:-1] = crop
+    change = np.diff(padded.T.reshape(-1))
+    col_len = h + 2
+    starts, ends = np.flatnonzero(change == 1) + 1, np.flatnonzero(change == -1) + 1
+    cols, rows0, rows1 = starts // col_len, starts % col_len - 1, ends % col_len - 1  # crop rows [rows0, rows1)
+    begin = (x0 + cols) * height + y0 + rows0
+    end = (x0 + cols) * height + y0 + rows1
+    if len(begin) > 1:  # a run reaching the bottom of a column continues at the top of the next one
+        joined = np.concatenate([[False], begin[1:] == end[:-1]])
+        keep_begin, keep_end = ~joined, np.concatenate([~joined[1:], [True]])
+        begin, end = begin[keep_begin], end[keep_end]
+    edges = np.stack([begin, end], 1).reshape(-1)
+    counts = np.diff(np.concatenate([[0], edges, [height * width]])).tolist()
+    if len(counts) > 1 and counts[-1] == 0:  # the mask reaches the last pixel
+        counts.pop()
+    return {"size": [int(height), int(width)], "counts": counts}

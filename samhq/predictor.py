@@ -111,6 +111,70 @@ def _as_tensor(x, name: str, dtype: torch.dtype) -> torch.Tensor | None:
     return torch.from_numpy(_as_array(x, name)).to(dtype)
 
 
+def check_prompt_batch(points=None, labels=None, boxes=None, masks=None, mask_size: int = 256):
+    """The predictor's check of B prompts in `predict_torch`'s layout (point_coords (B, N, 2), point_labels
+    (B, N), boxes (B, 4), mask_input (B, 1, m, m); tensors or arrays), in any one pixel frame.
+
+    Returns them as tensors (float32 points, boxes and masks, int32 labels; boxes as (B, 4)). Raises
+    ValueError for malformed prompts (one line each) and `samhq.limits.LimitError` over `max_prompts`.
+    """
+    points, boxes, masks = (_as_tensor(t, n, torch.float) for t, n in
+                            ((points, "point_coords"), (boxes, "boxes"), (masks, "mask_input")))
+    labels = _as_tensor(labels, "point_labels", torch.int)
+    sizes = []
+    if points is not None:
+        if labels is None:
+            raise ValueError("point_labels are required with point_coords: 1 for foreground, 0 for background")
+        if points.ndim != 3 or points.shape[-1] != 2:
+            raise ValueError(f"point_coords must be (B, N, 2), got {tuple(points.shape)}")
+        if tuple(labels.shape) != tuple(points.shape[:2]):
+            raise ValueError(f"point_labels {tuple(labels.shape)} must be (B, N) to match point_coords {tuple(points.shape)}")
+        sizes.append(points.shape[0])
+    elif labels is not None:
+        raise ValueError("point_labels were given without point_coords")
+    if boxes is not None:
+        if boxes.shape[-1] != 4 or boxes.ndim not in (1, 2, 3) or (boxes.ndim == 3 and boxes.shape[1] != 1):
+            raise ValueError(f"boxes must be (B, 4), got {tuple(boxes.shape)}")
+        boxes = boxes.reshape(-1, 4)
+        sizes.append(boxes.shape[0])
+    if masks is not None:
+        if masks.ndim != 4 or tuple(masks.shape[1:]) != (1, mask_size, mask_size):
+            raise ValueError(f"mask_input must be (B, 1, {mask_size}, {mask_size}) low-res logits, got {tuple(masks.shape)}")
+        sizes.append(masks.shape[0])
+    if not sizes:
+        raise ValueError("give a prompt: point_coords with point_labels, boxes, or mask_input")
+    if len(set(sizes)) > 1:
+        raise ValueError(f"prompt batch sizes disagree (points, boxes, masks): {sizes}")
+    check_prompt_count(0 if points is None else points.shape[0] * points.shape[1], 0 if boxes is None else len(boxes))
+    check_prompts(None if points is None else points[None], None if labels is None else labels[None],
+                  None if boxes is None else boxes[None], masks, mask_size, _NAMES)
+    return points, labels, boxes, masks
+
+
+def one_prompt(point_coords=None, point_labels=None, box=None):
+    """`predict`'s one prompt (point_coords (N, 2), point_labels (N,), box (4,); arrays, lists or tensors)
+    as float64 arrays, checked for shape: (points (N, 2) or None, labels (N,) or None, box (4,) or None).
+    Values (finite, labels, box corners) are checked by `check_prompt_batch` afterwards."""
+    pts = lab = b = None
+    if point_coords is not None:
+        pts = _as_array(point_coords, "point_coords")
+        if pts.ndim != 2 or pts.shape[1] != 2 or len(pts) == 0:
+            raise ValueError(f"point_coords must be an (N, 2) array of x, y with N >= 1, got shape {pts.shape}")
+        if point_labels is None:
+            raise ValueError("point_labels are required with point_coords: 1 for foreground, 0 for background")
+        lab = _as_array(point_labels, "point_labels").reshape(-1)
+        if len(lab) != len(pts):
+            raise ValueError(f"got {len(pts)} points but {len(lab)} labels; give one label (1 or 0) per point")
+    elif point_labels is not None:
+        raise ValueError("point_labels were given without point_coords")
+    if box is not None:
+        b = _as_array(box, "box")
+        if b.size != 4:
+            raise ValueError(f"box must be 4 numbers x0, y0, x1, y1, got shape {b.shape}; use predict_torch for many boxes")
+        b = b.reshape(4)
+    return pts, lab, b
+
+
 class SamHQPredictor:
     """Embed an image once with `set_image`, then `predict` masks for any number of prompts.
 
@@ -306,23 +370,11 @@ class SamHQPredictor:
         if point_coords is None and box is None and mask_input is None:
             raise ValueError("give a prompt: point_coords with point_labels, a box, or a mask_input")
         coords = labels = boxes = masks = None
-        if point_coords is not None:
-            pts = _as_array(point_coords, "point_coords")
-            if pts.ndim != 2 or pts.shape[1] != 2 or len(pts) == 0:
-                raise ValueError(f"point_coords must be an (N, 2) array of x, y with N >= 1, got shape {pts.shape}")
-            if point_labels is None:
-                raise ValueError("point_labels are required with point_coords: 1 for foreground, 0 for background")
-            lab = _as_array(point_labels, "point_labels").reshape(-1)
-            if len(lab) != len(pts):
-                raise ValueError(f"got {len(pts)} points but {len(lab)} labels; give one label (1 or 0) per point")
+        pts, lab, b = one_prompt(point_coords, point_labels, box)
+        if pts is not None:
             coords = torch.as_tensor(self.transform.apply_coords(pts, self.original_size), dtype=torch.float)[None]
             labels = torch.as_tensor(lab, dtype=torch.int)[None]
-        elif point_labels is not None:
-            raise ValueError("point_labels were given without point_coords")
-        if box is not None:
-            b = _as_array(box, "box")
-            if b.size != 4:
-                raise ValueError(f"box must be 4 numbers x0, y0, x1, y1, got shape {b.shape}; use predict_torch for many boxes")
+        if b is not None:
             boxes = torch.as_tensor(self.transform.apply_boxes(b, self.original_size), dtype=torch.float)
         if mask_input is not None:
             m, size = _as_array(mask_input, "mask_input", np.float32), self.mask_size
@@ -379,37 +431,7 @@ class SamHQPredictor:
 
     def _check_batch(self, points, labels, boxes, masks):
         """B prompts in the resized frame (see `predict_torch`) as tensors on the device, checked once."""
-        points, boxes, masks = (_as_tensor(t, n, torch.float) for t, n in
-                                ((points, "point_coords"), (boxes, "boxes"), (masks, "mask_input")))
-        labels = _as_tensor(labels, "point_labels", torch.int)
-        sizes = []
-        if points is not None:
-            if labels is None:
-                raise ValueError("point_labels are required with point_coords: 1 for foreground, 0 for background")
-            if points.ndim != 3 or points.shape[-1] != 2:
-                raise ValueError(f"point_coords must be (B, N, 2), got {tuple(points.shape)}")
-            if tuple(labels.shape) != tuple(points.shape[:2]):
-                raise ValueError(f"point_labels {tuple(labels.shape)} must be (B, N) to match point_coords {tuple(points.shape)}")
-            sizes.append(points.shape[0])
-        elif labels is not None:
-            raise ValueError("point_labels were given without point_coords")
-        if boxes is not None:
-            if boxes.shape[-1] != 4 or boxes.ndim not in (1, 2, 3) or (boxes.ndim == 3 and boxes.shape[1] != 1):
-                raise ValueError(f"boxes must be (B, 4), got {tuple(boxes.shape)}")
-            boxes = boxes.reshape(-1, 4)
-            sizes.append(boxes.shape[0])
-        if masks is not None:
-            m = self.mask_size
-            if masks.ndim != 4 or tuple(masks.shape[1:]) != (1, m, m):
-                raise ValueError(f"mask_input must be (B, 1, {m}, {m}) low-res logits, got {tuple(masks.shape)}")
-            sizes.append(masks.shape[0])
-        if not sizes:
-            raise ValueError("give a prompt: point_coords with point_labels, boxes, or mask_input")
-        if len(set(sizes)) > 1:
-            raise ValueError(f"prompt batch sizes disagree (points, boxes, masks): {sizes}")
-        check_prompt_count(0 if points is None else points.shape[0] * points.shape[1], 0 if boxes is None else len(boxes))
-        check_prompts(None if points is None else points[None], None if labels is None else labels[None],
-                      None if boxes is None else boxes[None], masks, self.mask_size, _NAMES)
+        points, labels, boxes, masks = check_prompt_batch(points, labels, boxes, masks, self.mask_size)
         self._warn_outside(points, boxes)
         dev = self.device
         return tuple(None if t is None else t.to(dev) for t in (points, labels, boxes, masks))
@@ -450,4 +472,4 @@ class OnnxPredictor(SamHQPredictor):
         return SamHQPredictor(OnnxEngine.from_model(model, onnx_dir, threads=threads, providers=providers))
 
 
-__all__ = ["SamHQPredictor", "OnnxPredictor", "ImageEmbedding", "model_fingerprint"]
+__all__ = ["SamHQPredictor", "OnnxPredictor", "ImageEmbedding", "model_fingerprint", "check_prompt_batch", "one_prompt"]

@@ -1,6 +1,8 @@
-"""`samhq evaluate [SRC] DATASET`: mIoU and mBIoU of a model's HQ and SAM-token outputs on a dataset."""
+"""`samhq evaluate [SRC] DATASET`: mIoU and mBIoU of a model's HQ and SAM-token outputs on a dataset;
+`samhq evaluate --coco-ap GT.json RESULTS.json`: COCO mask AP of results (e.g. from `samhq segment --prompts`)."""
 from __future__ import annotations
 
+import json
 import re
 import sys
 from pathlib import Path
@@ -13,6 +15,11 @@ DATASET is one of:
   DIR --masks MDIR    images in DIR, masks of the same name in MDIR (may be DIR itself: x.jpg + x.png)
   FILE.json           COCO instance annotations; images from --images (default: the JSON's folder)
   synthetic:N[:SIZE[:SEED]]   N synthetic fine-structure images, SIZE px square (default 256), SEED (default 0)
+
+With --coco-ap GT.json RESULTS.json no model or dataset is given: the COCO results (masks as RLE,
+with scores) are scored against the COCO ground truth with pycocotools' COCOeval (AP, AP50, AP75,
+APs, APm, APl): the paper's COCO protocol when RESULTS come from a detector's boxes, the "oracle
+box" AP when they come from the ground truth's own boxes.
 """
 
 
@@ -22,7 +29,11 @@ def register(sub) -> None:
     p.description += "\n\n" + DATASET_HELP
     p.add_argument("src", nargs="?", metavar="SRC", help="the model (or --model): official .pth, transformers-layout folder, "
                    ".safetensors file, hub id or bundled name")
-    p.add_argument("dataset", metavar="DATASET", help="the dataset, see above")
+    p.add_argument("dataset", nargs="?", metavar="DATASET", help="the dataset, see above")
+    p.add_argument("--coco-ap", nargs=2, metavar=("GT.json", "RESULTS.json"),
+                   help="COCO AP of a results file against a COCO ground truth (no model or dataset)")
+    p.add_argument("--iou-type", choices=["segm", "bbox"], default="segm",
+                   help="with --coco-ap: mask AP (segm, default) or box AP of the results' bbox fields")
     add_model_arg(p)
     for action in p._actions:  # a positional SRC may stand in for --model
         if action.dest == "model":
@@ -83,9 +94,35 @@ def weights_digest(model) -> str:
     return h.hexdigest()[:16]
 
 
+def run_coco_ap(args) -> int:
+    from ..eval.coco_ap import coco_ap, format_ap
+
+    if args.src is not None or args.dataset is not None:
+        raise ValueError("--coco-ap scores a results file: give no model or dataset (samhq evaluate --coco-ap GT.json RESULTS.json)")
+    refuse_overwrite([args.json, args.csv], args.force)
+    if args.csv:
+        raise ValueError("--csv is for per-object scores of a model on a dataset; with --coco-ap use --json")
+    gt, results = args.coco_ap
+    result = coco_ap(gt, results, iou_type=args.iou_type)
+    print(f"COCO {'mask' if args.iou_type == 'segm' else 'box'} AP of {results} against {gt} (pycocotools COCOeval, %):")
+    print(format_ap(result))
+    if args.json:
+        Path(args.json).write_text(json.dumps({"ground_truth": gt, "results": results, "iou_type": args.iou_type, **result},
+                                              indent=2))
+        print(f"wrote {args.json}")
+    return 0
+
+
 def run(args) -> int:
     from ..eval.evaluate import evaluate
     from ..pipelines import load_for_inference
+
+    if args.coco_ap:
+        return run_coco_ap(args)
+    if args.dataset is None:
+        if args.src is None:
+            raise ValueError("give a DATASET (samhq evaluate [SRC] DATASET), or --coco-ap GT.json RESULTS.json")
+        args.src, args.dataset = None, args.src  # `samhq evaluate DATASET` with the default --model
 
     if args.src is not None and args.model not in (None, DEMO_MODEL) and args.model != args.src:
         raise ValueError(f"two models given ({args.src} and --model {args.model}); give one")
