@@ -16,7 +16,7 @@ from safetensors.torch import load_file, save_file
 from test_automatic import tiny_256_model
 from test_predictor import make_image
 
-from samhq import SamHQConfig, SamHQModel, SamHQPredictor, pipeline
+from samhq import SamHQConfig, SamHQModel, SamHQPredictor, load_model, pipeline, save_official
 from samhq import checkpoints as C
 from samhq.checkpoints import CheckpointError
 from samhq.cli import main
@@ -101,7 +101,7 @@ def test_non_finite_weights_are_named(good, capsys, value):
     model = tiny_256_model()
     with torch.no_grad():
         model.vision_encoder.neck.conv2.weight[0, 0, 0, 0] = value
-    C.save_official(model, good / f"nonfinite_{value}.pth", overwrite=True)
+    save_official(model, good / f"nonfinite_{value}.pth", overwrite=True)
     with pytest.raises(CheckpointError, match="neck.conv2.weight holds 1 NaN"):
         SamHQModel.from_pretrained(good / f"nonfinite_{value}.pth")
 
@@ -129,7 +129,7 @@ def test_config_values_are_checked_against_the_tensors_before_building(good, mon
     for i, (change, text) in enumerate(cases):
         path = variant(good, f"config_{i}", change_config=change)
         with pytest.raises(CheckpointError, match=text):
-            C.load_model(path)
+            load_model(path)
 
 
 def test_tiny_vit_window_from_the_config(tmp_path, monkeypatch):
