@@ -53,7 +53,6 @@ Needs the `serve` extra (FastAPI, uvicorn).
 
 import base64
 import hashlib
-import io
 import json
 import math
 import threading
@@ -300,7 +299,7 @@ class SamHQBackend:
     `LabelStudioImages`. Thread-safe (one lock around the model).
     """
 
-    def __init__(self, model, images: LabelStudioImages, *, device: str | None = None, dtype="auto", max_images: int = 8,
+    def __init__(self, model, images: LabelStudioImages, *, device: str | None = None, dtype=None, max_images: int = 8,
                  auto: str = "everything", auto_label: str | None = None, multimask: bool = False,
                  hq_token_only: bool = False, polygon_tolerance: float = 1.0, points_per_side: int = 32,
                  pred_iou_thresh: float = 0.88, stability_thresh: float = 0.95, model_version: str | None = None):
@@ -326,7 +325,7 @@ class SamHQBackend:
     # -------------------------------------------------------------- images and masks
 
     def load_image(self, task: dict, config: LabelConfig, to_name: str) -> np.ndarray:
-        from PIL import Image, UnidentifiedImageError
+        from PIL import UnidentifiedImageError
 
         key = config.images.get(to_name)
         data = task.get("data") if isinstance(task, dict) else None
@@ -334,7 +333,7 @@ class SamHQBackend:
             raise ValueError(f"the task has no data[{key!r}] for the image {to_name!r}")
         raw = self.images.fetch(data[key])
         try:
-            return to_rgb_array(Image.open(io.BytesIO(raw)))
+            return to_rgb_array(raw)  # the one intake: size checked before decoding, EXIF applied
         except (UnidentifiedImageError, OSError) as e:
             raise ImageFetchError(f"the task's image {str(data[key])[:100]!r} is not an image PIL reads ({e})") from None
 

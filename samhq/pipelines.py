@@ -20,6 +20,7 @@ import torch
 from . import masks as M
 from .automatic import SamHQAutomaticMaskGenerator
 from .checkpoints import DEMO_MODEL, demo_model_available
+from .fast import bf16_supported
 from .modeling.model import SamHQModel
 
 _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
@@ -38,26 +39,32 @@ _GENERATE_ARGS = ("multimask_output", "hq_token_only")
 
 
 def resolve_dtype(dtype, device) -> torch.dtype:
-    """The image encoder's precision: "auto" is bfloat16 on a CUDA GPU that supports it, else float32;
-    or a torch dtype / its name (float32, bfloat16, float16)."""
+    """The image encoder's precision. None or "float32": float32 (the default: exact, what the parity tests
+    pin). "auto": bfloat16 where the hardware runs it fast (a CUDA GPU that supports it, a CPU with
+    AVX512-BF16 / AMX units, `samhq.fast.bf16_supported`), else float32. Or a torch dtype / its name
+    (float32, bfloat16, float16)."""
     if isinstance(dtype, torch.dtype):
         return dtype
-    if dtype in (None, "auto"):
-        dev = torch.device(device or "cpu")
-        if dev.type == "cuda" and torch.cuda.is_available() and torch.cuda.is_bf16_supported():
-            return torch.bfloat16
+    if dtype is None:
         return torch.float32
+    if dtype == "auto":
+        dev = torch.device(device or "cpu")
+        if dev.type == "cuda":
+            fast = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+        else:
+            fast = dev.type == "cpu" and bf16_supported()
+        return torch.bfloat16 if fast else torch.float32
     if dtype not in _DTYPES:
         raise ValueError(f"unknown dtype {dtype!r}; use auto, float32, bfloat16 or float16")
     return _DTYPES[dtype]
 
 
-def load_for_inference(model=None, device=None, dtype="auto"):
+def load_for_inference(model=None, device=None, dtype=None):
     """A `SamHQModel` in eval mode from a model object or any checkpoint source (path, hub id, bundled name).
 
     dtype is the image encoder's precision; the prompt encoder and mask decoder stay float32. A model
     object the caller passed is never changed: when its device or encoder dtype must differ, a copy is
-    made ("auto" keeps a model object's own dtype).
+    made (dtype None keeps a model object's own dtype; a checkpoint loads in float32).
     """
     if model is None:
         if not demo_model_available():
@@ -65,7 +72,7 @@ def load_for_inference(model=None, device=None, dtype="auto"):
         model = DEMO_MODEL
     if isinstance(model, SamHQModel):
         want_device = torch.device(device) if device is not None else model.device
-        want_dtype = model.encoder_dtype if dtype in (None, "auto") else resolve_dtype(dtype, want_device)
+        want_dtype = model.encoder_dtype if dtype is None else resolve_dtype(dtype, want_device)
         if model.device == want_device and model.encoder_dtype == want_dtype and not model.training:
             return model
         model = copy.deepcopy(model).to(device=want_device).eval()
@@ -75,7 +82,7 @@ def load_for_inference(model=None, device=None, dtype="auto"):
 
 
 class _AutomaticPipeline:
-    def __init__(self, model, device=None, dtype="auto"):
+    def __init__(self, model, device=None, dtype=None):
         self.model = load_for_inference(model, device, dtype)
 
     def _generate(self, image, kwargs: dict) -> list[dict]:
@@ -132,12 +139,13 @@ class ImageSegmentationPipeline(_AutomaticPipeline):
 TASKS = {"mask-generation": MaskGenerationPipeline, "image-segmentation": ImageSegmentationPipeline}
 
 
-def pipeline(task: str, model=None, device=None, dtype="auto"):
+def pipeline(task: str, model=None, device=None, dtype=None):
     """A callable for `task` ("mask-generation" or "image-segmentation") over `model`.
 
     model: a `SamHQModel` (never changed: a copy is made when device or dtype must differ), or a
     checkpoint (official .pth, transformers-layout folder, .safetensors, hub id, bundled name); device:
-    a torch device; dtype: the image encoder's precision, "auto", "float32", "bfloat16", "float16" or a
+    a torch device; dtype: the image encoder's precision, None (float32, or a model object's own), "auto"
+    (bfloat16 where the hardware runs it fast), "float32", "bfloat16", "float16" or a
     torch dtype (the prompt encoder and mask decoder stay float32).
     """
     if task not in TASKS:

@@ -257,13 +257,14 @@ class SamHQPredictor:
 
     # ------------------------------------------------------------------ images
 
-    def set_image(self, image, image_format: str = "RGB") -> None:
+    def set_image(self, image, image_format: str = "RGB", bit_depth: str = "dtype") -> None:
         """Embed one image: (H, W, 3) uint8 array, or anything `samhq.image_io.to_rgb_array` accepts.
 
         `image_format` ("RGB" or "BGR", e.g. from OpenCV) is the channel order of an array or tensor;
-        a file or PIL image is decoded as RGB, and "BGR" with one is a ValueError.
+        a file or PIL image is decoded as RGB, and "BGR" with one is a ValueError. `bit_depth` ("dtype",
+        "minmax", "percentile") says how images with more than 8 bits become 8 (`samhq.image_io`).
         """
-        rgb = to_rgb_array(image, image_format=image_format)
+        rgb = to_rgb_array(image, image_format=image_format, bit_depth=bit_depth)
         check_image_size(rgb.shape[0], rgb.shape[1], self.image_size)
         self.reset_image()
         with torch.no_grad():

@@ -67,7 +67,7 @@ class SegmentSession:
     def add_image(self, data: bytes) -> dict:
         """Embed an encoded image file (PNG, JPEG, ...) -> {"image_id", "width", "height"} (upright by its EXIF)."""
         check_body_size(len(data), self.limits.max_upload_bytes, "max_upload_bytes")
-        image = to_rgb_array(open_image(data, self.limits, name="the upload"), self.bit_depth, self.limits)
+        image = to_rgb_array(open_image(data, self.limits, name="the upload"), bit_depth=self.bit_depth, limits=self.limits)
         check_image_size(*image.shape[:2])
         image_id = hashlib.sha256(data).hexdigest()[:16]
         with self.lock:

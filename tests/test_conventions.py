@@ -85,3 +85,16 @@ def test_hwc_tensor_is_read_as_hwc(model):
     q.set_image(torch.from_numpy(rgb).permute(2, 0, 1))  # (C, H, W)
     assert p.original_size == q.original_size == (60, 80)
     assert torch.equal(p.features, q.features)
+
+
+def test_dtype_auto_picks_bf16_only_where_the_hardware_runs_it_fast(monkeypatch):
+    import samhq.pipelines as P
+
+    assert P.resolve_dtype(None, "cpu") == torch.float32  # the default: exact
+    monkeypatch.setattr(P, "bf16_supported", lambda: False)
+    assert P.resolve_dtype("auto", "cpu") == torch.float32
+    monkeypatch.setattr(P, "bf16_supported", lambda: True)  # a CPU with AVX512-BF16 / AMX
+    assert P.resolve_dtype("auto", "cpu") == torch.bfloat16
+    assert P.resolve_dtype("float32", "cpu") == torch.float32 and P.resolve_dtype(torch.float16, "cpu") == torch.float16
+    with pytest.raises(ValueError, match="unknown dtype"):
+        P.resolve_dtype("int8", "cpu")

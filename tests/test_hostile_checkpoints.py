@@ -183,7 +183,7 @@ def test_server_answers_nan_with_valid_json():
 def test_commands_never_write_nan(good, tmp_path, capsys, monkeypatch):
     """A model that passed loading but computes NaN (as with a precision that overflows)."""
     nan_model().save_pretrained(tmp_path / "nan")
-    monkeypatch.setattr(C, "validate_checkpoint", lambda *a, **k: None)
+    monkeypatch.setattr("samhq.modeling.pretrained.validate_checkpoint", lambda *a, **k: None)
     out, js = tmp_path / "m.png", tmp_path / "r.json"
     assert main(["segment", str(good / "img.png"), "--model", str(tmp_path / "nan"), "--point", "5,5",
                  "--out", str(out), "--json", str(js)]) == 2

@@ -31,7 +31,7 @@ def reference(saved_model, image):
 
 
 def test_mask_generation(saved_model, image, reference):
-    pipe = P.pipeline("mask-generation", model=str(saved_model[1]), dtype="auto")
+    pipe = P.pipeline("mask-generation", model=str(saved_model[1]))
     out = pipe(Image.fromarray(image), points_per_crop=4, output_rle_mask=True, output_bboxes_mask=True, **KW)
     assert set(out) == {"masks", "scores", "rle_mask", "bounding_boxes"}
     assert len(out["masks"]) == len(reference) > 0

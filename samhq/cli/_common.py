@@ -22,9 +22,9 @@ def add_model_arg(parser: argparse.ArgumentParser) -> None:
         "model name" + (f" (default: the bundled demo model {DEMO_MODEL})" if has_demo else ""),
     )
     parser.add_argument("--device", default="cpu", help="torch device (default: cpu)")
-    parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+    parser.add_argument("--dtype", default="float32", choices=["auto", "float32", "bfloat16", "float16"],
                         help="the image encoder's precision; the prompt encoder and mask decoder stay float32 "
-                        "(default auto: bfloat16 on a GPU that supports it, else float32)")
+                        "(default float32, exact; auto: bfloat16 on a GPU or a CPU with BF16 units, else float32)")
 
 
 class DeprecatedAlias(argparse.Action):
