@@ -1,4 +1,13 @@
 """samhq: SAM-HQ (Segment Anything in High Quality) for PyTorch."""
+import os as _os
+import sys as _sys
+
+# OpenMP threads that wait by spinning stall every parallel region when another process holds one of
+# the cores: `samhq everything` with 2 threads on a 2-core machine with one busy core took 172 s
+# spinning and 22.5 s waiting passively (one thread: 22.2 s). libgomp reads this when torch loads, so
+# it takes effect when samhq is imported first (the command line always is); a value the user set wins.
+if "torch" not in _sys.modules:
+    _os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 from .automatic import SamHQAutomaticMaskGenerator
 from .checkpoints import CheckpointError
 from .config import SamHQConfig, SamHQMaskDecoderConfig, SamHQPromptEncoderConfig, SamHQTinyViTConfig, SamHQVisionConfig

@@ -85,3 +85,17 @@ def test_main_sets_threads_once_and_restores_them(monkeypatch, capsys):
 def test_set_threads_refuses_nonsense(bad):
     with pytest.raises(ValueError, match="--threads must be a positive integer"):
         limits.set_threads(bad)
+
+
+def test_openmp_threads_wait_passively_unless_the_user_says_otherwise():
+    """Spinning OpenMP threads stall every parallel region on a busy core (issue 17): importing samhq
+    before torch makes them wait passively; a value the user set, or a torch imported first, is left alone."""
+    import subprocess
+    import sys
+
+    code = "import os, samhq; print(os.environ.get('OMP_WAIT_POLICY'))"
+    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    run = lambda c, e: subprocess.run([sys.executable, "-c", c], capture_output=True, text=True, env=e).stdout.strip()  # noqa: E731
+    assert run(code, env) == "PASSIVE"
+    assert run(code, {**env, "OMP_WAIT_POLICY": "ACTIVE"}) == "ACTIVE"
+    assert run("import torch; " + code, env) == "None"
