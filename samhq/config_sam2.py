@@ -299,8 +299,8 @@ class SamHQ2VideoConfig(_ConfigBase):
         if release not in ("sam2.1", "sam2"):
             raise ValueError(f"release must be 'sam2.1' or 'sam2', got {release!r}")
         if release == "sam2":
-            changes = dict(no_obj_embed_spatial=False, add_tpos_enc_to_obj_ptrs=False, proj_tpos_enc_in_obj_ptrs=False,
-                           use_signed_tpos_enc_to_obj_ptrs=False, **changes)
+            changes = {**dict(no_obj_embed_spatial=False, add_tpos_enc_to_obj_ptrs=False, proj_tpos_enc_in_obj_ptrs=False,
+                              use_signed_tpos_enc_to_obj_ptrs=False), **changes}
         return cls(**changes)
 
 

@@ -75,6 +75,8 @@ class VideoFrames:
         if not 0 <= index < self._count:
             raise IndexError(f"frame {index} is outside 0..{self._count - 1}")
         rgb = to_rgb_array(self._read(index))
+        if not rgb.flags.writeable:  # decoded images can be read-only views; torch wants to own what it wraps
+            rgb = rgb.copy()
         if self.height is not None and rgb.shape[:2] != (self.height, self.width):
             raise ValueError(f"{self.source}: frame {self.names[index]} is {rgb.shape[1]}x{rgb.shape[0]} pixels, the first "
                              f"frame {self.width}x{self.height}; every frame of a video must have one size")
@@ -152,7 +154,10 @@ def open_video(video) -> VideoFrames:
                            key=lambda p: natural_key(p.name))
             if not files:
                 raise ValueError(f"{path}: no image files ({', '.join(IMAGE_SUFFIXES)}) in this folder")
-            return VideoFrames(lambda i: files[i], len(files), [p.stem for p in files], str(path))
+            names = [p.stem for p in files]
+            if len(set(names)) < len(names):  # "a.jpg" and "a.png"
+                names = [p.name.replace(".", "_") for p in files]
+            return VideoFrames(lambda i: files[i], len(files), names, str(path))
         reader = _VideoFile(path)
         return VideoFrames(reader, len(reader.pts), [f"{i:05d}" for i in range(len(reader.pts))], str(path))
     if isinstance(video, (list, tuple)) or (isinstance(video, np.ndarray) and video.ndim == 4) or \
@@ -160,6 +165,17 @@ def open_video(video) -> VideoFrames:
         frames = video
         return VideoFrames(lambda i: frames[i], len(frames), [f"{i:05d}" for i in range(len(frames))], "the frame list")
     raise TypeError(f"unsupported video {type(video).__name__}: pass a folder of frames, a video file, or a list of images")
+
+
+def masks_to_label_map(obj_ids, logits: np.ndarray) -> np.ndarray:
+    """Per-object mask logits (N, H, W) -> an (H, W) label map: each pixel the id of the object with the highest
+    positive logit there, else 0; uint8, or uint16 when an id is over 255 (ids must be 1..65535)."""
+    ids = np.asarray(obj_ids, dtype=np.int64)
+    if ids.size == 0 or ids.min() < 1 or ids.max() > 65535:
+        raise ValueError(f"object ids must be whole numbers 1..65535 to be stored in a label map, got {list(obj_ids)}")
+    ids = ids.astype(np.uint16 if ids.max() > 255 else np.uint8)
+    logits = np.asarray(logits)
+    return np.where(logits.max(axis=0) > 0, ids[logits.argmax(axis=0)], 0).astype(ids.dtype)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -654,4 +670,5 @@ class SamHQ2VideoPredictor:
             non_cond.pop(t, None)
 
 
-__all__ = ["SamHQ2VideoPredictor", "VideoInferenceState", "VideoFrames", "FeatureCache", "open_video", "natural_key"]
+__all__ = ["SamHQ2VideoPredictor", "VideoInferenceState", "VideoFrames", "FeatureCache", "open_video", "natural_key",
+           "masks_to_label_map"]
