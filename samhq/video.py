@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import os
 import re
-import tempfile
 from collections import OrderedDict
 from pathlib import Path
 
@@ -315,15 +314,19 @@ class SamHQ2VideoPredictor:
     # -- session ----------------------------------------------------------------------------------
 
     @torch.inference_mode()
-    def init_state(self, video, offload_state_to_cpu: bool = False, feature_window: int | None = None,
+    def init_state(self, video=None, offload_video_to_cpu: bool = False, offload_state_to_cpu: bool = False,
+                   async_loading_frames: bool = False, *, video_path=None, feature_window: int | None = None,
                    feature_cache_dir=None) -> VideoInferenceState:
-        """Start a session on `video` (see `open_video`). offload_state_to_cpu keeps the per-frame outputs and the
-        image features on the CPU (saves GPU memory, a little slower). Frame 0's features are computed now."""
-        frames = open_video(video)
+        """Start a session on `video` (or `video_path`, Meta's name; see `open_video`). offload_state_to_cpu keeps the
+        per-frame outputs and the image features on the CPU (saves GPU memory, a little slower). Frames are always
+        read when needed and never kept on the GPU, so Meta's offload_video_to_cpu and async_loading_frames have
+        nothing to change and are accepted for compatibility. feature_window / feature_cache_dir override the
+        predictor's. Frame 0's features are computed now. Raises ValueError / FileNotFoundError for unreadable videos."""
+        if (video is None) == (video_path is None):
+            raise ValueError("give the video once: init_state(video) or init_state(video_path=...)")
+        frames = open_video(video if video is not None else video_path)
         storage = torch.device("cpu") if offload_state_to_cpu else self.device
         cache_dir = feature_cache_dir if feature_cache_dir is not None else self.feature_cache_dir
-        if cache_dir == "temp":
-            cache_dir = tempfile.mkdtemp(prefix="samhq-features-")
         cache = FeatureCache(lambda i: self._compute_features(frames, i), feature_window or self.feature_window, storage,
                              cache_dir)
         state = VideoInferenceState(frames, self.device, storage, cache)
