@@ -380,6 +380,7 @@ class SamHQ2VideoPredictor:
             raise ValueError("points and labels must be given together")
         if points is None and box is None:
             raise ValueError("give points with labels, a box, or both")
+        points, labels, box = (x.detach().cpu() if isinstance(x, torch.Tensor) else x for x in (points, labels, box))
         pts = torch.zeros(0, 2) if points is None else torch.as_tensor(np.asarray(points, dtype=np.float32)).reshape(-1, 2)
         lab = torch.zeros(0, dtype=torch.int32) if labels is None else \
             torch.as_tensor(np.asarray(labels)).reshape(-1).to(torch.int32)
@@ -423,7 +424,7 @@ class SamHQ2VideoPredictor:
         """
         state = inference_state
         frame_idx = self._check_frame(state, frame_idx)
-        m = torch.as_tensor(np.asarray(mask))
+        m = mask.detach().cpu() if isinstance(mask, torch.Tensor) else torch.as_tensor(np.asarray(mask))
         if m.ndim != 2 or m.numel() == 0:
             raise ValueError(f"mask must be a 2-D (H, W) array, got shape {tuple(m.shape)}")
         m = (m > 0).float()[None, None].to(state.device)
