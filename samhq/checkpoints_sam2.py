@@ -31,7 +31,14 @@ from pathlib import Path
 import torch
 
 from .checkpoints import CheckpointError, resolve_source
-from .config_sam2 import SAM2_VARIANTS, SamHQ2Config, SamHQ2HieraConfig, SamHQ2MaskDecoderConfig, SamHQ2PromptEncoderConfig
+from .config_sam2 import (
+    SAM2_VARIANTS,
+    SamHQ2Config,
+    SamHQ2HieraConfig,
+    SamHQ2MaskDecoderConfig,
+    SamHQ2PromptEncoderConfig,
+    SamHQ2VideoConfig,
+)
 
 VIDEO_KEYS = re.compile(
     r"^(memory_attention\.|memory_encoder\.|maskmem_tpos_enc$|no_mem_pos_enc$|no_obj_ptr$|obj_ptr_proj\.|"
@@ -290,8 +297,9 @@ _TRANSFORMERS_FIXED = dict(use_high_res_features=True, iou_prediction_use_sigmoi
 
 def config_from_transformers(data: dict) -> SamHQ2Config:
     """transformers' `Sam2Config` as a dict (its config.json) -> SamHQ2Config. Raises CheckpointError if it is not one."""
-    if data.get("model_type") != "sam2":
-        raise CheckpointError(f"config.json has model_type {data.get('model_type')!r}, expected 'sam2' or 'sam_hq2'")
+    if data.get("model_type") not in ("sam2", "sam2_video"):
+        raise CheckpointError(f"config.json has model_type {data.get('model_type')!r}, "
+                              "expected 'sam2', 'sam2_video' or 'sam_hq2'")
     try:
         v = data.get("vision_config") or {}
         t = v.get("backbone_config") or {}
@@ -312,7 +320,8 @@ def config_from_transformers(data: dict) -> SamHQ2Config:
         p, m = data.get("prompt_encoder_config") or {}, data.get("mask_decoder_config") or {}
         prompt = SamHQ2PromptEncoderConfig.from_dict(p)
         decoder = SamHQ2MaskDecoderConfig.from_dict({**m, **_TRANSFORMERS_FIXED})
-        return SamHQ2Config(vision_config=vision, prompt_encoder_config=prompt, mask_decoder_config=decoder)
+        video = video_config_from_transformers(data) if data["model_type"] == "sam2_video" else None
+        return SamHQ2Config(vision_config=vision, prompt_encoder_config=prompt, mask_decoder_config=decoder, video_config=video)
     except (KeyError, IndexError, TypeError, ValueError, ZeroDivisionError) as e:
         raise CheckpointError(f"config.json is not a usable transformers Sam2Config ({type(e).__name__}: {e})") from None
 
@@ -356,8 +365,191 @@ def config_to_transformers(config: SamHQ2Config) -> dict:
                                    "attention_downsample_rate", "num_multimask_outputs", "iou_head_depth",
                                    "iou_head_hidden_dim", "dynamic_multimask_via_stability",
                                    "dynamic_multimask_stability_delta", "dynamic_multimask_stability_thresh")})
-    return dict(model_type="sam2", architectures=["Sam2Model"], vision_config=vision, prompt_encoder_config=prompt,
-                mask_decoder_config=decoder, initializer_range=0.02)
+    out = dict(model_type="sam2", architectures=["Sam2Model"], vision_config=vision, prompt_encoder_config=prompt,
+               mask_decoder_config=decoder, initializer_range=0.02)
+    if config.video_config is not None:
+        out.update(video_config_to_transformers(config.video_config, v.d_model), model_type="sam2_video",
+                   architectures=["Sam2VideoModel"], image_size=v.image_size)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# The video modules: official names <-> ours (= transformers' Sam2VideoModel names), configs
+
+# (official, ours) name prefixes; `#` stands for a number. The mask downsampler's Sequential indices and
+# the object-pointer MLP's layers are renumbered by `_video_official_to_ours` / `_video_ours_to_official`.
+_OFFICIAL_VIDEO_RULES = [
+    ("maskmem_tpos_enc", "memory_temporal_positional_encoding"),
+    ("no_mem_pos_enc", "no_memory_positional_encoding"),
+    ("no_obj_ptr", "no_object_pointer"),
+    ("no_obj_embed_spatial", "occlusion_spatial_embedding_parameter"),
+    ("obj_ptr_tpos_proj.", "temporal_positional_encoding_projection_layer."),
+    ("obj_ptr_proj.", "object_pointer_proj."),
+    ("memory_attention.layers.#.self_attn.out_proj.", "memory_attention.layers.#.self_attn.o_proj."),
+    ("memory_attention.layers.#.cross_attn_image.out_proj.", "memory_attention.layers.#.cross_attn_image.o_proj."),
+    ("memory_attention.layers.#.norm#.", "memory_attention.layers.#.layer_norm#."),
+    ("memory_attention.norm.", "memory_attention.layer_norm."),
+    ("memory_encoder.pix_feat_proj.", "memory_encoder.feature_projection."),
+    ("memory_encoder.out_proj.", "memory_encoder.projection."),
+    ("memory_encoder.fuser.layers.#.gamma", "memory_encoder.memory_fuser.layers.#.scale"),
+    ("memory_encoder.fuser.layers.#.dwconv.", "memory_encoder.memory_fuser.layers.#.depthwise_conv."),
+    ("memory_encoder.fuser.layers.#.norm.", "memory_encoder.memory_fuser.layers.#.layer_norm."),
+    ("memory_encoder.fuser.layers.#.pwconv1.", "memory_encoder.memory_fuser.layers.#.pointwise_conv1."),
+    ("memory_encoder.fuser.layers.#.pwconv2.", "memory_encoder.memory_fuser.layers.#.pointwise_conv2."),
+]
+_FROM_OFFICIAL_VIDEO, _TO_OFFICIAL_VIDEO = _compile(_OFFICIAL_VIDEO_RULES, False), _compile(_OFFICIAL_VIDEO_RULES, True)
+_DOWNSAMPLER_OFFICIAL = re.compile(r"^memory_encoder\.mask_downsampler\.encoder\.(\d+)\.(.*)$")
+_DOWNSAMPLER_OURS = re.compile(r"^memory_encoder\.mask_downsampler\.(?:layers\.(\d+)\.(conv|layer_norm)|final_conv)\.(.*)$")
+_PTR_MLP_OFFICIAL = re.compile(r"^obj_ptr_proj\.layers\.(\d+)\.(.*)$")
+_PTR_MLP_OURS = re.compile(r"^object_pointer_proj\.(proj_in|proj_out|layers\.\d+)\.(.*)$")
+
+
+def is_our_video_key(name: str) -> bool:
+    """True for the video modules' parameter names in ours (= transformers') layout."""
+    return bool(TRANSFORMERS_VIDEO_KEYS.match(name))
+
+
+def _video_official_to_ours(video: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    convs = [int(m.group(1)) for k in video if (m := _DOWNSAMPLER_OFFICIAL.match(k)) and k.endswith(".weight")]
+    final = max(convs, default=0)  # Sequential: conv, norm, GELU per layer, then the final 1x1 conv
+    depth = 1 + max((int(m.group(1)) for k in video if (m := _PTR_MLP_OFFICIAL.match(k))), default=0)
+    out = {}
+    for name, tensor in video.items():
+        if m := _DOWNSAMPLER_OFFICIAL.match(name):
+            i, tail = int(m.group(1)), m.group(2)
+            sub = "final_conv" if i == final else f"layers.{i // 3}.{'conv' if i % 3 == 0 else 'layer_norm'}"
+            name = f"memory_encoder.mask_downsampler.{sub}.{tail}"
+        elif m := _PTR_MLP_OFFICIAL.match(name):
+            i, tail = int(m.group(1)), m.group(2)
+            sub = "proj_in" if i == 0 else "proj_out" if i == depth - 1 else f"layers.{i - 1}"
+            name = f"object_pointer_proj.{sub}.{tail}"
+        else:
+            name = _rename(name, _FROM_OFFICIAL_VIDEO)
+        out[name] = tensor
+    return out
+
+
+def _video_ours_to_official(video: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    layers = 1 + max((int(m.group(1)) for k in video if (m := _DOWNSAMPLER_OURS.match(k)) and m.group(1)), default=-1)
+    depth = 2 + sum(1 for k in video if re.match(r"^object_pointer_proj\.layers\.\d+\.weight$", k))
+    out = {}
+    for name, tensor in video.items():
+        if m := _DOWNSAMPLER_OURS.match(name):
+            i, part, tail = m.groups()
+            index = 3 * layers if i is None else 3 * int(i) + (0 if part == "conv" else 1)
+            name = f"memory_encoder.mask_downsampler.encoder.{index}.{tail}"
+        elif m := _PTR_MLP_OURS.match(name):
+            sub, tail = m.groups()
+            i = 0 if sub == "proj_in" else depth - 1 if sub == "proj_out" else int(sub.split(".")[1]) + 1
+            name = f"obj_ptr_proj.layers.{i}.{tail}"
+        else:
+            name = _rename(name, _TO_OFFICIAL_VIDEO)
+        out[name] = tensor
+    return out
+
+
+def video_to_ours(video: dict[str, torch.Tensor], layout: str) -> dict[str, torch.Tensor]:
+    """Video tensors as a reader returns them (official or transformers names) -> our names."""
+    return _video_official_to_ours(video) if layout == "official" else dict(video)
+
+
+def video_from_ours(video: dict[str, torch.Tensor], layout: str) -> dict[str, torch.Tensor]:
+    """Our video parameters -> the names of `layout` ("official" or "transformers")."""
+    return _video_ours_to_official(video) if layout == "official" else dict(video)
+
+
+def infer_video_config(video: dict[str, torch.Tensor], where: str = "checkpoint") -> SamHQ2VideoConfig:
+    """The video config of video tensors in our names, from their shapes and which of them exist.
+
+    Shapes give the memory size and width, the layer counts and kernel sizes; which tensors exist tells
+    SAM 2.1 (temporal encoding of pointers, occlusion embedding) from SAM 2.0. The rest (heads, flags not
+    visible in the tensors) are the release's. Raises CheckpointError when the tensors are incomplete.
+    """
+    try:
+        tpos = video["memory_temporal_positional_encoding"]
+        down = video["memory_encoder.mask_downsampler.layers.0.conv.weight"]
+        dw = video["memory_encoder.memory_fuser.layers.0.depthwise_conv.weight"]
+        stride = int(round(down.shape[0] ** 0.5))
+        kernel = down.shape[-1]
+        release = "sam2.1" if ("occlusion_spatial_embedding_parameter" in video
+                               or "temporal_positional_encoding_projection_layer.weight" in video) else "sam2"
+        return SamHQ2VideoConfig.from_release(
+            release,
+            num_maskmem=tpos.shape[0], mem_dim=tpos.shape[-1],
+            mask_downsampler_kernel_size=kernel, mask_downsampler_stride=stride,
+            mask_downsampler_padding=(kernel - stride + 1) // 2,
+            mask_downsampler_total_stride=stride ** _count(video, r"memory_encoder\.mask_downsampler\.layers\.(\d+)\."),
+            fuser_num_layers=_count(video, r"memory_encoder\.memory_fuser\.layers\.(\d+)\."),
+            fuser_kernel_size=dw.shape[-1], fuser_padding=dw.shape[-1] // 2, fuser_use_dwconv=dw.shape[1] == 1,
+            memory_attention_num_layers=_count(video, r"memory_attention\.layers\.(\d+)\."),
+            memory_attention_dim_feedforward=video["memory_attention.layers.0.linear1.weight"].shape[0],
+            memory_attention_downsample_rate=video["memory_attention.layers.0.self_attn.q_proj.weight"].shape[1]
+            // video["memory_attention.layers.0.self_attn.q_proj.weight"].shape[0],
+            use_obj_ptrs_in_encoder="mask_downsample.weight" in video,
+            use_mlp_for_obj_ptr_proj="object_pointer_proj.proj_in.weight" in video,
+            proj_tpos_enc_in_obj_ptrs="temporal_positional_encoding_projection_layer.weight" in video,
+            no_obj_embed_spatial="occlusion_spatial_embedding_parameter" in video,
+            fixed_no_obj_ptr="mask_downsample.weight" in video,
+        )
+    except (KeyError, ValueError, ZeroDivisionError) as e:
+        raise CheckpointError(f"{where}: the video modules' tensors are incomplete or inconsistent "
+                              f"({type(e).__name__}: {e})") from None
+
+
+# transformers' Sam2VideoModel hard-wires these video settings.
+_TRANSFORMERS_VIDEO_FIXED = dict(
+    memory_temporal_stride_for_eval=1, binarize_mask_from_pts_for_mem_enc=True, non_overlap_masks_for_mem_enc=False,
+    memory_attention_pos_enc_at_input=True, memory_attention_pos_enc_at_attn=False,
+    memory_attention_pos_enc_at_cross_attn_keys=True, memory_attention_pos_enc_at_cross_attn_queries=False,
+    use_obj_ptrs_in_encoder=True, only_obj_ptrs_in_the_past_for_eval=True,
+    use_mlp_for_obj_ptr_proj=True, fixed_no_obj_ptr=True, soft_no_obj_ptr=False, directly_add_no_mem_embed=True,
+    use_mask_input_as_output_without_sam=True, fuser_use_dwconv=True,
+)
+# (ours, transformers' Sam2VideoConfig) for the fields both have.
+_VIDEO_FIELDS = [
+    ("num_maskmem", "num_maskmem"), ("sigmoid_scale_for_mem_enc", "sigmoid_scale_for_mem_enc"),
+    ("sigmoid_bias_for_mem_enc", "sigmoid_bias_for_mem_enc"), ("no_obj_embed_spatial", "enable_occlusion_spatial_embedding"),
+    ("multimask_output_in_sam", "multimask_output_in_sam"), ("multimask_min_pt_num", "multimask_min_pt_num"),
+    ("multimask_max_pt_num", "multimask_max_pt_num"), ("multimask_output_for_tracking", "multimask_output_for_tracking"),
+    ("max_obj_ptrs_in_encoder", "max_object_pointers_in_encoder"), ("max_cond_frames_in_attn", "max_cond_frame_num"),
+    ("memory_attention_num_layers", "memory_attention_num_layers"),
+    ("memory_attention_num_heads", "memory_attention_num_attention_heads"),
+    ("memory_attention_downsample_rate", "memory_attention_downsample_rate"),
+    ("memory_attention_dim_feedforward", "memory_attention_feed_forward_hidden_size"),
+    ("memory_attention_activation", "memory_attention_feed_forward_hidden_act"), ("mem_dim", "memory_encoder_output_channels"),
+    ("mask_downsampler_kernel_size", "mask_downsampler_kernel_size"), ("mask_downsampler_stride", "mask_downsampler_stride"),
+    ("mask_downsampler_padding", "mask_downsampler_padding"), ("mask_downsampler_total_stride", "mask_downsampler_total_stride"),
+    ("fuser_num_layers", "memory_fuser_num_layers"), ("fuser_kernel_size", "memory_fuser_kernel_size"),
+    ("fuser_padding", "memory_fuser_padding"), ("fuser_layer_scale_init_value", "memory_fuser_layer_scale_init_value"),
+]
+
+
+def video_config_from_transformers(data: dict) -> SamHQ2VideoConfig:
+    """The video fields of transformers' `Sam2VideoConfig` (a config.json dict, model_type "sam2_video")."""
+    fields = {ours: data[theirs] for ours, theirs in _VIDEO_FIELDS if theirs in data}
+    tpos = bool(data.get("enable_temporal_pos_encoding_for_object_pointers", True))
+    theta = (data.get("rope_parameters") or {}).get("rope_theta", data.get("memory_attention_rope_theta", 10000.0))
+    return SamHQ2VideoConfig(**fields, add_tpos_enc_to_obj_ptrs=tpos, proj_tpos_enc_in_obj_ptrs=tpos,
+                             use_signed_tpos_enc_to_obj_ptrs=tpos, rope_theta=float(theta))
+
+
+def video_config_to_transformers(video: SamHQ2VideoConfig, hidden_size: int = 256) -> dict:
+    """SamHQ2VideoConfig -> the video fields of transformers' `Sam2VideoConfig`. Raises CheckpointError for settings
+    transformers' Sam2VideoModel does not have."""
+    fixed = {k: getattr(video, k) for k, v in _TRANSFORMERS_VIDEO_FIXED.items() if getattr(video, k) != v}
+    tpos = {video.add_tpos_enc_to_obj_ptrs, video.proj_tpos_enc_in_obj_ptrs, video.use_signed_tpos_enc_to_obj_ptrs}
+    if len(tpos) > 1:
+        fixed["add/proj/signed_tpos_enc_to_obj_ptrs"] = sorted(tpos)
+    if fixed:
+        raise CheckpointError(f"transformers' Sam2VideoModel has no layout for {fixed}; save in the official format instead")
+    out = {theirs: getattr(video, ours) for ours, theirs in _VIDEO_FIELDS}
+    out.update(enable_temporal_pos_encoding_for_object_pointers=video.add_tpos_enc_to_obj_ptrs,
+               rope_parameters={"rope_type": "default", "rope_theta": video.rope_theta},
+               memory_attention_hidden_size=hidden_size, memory_encoder_hidden_size=hidden_size,
+               mask_downsampler_embed_dim=hidden_size, memory_fuser_embed_dim=hidden_size,
+               memory_fuser_intermediate_dim=4 * hidden_size, mask_downsampler_hidden_act="gelu",
+               memory_fuser_hidden_act="gelu")
+    return out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -544,4 +736,6 @@ def write_transformers(state: dict[str, torch.Tensor], config: SamHQ2Config, dir
 __all__ = ["CheckpointError", "Sam2Checkpoint", "read_checkpoint", "read_config", "infer_config", "check_state",
            "official_to_ours", "ours_to_official", "transformers_to_ours", "ours_to_transformers",
            "config_from_transformers", "config_to_transformers", "write_official", "write_transformers",
-           "is_sam2_checkpoint", "is_video_key", "VIDEO_KEYS", "TRANSFORMERS_VIDEO_KEYS", "HQ_PREFIXES"]
+           "is_sam2_checkpoint", "is_video_key", "VIDEO_KEYS", "TRANSFORMERS_VIDEO_KEYS", "HQ_PREFIXES", "is_our_video_key",
+           "video_to_ours", "video_from_ours", "infer_video_config", "video_config_from_transformers",
+           "video_config_to_transformers"]

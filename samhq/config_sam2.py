@@ -192,6 +192,118 @@ class SamHQ2MaskDecoderConfig(_ConfigBase):
             raise ValueError("num_multimask_outputs must be >= 1 and iou_head_depth >= 2")
 
 
+@dataclass
+class SamHQ2VideoConfig(_ConfigBase):
+    """SAM 2's video modules and tracking settings (Meta's `SAM2Base` arguments, `sam2.1_hiera_*.yaml` names).
+
+    Defaults are SAM 2.1's configs with the settings Meta's `build_sam2_video_predictor` applies
+    (`binarize_mask_from_pts_for_mem_enc`); `from_release("sam2")` gives SAM 2.0's. Frames and sizes:
+    memories live on the image-embedding grid (S/16 a side) with `mem_dim` channels.
+
+    - Memory bank: `num_maskmem` memories (the conditioning frames + the `num_maskmem - 1` latest
+      non-conditioning frames, every `memory_temporal_stride_for_eval`-th); at most
+      `max_cond_frames_in_attn` conditioning frames, the temporally closest (-1: all).
+    - Memory encoder: the mask (sigmoid of the logits, x `sigmoid_scale_for_mem_enc` +
+      `sigmoid_bias_for_mem_enc`; binarised on prompted frames) downsampled by `mask_downsampler_*`
+      convolutions, added to the projected image features, fused by `fuser_num_layers` ConvNeXt blocks,
+      projected to `mem_dim`; `no_obj_embed_spatial` adds a learned vector where the object is absent.
+    - Memory attention: `memory_attention_num_layers` layers of RoPE self-attention, cross-attention to
+      the memories and object pointers, and an MLP (`memory_attention_dim_feedforward`, `activation`).
+    - Object pointers: the decoder's output token through `obj_ptr_proj` (an MLP when
+      `use_mlp_for_obj_ptr_proj`), up to `max_obj_ptrs_in_encoder` of them, with a 1-D sine encoding of the
+      frame distance (`add_tpos_enc_to_obj_ptrs`, projected when `proj_tpos_enc_in_obj_ptrs`, signed when
+      `use_signed_tpos_enc_to_obj_ptrs`); the learned `no_obj_ptr` where the object is absent
+      (`fixed_no_obj_ptr`: replaces it; `soft_no_obj_ptr`: mixes by the object-score sigmoid).
+    - SAM heads while tracking: multimask output for 0..1 clicks (`multimask_*`), the mask input used as
+      the output on frames given a mask (`use_mask_input_as_output_without_sam`).
+    """
+
+    model_type: ClassVar[str] = "sam_hq2_video"
+    num_maskmem: int = 7
+    max_cond_frames_in_attn: int = -1
+    memory_temporal_stride_for_eval: int = 1
+    # memory encoder
+    mem_dim: int = 64
+    mask_downsampler_kernel_size: int = 3
+    mask_downsampler_stride: int = 2
+    mask_downsampler_padding: int = 1
+    mask_downsampler_total_stride: int = 16
+    fuser_num_layers: int = 2
+    fuser_kernel_size: int = 7
+    fuser_padding: int = 3
+    fuser_layer_scale_init_value: float = 1e-6
+    fuser_use_dwconv: bool = True
+    sigmoid_scale_for_mem_enc: float = 20.0
+    sigmoid_bias_for_mem_enc: float = -10.0
+    binarize_mask_from_pts_for_mem_enc: bool = True
+    non_overlap_masks_for_mem_enc: bool = False
+    no_obj_embed_spatial: bool = True
+    # memory attention
+    memory_attention_num_layers: int = 4
+    memory_attention_dim_feedforward: int = 2048
+    memory_attention_num_heads: int = 1
+    memory_attention_downsample_rate: int = 1
+    memory_attention_activation: str = "relu"
+    memory_attention_pos_enc_at_input: bool = True
+    memory_attention_pos_enc_at_attn: bool = False
+    memory_attention_pos_enc_at_cross_attn_keys: bool = True
+    memory_attention_pos_enc_at_cross_attn_queries: bool = False
+    rope_theta: float = 10000.0
+    # object pointers
+    use_obj_ptrs_in_encoder: bool = True
+    max_obj_ptrs_in_encoder: int = 16
+    add_tpos_enc_to_obj_ptrs: bool = True
+    proj_tpos_enc_in_obj_ptrs: bool = True
+    use_signed_tpos_enc_to_obj_ptrs: bool = True
+    only_obj_ptrs_in_the_past_for_eval: bool = True
+    use_mlp_for_obj_ptr_proj: bool = True
+    fixed_no_obj_ptr: bool = True
+    soft_no_obj_ptr: bool = False
+    # SAM heads while tracking
+    directly_add_no_mem_embed: bool = True
+    use_mask_input_as_output_without_sam: bool = True
+    multimask_output_in_sam: bool = True
+    multimask_min_pt_num: int = 0
+    multimask_max_pt_num: int = 1
+    multimask_output_for_tracking: bool = True
+
+    def __post_init__(self):
+        if self.num_maskmem < 0 or self.max_obj_ptrs_in_encoder < 1 or self.memory_temporal_stride_for_eval < 1:
+            raise ValueError("num_maskmem must be >= 0, max_obj_ptrs_in_encoder and memory_temporal_stride_for_eval >= 1")
+        if self.max_cond_frames_in_attn != -1 and self.max_cond_frames_in_attn < 2:
+            raise ValueError(f"max_cond_frames_in_attn must be -1 (all) or >= 2, got {self.max_cond_frames_in_attn}")
+        if self.memory_attention_activation not in ("relu", "gelu"):
+            raise ValueError(f"memory_attention_activation must be relu or gelu, got {self.memory_attention_activation!r}")
+        if self.proj_tpos_enc_in_obj_ptrs and not self.add_tpos_enc_to_obj_ptrs:
+            raise ValueError("proj_tpos_enc_in_obj_ptrs needs add_tpos_enc_to_obj_ptrs")
+        if self.fixed_no_obj_ptr and not self.use_obj_ptrs_in_encoder:
+            raise ValueError("fixed_no_obj_ptr needs use_obj_ptrs_in_encoder")
+        n = self.mask_downsampler_layers
+        if self.mask_downsampler_stride < 2 or self.mask_downsampler_stride ** n != self.mask_downsampler_total_stride:
+            raise ValueError(f"mask_downsampler_total_stride ({self.mask_downsampler_total_stride}) must be a power of "
+                             f"mask_downsampler_stride ({self.mask_downsampler_stride})")
+
+    @property
+    def mask_downsampler_layers(self) -> int:
+        """Number of strided convolutions of the mask downsampler (4 for 16 = 2^4)."""
+        n, total = 0, 1
+        while total < self.mask_downsampler_total_stride and self.mask_downsampler_stride > 1:
+            total *= self.mask_downsampler_stride
+            n += 1
+        return n
+
+    @classmethod
+    def from_release(cls, release: str = "sam2.1", **changes) -> "SamHQ2VideoConfig":
+        """"sam2.1" (SAM 2.1 and HQ-SAM 2) or "sam2" (SAM 2.0: no temporal encoding of object pointers and
+        no occlusion embedding in the memories), with `changes` applied."""
+        if release not in ("sam2.1", "sam2"):
+            raise ValueError(f"release must be 'sam2.1' or 'sam2', got {release!r}")
+        if release == "sam2":
+            changes = {**dict(no_obj_embed_spatial=False, add_tpos_enc_to_obj_ptrs=False, proj_tpos_enc_in_obj_ptrs=False,
+                              use_signed_tpos_enc_to_obj_ptrs=False), **changes}
+        return cls(**changes)
+
+
 def _sub(cls, value):
     if value is None:
         return cls()
@@ -204,18 +316,22 @@ def _sub(cls, value):
 
 @dataclass
 class SamHQ2Config(_ConfigBase):
-    """SAM 2.1 / HQ-SAM 2 for images: `vision_config`, `prompt_encoder_config`, `mask_decoder_config`.
+    """SAM 2.1 / HQ-SAM 2: `vision_config`, `prompt_encoder_config`, `mask_decoder_config`, and `video_config`
+    (None: an image model without the video modules).
 
     Sub-configs may be config objects or dicts. `SamHQ2Config.from_variant("hiera_l")` is SAM 2.1's
-    (and HQ-SAM 2's) Hiera-L.
+    (and HQ-SAM 2's) Hiera-L; `from_variant("hiera_l", video=True)` with SAM 2.1's video modules.
     """
 
     model_type: ClassVar[str] = "sam_hq2"
     vision_config: Any = None
     prompt_encoder_config: Any = None
     mask_decoder_config: Any = None
+    video_config: Any = None
 
     def __post_init__(self):
+        if self.video_config is not None:
+            self.video_config = _sub(SamHQ2VideoConfig, self.video_config)
         self.vision_config = _sub(SamHQ2HieraConfig, self.vision_config)
         self.prompt_encoder_config = _sub(SamHQ2PromptEncoderConfig, self.prompt_encoder_config)
         self.mask_decoder_config = _sub(SamHQ2MaskDecoderConfig, self.mask_decoder_config)
@@ -235,8 +351,8 @@ class SamHQ2Config(_ConfigBase):
 
     @property
     def variant(self) -> str | None:
-        """The preset this config equals (`hiera_l`, ...), or None for a custom config."""
-        mine = self.to_dict()
+        """The preset this config's image model equals (`hiera_l`, ...), or None for a custom config."""
+        mine = {**self.to_dict(), "video_config": None}
         return next((name for name in SAM2_VARIANTS if SamHQ2Config.from_variant(name).to_dict() == mine), None)
 
     def to_dict(self) -> dict[str, Any]:
@@ -254,11 +370,12 @@ class SamHQ2Config(_ConfigBase):
         return super().from_dict(data)
 
     @classmethod
-    def from_variant(cls, name: str) -> "SamHQ2Config":
-        """A SAM 2.1 preset: `hiera_t`, `hiera_s`, `hiera_b+` or `hiera_l` (HQ-SAM 2's released model is `hiera_l`)."""
+    def from_variant(cls, name: str, video: bool = False) -> "SamHQ2Config":
+        """A SAM 2.1 preset: `hiera_t`, `hiera_s`, `hiera_b+` or `hiera_l` (HQ-SAM 2's released model is `hiera_l`);
+        `video=True` adds SAM 2.1's video modules."""
         if name not in SAM2_VARIANTS:
             raise ValueError(f"unknown SAM 2 variant {name!r}; known: {', '.join(SAM2_VARIANTS)}")
-        return cls(vision_config=SamHQ2HieraConfig(**SAM2_VARIANTS[name]))
+        return cls(vision_config=SamHQ2HieraConfig(**SAM2_VARIANTS[name]), video_config=SamHQ2VideoConfig() if video else None)
 
 
 # Meta's configs/sam2.1/sam2.1_hiera_{t,s,b+,l}.yaml (the same trunks as SAM 2.0's and as
@@ -274,4 +391,5 @@ SAM2_VARIANTS: dict[str, dict[str, Any]] = {
                     window_pos_embed_bkg_spatial_size=[7, 7], window_spec=[8, 4, 16, 8]),
 }
 
-__all__ = ["SamHQ2Config", "SamHQ2HieraConfig", "SamHQ2PromptEncoderConfig", "SamHQ2MaskDecoderConfig", "SAM2_VARIANTS"]
+__all__ = ["SamHQ2Config", "SamHQ2HieraConfig", "SamHQ2PromptEncoderConfig", "SamHQ2MaskDecoderConfig", "SamHQ2VideoConfig",
+           "SAM2_VARIANTS"]

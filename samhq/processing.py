@@ -177,11 +177,12 @@ class ResizeSquare:
 
 
 def fill_holes_and_sprinkles(logits: torch.Tensor, max_hole_area: float, max_sprinkle_area: float,
-                             threshold: float = 0.0) -> torch.Tensor:
+                             threshold: float = 0.0, hole_value: float | None = None) -> torch.Tensor:
     """SAM 2's mask clean-up on logits (..., H, W): background regions (logit <= threshold) of at most
-    `max_hole_area` pixels become foreground (threshold + 10), then foreground regions of at most
-    `max_sprinkle_area` pixels become background (threshold - 10); regions are 8-connected and a
-    region touching the border counts as well. Returns a new tensor."""
+    `max_hole_area` pixels become foreground (`hole_value`, default threshold + 10; SAM 2's video
+    predictor uses 0.1), then foreground regions of at most `max_sprinkle_area` pixels become background
+    (threshold - 10); regions are 8-connected and a region touching the border counts as well. Returns
+    a new tensor."""
     try:
         from scipy import ndimage
     except ImportError:
@@ -189,7 +190,8 @@ def fill_holes_and_sprinkles(logits: torch.Tensor, max_hole_area: float, max_spr
     out = logits.detach().cpu().clone()
     flat = out.reshape(-1, *out.shape[-2:])
     eight = np.ones((3, 3), bool)
-    for step, area, value in (("holes", max_hole_area, threshold + 10.0), ("sprinkles", max_sprinkle_area, threshold - 10.0)):
+    hole = threshold + 10.0 if hole_value is None else hole_value
+    for step, area, value in (("holes", max_hole_area, hole), ("sprinkles", max_sprinkle_area, threshold - 10.0)):
         if area <= 0:
             continue
         for m in flat:

@@ -23,7 +23,7 @@ LAYERS = [
     ("predictor", ["samhq.predictor"]),
     ("applications", ["samhq.automatic", "samhq.pipelines", "samhq.server", "samhq.data", "samhq.eval",
                       "samhq.train", "samhq.fast", "samhq.tiles", "samhq.geo", "samhq.prompt_files",
-                      "samhq.distributed", "samhq.label_studio"]),
+                      "samhq.distributed", "samhq.label_studio", "samhq.video"]),
     ("cli", ["samhq.cli"]),
 ]
 

@@ -198,7 +198,7 @@ def test_full_size_hiera_l(tmp_path):
     ref = instantiate(cfg.model, _recursive_=True).eval()
     s = _setup(ref, tmp_path, random_image(300, 400, 5), 1024)
     assert s.ours.config.variant == "hiera_l" and not s.ours.hq_enabled
-    assert "memory_attention.layers.0.self_attn.q_proj.weight" in s.ours.video_state
+    assert s.ours.has_video and not s.ours.video_state  # the video modules are built and loaded (issue 19)
     assert rel_err(s.emb, s.predictor._features["image_embed"]) < TOL
     for ours, ref_f in zip(s.high_res, s.predictor._features["high_res_feats"]):
         assert rel_err(ours, ref_f) < TOL

@@ -10,7 +10,7 @@ import argparse
 import importlib
 import sys
 
-COMMANDS = ["segment", "everything", "info", "convert", "train", "evaluate", "export", "serve", "label_studio"]
+COMMANDS = ["segment", "everything", "info", "convert", "train", "evaluate", "export", "serve", "label_studio", "track"]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,5 +1,6 @@
-"""`samhq evaluate [SRC] DATASET`: mIoU and mBIoU of a model's HQ and SAM-token outputs on a dataset;
-`samhq evaluate --coco-ap GT.json RESULTS.json`: COCO mask AP of results (e.g. from `samhq segment --prompts`)."""
+"""`samhq evaluate [SRC] DATASET`: mIoU and mBIoU of a model's HQ and SAM-token outputs on a dataset; J&F of a SAM 2
+video model on a DAVIS-style video dataset (`samhq.eval.davis`); `samhq evaluate --coco-ap GT.json RESULTS.json`:
+COCO mask AP of results (e.g. from `samhq segment --prompts`)."""
 from __future__ import annotations
 
 import json
@@ -15,6 +16,8 @@ DATASET is one of:
   DIR --masks MDIR    images in DIR, masks of the same name in MDIR (may be DIR itself: x.jpg + x.png)
   FILE.json           COCO instance annotations; images from --images (default: the JSON's folder)
   synthetic:N[:SIZE[:SEED]]   N synthetic fine-structure images, SIZE px square (default 256), SEED (default 0)
+  DAVIS_DIR           a video dataset with JPEGImages/ and Annotations/ (DAVIS 2016/2017 layout): a SAM 2 video
+                      model tracks each sequence from its first-frame masks; J, F and J&F as the DAVIS benchmark
 
 With --coco-ap GT.json RESULTS.json no model or dataset is given: the COCO results (masks as RLE,
 with scores) are scored against the COCO ground truth with pycocotools' COCOeval (AP, AP50, AP75,
@@ -53,6 +56,8 @@ def register(sub) -> None:
     p.add_argument("--csv", metavar="PATH", help="write per-object scores as CSV")
     p.add_argument("--force", action="store_true", help="overwrite existing --json / --csv files")
     p.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
+    p.add_argument("--sequences", metavar="A,B,...", help="DAVIS: evaluate only these sequences")
+    p.add_argument("--results", metavar="DIR", help="DAVIS: also write the predicted label maps (DIR/SEQ/FRAME.png)")
     add_image_args(p, bit_depth=False)  # --max-pixels for the dataset's images
     p.set_defaults(func=run)
 
@@ -132,6 +137,10 @@ def run(args) -> int:
     if args.max_images is not None and args.max_images < 1:
         raise ValueError(f"--max-images must be at least 1, got {args.max_images}")
     refuse_overwrite([args.json, args.csv], args.force)
+    from ..eval.davis import is_davis_folder
+
+    if is_davis_folder(spec):
+        return run_davis(args, model_src)
     dataset = open_dataset(spec, args.masks, args.images)
     if len(dataset) == 0:
         skipped = getattr(dataset, "skipped", [])
@@ -149,6 +158,28 @@ def run(args) -> int:
         print(f"skipped {len(result.skipped)} unreadable files or annotations (first: {name}: {reason})")
     if args.json:
         print(f"wrote {result.save_json(args.json, per_object=not args.summary_only, overwrite=True)}")
+    if args.csv:
+        print(f"wrote {result.save_csv(args.csv, overwrite=True)}")
+    return 0
+
+
+def run_davis(args, model_src) -> int:
+    """J&F of a SAM 2 video model on a DAVIS-style folder (semi-supervised: first-frame masks as prompts)."""
+    from ..eval.davis import evaluate_davis
+    from ..pipelines import resolve_dtype
+    from ..video import SamHQ2VideoPredictor
+
+    if args.results:
+        refuse_overwrite([args.results], args.force)
+    sequences = [s for s in args.sequences.split(",") if s] if args.sequences else None
+    predictor = SamHQ2VideoPredictor.from_pretrained(model_src, device=args.device, dtype=resolve_dtype(args.dtype, args.device))
+    result = evaluate_davis(predictor, args.dataset, sequences, progress=not args.quiet and sys.stderr.isatty(),
+                            results_dir=args.results)
+    result.settings.update(model=str(model_src), weights_sha256=weights_digest(predictor.model))
+    print(f"{model_src} on {args.dataset}:")
+    print(result.table())
+    if args.json:
+        print(f"wrote {result.save_json(args.json, overwrite=True)}")
     if args.csv:
         print(f"wrote {result.save_csv(args.csv, overwrite=True)}")
     return 0

@@ -67,7 +67,8 @@ class Sam2MaskDecoder(nn.Module):
         dense: torch.Tensor,
         high_res_features: list[torch.Tensor] | None,
         hq: bool,
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return_tokens: bool = False,
+    ) -> tuple[torch.Tensor, ...]:
         """Every output token's mask logits for B images x P prompts.
 
         image_embeddings (B, C, h, w); image_pe (1, C, h, w); sparse (B, P, T, C); dense
@@ -75,7 +76,8 @@ class Sam2MaskDecoder(nn.Module):
         `high_res_features` (None when the config does not use them); hq: add the HQ token.
         Returns mask logits (B, P, K, 4h, 4w) (K = 4 SAM masks, then the HQ mask when hq), IoU
         predictions (B, P, 4) (after a sigmoid when `iou_prediction_use_sigmoid`) and object-score
-        logits (B, P, 1) (the constant 10 without an object-score head).
+        logits (B, P, 1) (the constant 10 without an object-score head); with `return_tokens` also the SAM
+        mask tokens after the transformer (B, P, 4, C), from which SAM 2's video model takes its object pointer.
         """
         cfg = self.config
         b, p = sparse.shape[:2]
@@ -123,4 +125,6 @@ class Sam2MaskDecoder(nn.Module):
             object_score_logits = self.pred_obj_score_head(hs[:, :, 0])
         else:
             object_score_logits = iou.new_full((b, p, 1), 10.0)
+        if return_tokens:
+            return masks.view(b, p, -1, 4 * h, 4 * w), iou, object_score_logits, mask_tokens_out
         return masks.view(b, p, -1, 4 * h, 4 * w), iou, object_score_logits

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from ... import checkpoints_sam2 as ckpt
+from ...checkpoints import CheckpointError
 from ...config_sam2 import SamHQ2Config
 from ..mask_selection import select_masks
 from ..model import ModelOutput
@@ -24,6 +25,7 @@ from ..prompt_encoder import check_prompts
 from ..prompt_encoder import PositionalEmbedding
 from .hiera import Sam2VisionEncoder
 from .mask_decoder import Sam2MaskDecoder
+from .memory import add_video_modules
 from .prompt_encoder import Sam2PromptEncoder
 
 # SAM 2's pixel normalisation (Meta's SAM2Transforms): RGB in [0, 1], then ImageNet mean and std.
@@ -60,11 +62,18 @@ class SamHQ2Model(nn.Module):
         self.mask_decoder = Sam2MaskDecoder(config.mask_decoder_config)
         # Added to the image embedding when there is no memory (every image), Meta's `no_mem_embed`.
         self.no_memory_embedding = nn.Parameter(torch.zeros(1, 1, config.vision_config.d_model))
+        if config.video_config is not None:  # memory encoder, memory attention, object pointers; run by samhq.video
+            add_video_modules(self, config.video_config, config.vision_config.d_model, config.mask_decoder_config.pred_obj_scores)
         self.hq_enabled = True
         # Video-module tensors of a loaded checkpoint, under the names of `video_layout` ("official" or
         # "transformers"), kept for the video model and for writing that layout back; not parameters.
         self.video_state: dict[str, torch.Tensor] = {}
         self.video_layout = "official"
+
+    @property
+    def has_video(self) -> bool:
+        """Whether the model has SAM 2's video modules (built from a checkpoint that has them, or `config.video_config`)."""
+        return self.config.video_config is not None
 
     @property
     def no_mem_embed(self) -> nn.Parameter:
@@ -227,12 +236,14 @@ class SamHQ2Model(nn.Module):
         return load_sam2_model(source, device=device, dtype=dtype, config=config)
 
     def _state_to_save(self) -> dict[str, torch.Tensor]:
-        state = {k: v for k, v in self.state_dict().items()}
+        state = {k: v for k, v in self.state_dict().items() if not ckpt.is_our_video_key(k)}
         if not self.hq_enabled:  # plain SAM 2 stays plain SAM 2 when reloaded
             state = {k: v for k, v in state.items() if not k.startswith(ckpt.HQ_PREFIXES)}
         return state
 
     def _video_state(self, layout: str) -> dict[str, torch.Tensor]:
+        if self.has_video:
+            return ckpt.video_from_ours({k: v for k, v in self.state_dict().items() if ckpt.is_our_video_key(k)}, layout)
         if self.video_state and self.video_layout != layout:
             warnings.warn(f"the {len(self.video_state)} video-module tensors came in the {self.video_layout} layout and are "
                           f"not written to the {layout} one (renaming them is the video model's job)", stacklevel=3)
@@ -259,23 +270,37 @@ def load_sam2_model(source, device=None, dtype=None, config: SamHQ2Config | None
     `sam2.1_hq_hiera_large.pt`), a `.safetensors` file, a transformers-layout directory, or a
     hub id (downloaded through huggingface_hub). The variant is detected from the tensors unless
     `config` is given or a config.json says it; checkpoints without HQ tensors give
-    `hq_enabled=False`. Video tensors go to `model.video_state` (under the names of
-    `model.video_layout`). dtype (e.g. torch.bfloat16) applies to the image encoder; the prompt
+    `hq_enabled=False`. A checkpoint with the video modules' tensors (Meta's and SysCV's releases, the
+    hub's Sam2VideoModel files) gives a model with those modules (`has_video`, `config.video_config`);
+    an incomplete set of them is kept aside in `model.video_state` (under the names of
+    `model.video_layout`) with a warning. dtype (e.g. torch.bfloat16) applies to the image encoder; the prompt
     encoder and decoder stay fp32. Raises CheckpointError for unreadable or mismatched files.
     """
     read = ckpt.read_checkpoint(source)
     config = config or read.config or ckpt.infer_config(read.state, str(read.path))
+    state, kept_aside = dict(read.state), read.video_state
+    if read.video_state:
+        video = ckpt.video_to_ours(read.video_state, read.layout)
+        if config.video_config is None:
+            try:
+                video_config = ckpt.infer_video_config(video, str(read.path))
+                config = SamHQ2Config.from_dict({**config.to_dict(), "video_config": video_config})
+            except CheckpointError as e:
+                warnings.warn(f"{e}; the model is image-only and keeps them aside", stacklevel=2)
+        if config.video_config is not None:
+            state.update(video)
+            kept_aside = {}
     with torch.device("meta"):
         model = SamHQ2Model(config)
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    has_hq = ckpt.check_state(read.state, expected, str(read.path), config.variant or "custom")
+    has_hq = ckpt.check_state(state, expected, str(read.path), config.variant or "custom")
     model.to_empty(device="cpu")
-    state = {k: v.float() if v.is_floating_point() else v for k, v in read.state.items()}
+    state = {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
     if not has_hq:
         state.update({k: torch.zeros(s) for k, s in expected.items() if k.startswith(ckpt.HQ_PREFIXES)})
     model.load_state_dict(state)
     model.hq_enabled = has_hq
-    model.video_state, model.video_layout = read.video_state, read.layout
+    model.video_state, model.video_layout = kept_aside, read.layout
     model = model.eval().to(device=device or "cpu", dtype=torch.float32)
     if dtype is not None and dtype != torch.float32:
         model.vision_encoder.to(dtype)
