@@ -9,9 +9,11 @@ An engine does two things (plus `prepare`, the per-image part of decoding) and n
 Image intake, resizing, prompt checks, post-processing and embedding files are the front end's.
 
 Both engines' feature dicts hold "features" (the image embedding, (1, 256, h, w)), plus what their
-decoder needs: the torch engine keeps the early ViT features ("early_features") and derives the HQ
-features and the decoder's per-image context on first use; the onnxruntime engine's encoder returns
-the HQ features ("hq_features") directly. `saved_features` names what an embedding file keeps.
+decoder needs: for SAM-HQ the torch engine keeps the early ViT features ("early_features") and derives
+the HQ features and the decoder's per-image context on first use, while the onnxruntime engine's
+encoder returns the HQ features ("hq_features") directly; for SAM 2 both keep the two high-resolution
+maps ("high_res_s0", "high_res_s1"). `saved_features` names what an embedding file keeps; `family`
+("sam" or "sam2"), `transform` and `selection` are the model family's.
 """
 from __future__ import annotations
 

@@ -43,9 +43,10 @@ _NAMES = {"points": "point_coords", "labels": "point_labels", "boxes": "boxes", 
 class ImageEmbedding:
     """What `set_image` computes for one image, in a form that can be saved and loaded.
 
-    tensors: the engine's saved image features ("features" (1, 256, h, w) and, for the torch engine,
+    tensors: the engine's saved image features ("features" (1, 256, h, w) and, for SAM-HQ's torch engine,
     "early_features" (1, h, w, C), the first global-attention layer's output the HQ branch fuses;
-    for the onnxruntime engine "hq_features" (1, 32, 4h, 4w)); sizes are (H, W); `fingerprint`
+    for its onnxruntime engine "hq_features" (1, 32, 4h, 4w); for SAM 2 models, either engine,
+    "high_res_s0" (1, 32, 4h, 4w) and "high_res_s1" (1, 64, 2h, 2w)); sizes are (H, W); `fingerprint`
     identifies the weights that made them (`engines.model_fingerprint`).
     """
 

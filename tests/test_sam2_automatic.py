@@ -144,3 +144,12 @@ def test_m2m_refines_with_each_masks_own_logits():
     for (a_iou, a_area), (b_iou, b_area) in zip(got, sorted(want)):
         assert a_iou == pytest.approx(b_iou, abs=1e-5) and a_area == b_area
     assert torch.is_tensor(p.features)
+
+
+@needs_sam2
+@pytest.mark.parametrize("variant", ["hiera_s", "hiera_b+", "hiera_l"])
+def test_same_records_as_meta_for_every_hiera_size(variant, image, tmp_path):
+    """The records for the other sizes' structures (Hiera-T is above), plain SAM 2, a 3x3 grid, multimask."""
+    ref, ours, _ = meta_pair(tmp_path, variant=variant)
+    kw = dict(points_per_side=3, **LOW)
+    assert_same_records(SamHQAutomaticMaskGenerator(ours, **kw).generate(image), meta_records(ref, image, **kw))

@@ -358,3 +358,61 @@ def test_evaluate_with_a_sam2_model(hq_file, tmp_path):
         for key, pred in (("hq_iou", hq), ("sam_iou", sam)):
             union = (gt | pred).sum()
             assert r[key] == pytest.approx((gt & pred).sum() / union if union else 1.0, abs=1e-9), key
+
+
+def test_label_studio_backend_with_a_sam2_model(hq_file, tmp_path):
+    """`samhq label-studio --model` with an HQ-SAM 2 checkpoint: a smart click gives the predictor's mask, and the
+    automatic mode runs the generator (the Label Studio stand-in server of test_label_studio_backend)."""
+    pytest.importorskip("rasterio")
+    from test_label_studio_backend import ROOT, TOKEN, brush_masks, click, predict, serve
+
+    from samhq.label_studio import create_label_studio_app
+
+    model, path = hq_file
+    ls, other = serve(), serve()
+    ls.elsewhere = f"http://127.0.0.1:{other.server_port}"
+    try:
+        from fastapi.testclient import TestClient
+        from PIL import Image
+
+        app = create_label_studio_app(str(path), f"http://127.0.0.1:{ls.server_port}", TOKEN, auto="everything",
+                                      points_per_side=3, pred_iou_thresh=0.0, stability_thresh=0.0, max_images=2)
+        client = TestClient(app, base_url="http://localhost:9090")
+        image = np.asarray(Image.open(ROOT / "examples" / "shapes.png").convert("RGB"))
+        r = predict(client, {"result": [click(93, 34)]})
+        assert r.status_code == 200, r.text
+        (region,) = r.json()["results"][0]["result"]
+        ref = SamHQPredictor(model)
+        ref.set_image(image)
+        masks, _, _ = ref.predict(point_coords=np.array([[93.0, 34.0]]), point_labels=np.array([1]), multimask_output=False)
+        np.testing.assert_array_equal(brush_masks([region], tmp_path)[0], masks[0])
+        r = predict(client)  # no context: the automatic mode
+        assert r.status_code == 200 and r.json()["results"][0]["result"]
+    finally:
+        ls.shutdown()
+        other.shutdown()
+
+
+def test_cli_everything_with_a_sam2_model(hq_file, tmp_path):
+    """`samhq everything --model` with an HQ-SAM 2 checkpoint: the generator's records, SAM 2's default IoU threshold
+    unless given, and --use-m2m."""
+    from PIL import Image
+
+    from samhq.automatic import SamHQAutomaticMaskGenerator
+
+    model, path = hq_file
+    image = random_image(80, 100, 6)
+    Image.fromarray(image).save(tmp_path / "im.png")
+    args = ["everything", str(tmp_path / "im.png"), "--model", str(path), "--points-per-side", "3", "--stability-thresh",
+            "0", "--box-nms-thresh", "1"]
+    assert main(args + ["--out", str(tmp_path / "a")]) == 0
+    doc = json.loads((tmp_path / "a" / "im.json").read_text())
+    assert doc["info"]["pred_iou_thresh"] == 0.8  # SAM 2's default
+    want = SamHQAutomaticMaskGenerator(model, points_per_side=3, stability_score_thresh=0.0, box_nms_thresh=1.0).generate(image)
+    assert [a["area"] for a in doc["annotations"]] == [r["area"] for r in want]
+    assert main(args + ["--out", str(tmp_path / "b"), "--use-m2m", "--pred-iou-thresh", "0"]) == 0
+    doc = json.loads((tmp_path / "b" / "im.json").read_text())
+    want = SamHQAutomaticMaskGenerator(model, points_per_side=3, stability_score_thresh=0.0, box_nms_thresh=1.0,
+                                       pred_iou_thresh=0.0, use_m2m=True).generate(image)
+    assert doc["info"]["use_m2m"] is True and len(want) > 0
+    assert [a["area"] for a in doc["annotations"]] == [r["area"] for r in want]
