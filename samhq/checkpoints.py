@@ -550,6 +550,10 @@ def checkpoint_family(path) -> str:
         except (SafetensorError, OSError, ValueError):
             return "sam"  # the reader reports the damage
     else:
+        import zipfile
+
+        if not zipfile.is_zipfile(path):  # torch's legacy format (no memory map): older than SAM 2, read once by SAM's reader
+            return "sam"
         try:
             names = list(read_state_file(path)[0])  # memory-mapped: names without reading the weights
         except CheckpointError:

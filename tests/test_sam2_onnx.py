@@ -168,3 +168,20 @@ def test_plain_sam2_cli_export_and_embedding_files(tmp_path, capsys):
     back = SamHQPredictor(model)
     back.load_image_embedding(tmp_path / "emb_onnx.safetensors")
     assert rel(back.predict(box=BOX / 2, return_logits=True)[0], a[0]) <= 1e-4
+
+
+def test_filling_and_batches_through_the_onnxruntime_engine(exported):
+    """max_hole_area / max_sprinkle_area and set_image_batch / predict_batch are the front end's: the same with either engine."""
+    model, _, _, eng = exported
+    images = [random_image(160, 240, 0), random_image(100, 80, 1)]
+    a = SamHQPredictor(model, max_hole_area=40, max_sprinkle_area=40)
+    b = SamHQPredictor(eng.engine, max_hole_area=40, max_sprinkle_area=40)
+    for p in (a, b):
+        p.set_image_batch(images)
+    kw = dict(point_coords_batch=[PTS[:2], PTS[:1] / 3], point_labels_batch=[LAB[:2], LAB[:1]], box_batch=[None, BOX / 3])
+    for x, y in zip(a.predict_batch(**kw, return_logits=True), b.predict_batch(**kw, return_logits=True)):
+        for u, v in zip(x, y):
+            assert u.shape == v.shape and rel(v, u) <= 1e-4
+    masks_a = a.predict_batch(**kw)[0]
+    masks_b = b.predict_batch(**kw)[0]
+    assert all((u != v).mean() <= 1e-3 for u, v in zip(masks_a, masks_b))
