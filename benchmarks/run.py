@@ -1,5 +1,6 @@
 """SAM-HQ on the CPU: samhq (fp32 and fast modes) against the official `segment_anything_hq` and
-transformers' `SamHQModel`, with the same random weights loaded into every implementation.
+transformers' `SamHQModel`, with the same random weights loaded into every implementation; and HQ-SAM 2
+(Hiera-L) against Meta's `sam2` with SysCV's HQ decoder computation (the tests' stand-in).
 
     python benchmarks/run.py            # the full run (about 10 minutes on a 2-core CPU)
     python benchmarks/run.py --quick    # a smoke run: vit_tiny only, 8x8 AMG grid, one repeat
@@ -59,6 +60,14 @@ def cases(quick: bool) -> list[dict]:
     else:
         out.append(dict(name="vit_h embed one image (memory)", kind="memory", variant="vit_h", reps=(0, 1),
                         impls=["samhq fp32", "samhq bf16", "official", "transformers"]))
+        # HQ-SAM 2 (Hiera-L, the released size): "official" is Meta's sam2 (PyPI) with SysCV's HQ decoder computation
+        # (tests/sam2_ref.hq_decoder_stand_in), loading the same random weights from the official .pt.
+        out += [
+            dict(name="hiera_l hq-sam2 encoder 1024x1024", kind="encoder", variant="hiera_l_hq", reps=enc,
+                 impls=["samhq fp32", "samhq bf16", "official"]),
+            dict(name="hiera_l hq-sam2 one prompt", kind="prompt", variant="hiera_l_hq", reps=prompt,
+                 impls=["samhq fp32", "official"]),
+        ]
     return out
 
 
@@ -277,13 +286,87 @@ def setup_memory(impl, spec):
     return lambda: model.get_image_embeddings(pixels), None
 
 
+# --------------------------------------------------------------------------- HQ-SAM 2 (Hiera-L)
+
+
+def _sam2_reference(spec):
+    """Meta's SAM2Base (PyPI sam2, its own classes at Hiera-L's structure) with the official .pt's weights and
+    SysCV's HQ decoder computation (the tests' stand-in), and the HQ tensors."""
+    import _refs  # noqa: F401 - puts tests/ (sam2_ref, its torchvision stand-ins) on the path
+    import torch
+    from sam2_ref import build_sam2_image_model, hq_decoder_stand_in, load_sam2
+
+    from samhq.checkpoints_sam2 import is_video_key
+    from samhq.config_sam2 import SAM2_VARIANTS
+
+    if load_sam2() is None:
+        raise ImportError("sam2 is not installed (scripts/install_references.sh)")
+    ref = build_sam2_image_model(dict(SAM2_VARIANTS["hiera_l"]), image_size=1024)
+    state = torch.load(spec["official_pt"], map_location="cpu", weights_only=True, mmap=True)["model"]
+    hq = {k: v for k, v in state.items() if k.startswith(("sam_mask_decoder.hf_", "sam_mask_decoder.embedding_maskfeature"))}
+    missing, unexpected = ref.load_state_dict({k: v for k, v in state.items() if k not in hq}, strict=False)
+    missing = [k for k in missing if not is_video_key(k)]  # SAM2Base's video parameters: unused for images
+    if unexpected or missing:
+        raise RuntimeError(f"the official .pt does not fit Meta's model: missing {missing[:3]}, unexpected {unexpected[:3]}")
+    hq_decoder_stand_in(ref.sam_mask_decoder, hq)
+    return ref.eval()
+
+
+def setup_sam2(impl, spec, kind):
+    import numpy as np
+    import torch
+
+    pixels = torch.load(spec["pixels"], weights_only=True)
+    e = torch.load(spec["embedding"], weights_only=True)
+    if impl == "official":
+        ref = _sam2_reference(spec)
+        from sam2_ref import meta_predictor
+
+        if kind == "encoder":  # Meta's forward_image: trunk, neck and the high-res projections, as our embed
+            return lambda: ref.forward_image(pixels), None
+        p = meta_predictor(ref, 1024)
+        p._features = {"image_embed": e["features"], "high_res_feats": [e["high_res_s0"], e["high_res_s1"]]}
+        p._orig_hw, p._is_image_set = [IMAGE_SIZE], True
+        return lambda: p.predict(point_coords=np.array(POINT), point_labels=np.array([1]), multimask_output=False), None
+    from samhq import load_model
+    from samhq.predictor import SamHQPredictor
+
+    p = SamHQPredictor(load_model(spec["official_pt_dir"], dtype=torch.bfloat16 if impl == "samhq bf16" else None))
+    if kind == "encoder":
+        return lambda: p.engine.embed(pixels), None
+    _set_embedding(p, e, IMAGE_SIZE, (1024, 1024))
+    return lambda: p.predict(point_coords=np.array(POINT), point_labels=np.array([1]), multimask_output=False), None
+
+
+def prepare_sam2(d: Path) -> dict:
+    """HQ-SAM 2 Hiera-L with random, perturbed weights (HQ parts included) as an official .pt, the SAM 2 pixels of
+    the image and its embedding."""
+    import torch
+    from _refs import perturb_
+
+    from samhq import SamHQ2Config, SamHQ2Model
+    from samhq.processing import ResizeSquare
+
+    torch.manual_seed(0)
+    model = perturb_(SamHQ2Model(SamHQ2Config.from_variant("hiera_l")), seed=1).eval()
+    (d / "official").mkdir(exist_ok=True)
+    model.save_official(d / "official" / "sam2.1_hq_hiera_large.pt", overwrite=True)
+    pixels = ResizeSquare(1024).preprocess(_image())
+    torch.save(pixels, d / "pixels.pt")
+    torch.save(model.embed_image(pixels), d / "embedding.pt")
+    return {"pixels": str(d / "pixels.pt"), "embedding": str(d / "embedding.pt"), "official_pt_dir": str(d / "official"),
+            "official_pt": str(d / "official" / "sam2.1_hq_hiera_large.pt")}
+
+
 def worker(spec: dict) -> dict:
     import torch
 
     torch.set_grad_enabled(False)
     impl, case = spec["impl"], spec["case"]
     kind = case["kind"]
-    if kind == "encoder":
+    if spec["variant"] == "hiera_l_hq":
+        fn, after = setup_sam2(impl, spec, kind)
+    elif kind == "encoder":
         fn, after = setup_encoder(impl, spec)
     elif kind in ("prompt", "boxes"):
         fn, after = setup_prompt(impl, spec, kind)
@@ -327,6 +410,8 @@ def prepare(variant: str, work: Path, onnx: bool) -> dict:
     torch.set_grad_enabled(False)
     d = work / variant
     d.mkdir(parents=True, exist_ok=True)
+    if variant == "hiera_l_hq":
+        return prepare_sam2(d)
     image = _image()
     out = {"pixels": str(d / "pixels.pt"), "embedding": str(d / "embedding.pt")}
     if variant == "vit_h":  # memory case: built on the meta device in each worker; only the config is shared
@@ -455,6 +540,11 @@ def skip_reason(impl: str, case: dict, info: dict, prep: dict) -> str | None:
                 f"{info['fp32_matmul_gflops']}); bf16 would be far slower than fp32 here")
     if impl == "samhq onnxruntime" and "onnx_dir" not in prep:
         return "onnx / onnxruntime not installed"
+    if case["variant"] == "hiera_l_hq" and impl == "official":
+        import importlib.util
+
+        if importlib.util.find_spec("sam2") is None or importlib.util.find_spec("hydra") is None:
+            return "Meta's sam2 is not installed (scripts/install_references.sh)"
     if impl == "transformers" and info["transformers"] is None:
         return "transformers not installed"
     if case["kind"] == "amg":

@@ -11,12 +11,14 @@ if "torch" not in _sys.modules:
 from .automatic import SamHQAutomaticMaskGenerator
 from .checkpoints import CheckpointError
 from .config import SamHQConfig, SamHQMaskDecoderConfig, SamHQPromptEncoderConfig, SamHQTinyViTConfig, SamHQVisionConfig
+from .config_sam2 import SamHQ2Config
 from .data import CocoInstances, MaskFolder, SyntheticShapes
 from .eval import EvalResult, boundary_iou, evaluate, mask_iou
 from .export import export_onnx
 from .fast import bf16_supported, optimize, quantize_int8
 from .image_io import load_image, to_rgb_array
-from .modeling import SamHQModel, SamHQVisionModel, convert, load_model, save_official, save_pretrained, select_masks
+from .modeling import SamHQ2Model, SamHQModel, SamHQVisionModel, convert, load_model, save_official, save_pretrained
+from .modeling.mask_selection import select_masks
 from .pipelines import pipeline
 from .predictor import ImageEmbedding, OnnxPredictor, SamHQPredictor, model_fingerprint
 from .processing import BatchFeature, SamHQImageProcessor, SamHQProcessor
@@ -27,7 +29,8 @@ __version__ = "0.1.0"
 
 __all__ = [
     "SamHQConfig", "SamHQVisionConfig", "SamHQTinyViTConfig", "SamHQPromptEncoderConfig", "SamHQMaskDecoderConfig",
-    "SamHQModel", "SamHQVisionModel", "select_masks", "CheckpointError", "load_model", "save_pretrained",
+    "SamHQModel", "SamHQVisionModel", "SamHQ2Model", "SamHQ2Config", "select_masks", "CheckpointError", "load_model",
+    "save_pretrained",
     "save_official", "convert", "SamHQPredictor", "OnnxPredictor", "ImageEmbedding", "model_fingerprint", "SamHQProcessor",
     "SamHQImageProcessor", "BatchFeature", "SamHQAutomaticMaskGenerator", "pipeline", "load_image", "to_rgb_array",
     "draw_masks", "export_onnx", "optimize", "quantize_int8", "bf16_supported",

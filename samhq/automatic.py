@@ -1,7 +1,19 @@
-"""Segment everything: prompt SAM-HQ with a grid of points and keep the good, distinct masks.
+"""Segment everything: prompt the model with a grid of points and keep the good, distinct masks.
 
-Returns the same masks as the official `SamAutomaticMaskGenerator` for the same weights. Two
-things make it faster without changing a mask: masks are filtered by predicted IoU *before* they
+One generator for both generations. For a SAM-HQ / SAM model it returns the same masks as the
+official `segment_anything_hq.SamAutomaticMaskGenerator`; for an HQ-SAM 2 / SAM 2.1 model those of
+Meta's `sam2.SAM2AutomaticMaskGenerator` (which SysCV's HQ-SAM 2 uses unchanged). What differs
+between the two is a family setting, not a second copy (`FAMILY_DEFAULTS`): the predicted-IoU
+threshold (0.88 / 0.8), the masks a point gives (SAM-HQ's predictor: its best mask plus the HQ mask;
+SAM 2's: three masks in token order, or one chosen by stability without multimask), and where
+`min_mask_region_area` acts: SAM-HQ's generator fills holes and drops islands of the final full-size
+masks (then de-duplicates again); Meta's gives its predictor max_hole_area = max_sprinkle_area = that
+area, so holes and sprinkles are filled on the low-res logits (areas in low-res pixels) before they are
+upscaled, and never calls its full-size step (sam2 1.1.0), so neither does this generator for SAM 2.
+`use_m2m` (SAM 2's mask-to-mask refinement: every mask is decoded again from its point with its own
+clamped low-res logits as the mask input, single-mask output) works for both.
+
+Two things make it faster without changing a mask: masks are filtered by predicted IoU *before* they
 are upscaled to the image size (only survivors are upscaled), and run-length encoding, boxes and
 NMS work on whole batches at once.
 
@@ -18,18 +30,31 @@ from .image_io import to_rgb_array
 from .predictor import SamHQPredictor
 
 OUTPUT_MODES = ("binary_mask", "uncompressed_rle", "coco_rle")
+# The official generators' settings where they differ: segment_anything_hq's (SAM-HQ, SAM) and Meta's
+# SAM2AutomaticMaskGenerator (HQ-SAM 2, SAM 2.1). `small_regions`: where min_mask_region_area acts, on the
+# full-size masks ("full_res") or on the low-res logits through the predictor's hole / sprinkle filling ("low_res").
+FAMILY_DEFAULTS = {
+    "sam": {"pred_iou_thresh": 0.88, "small_regions": "full_res"},
+    "sam2": {"pred_iou_thresh": 0.8, "small_regions": "low_res"},
+}
 
 
 class SamHQAutomaticMaskGenerator:
     """Automatic mask generation over a point grid, optionally repeated on overlapping crops.
 
-    Arguments follow the official generator: `points_per_side` (or explicit `point_grids`, one
+    Arguments follow the official generators: `points_per_side` (or explicit `point_grids`, one
     (N, 2) array in [0, 1] per crop layer), `points_per_batch` prompts per decoder call, filters
-    `pred_iou_thresh` and `stability_score_thresh` (with `stability_score_offset`), `box_nms_thresh`
+    `pred_iou_thresh` (default: the model family's, 0.88 for SAM-HQ, 0.8 for SAM 2) and
+    `stability_score_thresh` (with `stability_score_offset`, at `mask_threshold`), `box_nms_thresh`
     within a crop, `crop_n_layers` extra layers of crops with `crop_overlap_ratio`, de-duplicated
     with `crop_nms_thresh`, `crop_n_points_downscale_factor` fewer points per side in each deeper
-    layer, `min_mask_region_area` (fill holes and drop islands smaller than this many pixels), and
-    `output_mode` ("binary_mask", "uncompressed_rle" or "coco_rle") for each record's segmentation.
+    layer, `min_mask_region_area` (fill holes and drop islands smaller than this many pixels of the full-size
+    masks; for SAM 2 models, as Meta's generator, holes and sprinkles of the low-res logits up to this many
+    low-res pixels), `output_mode` ("binary_mask",
+    "uncompressed_rle" or "coco_rle") for each record's segmentation, `use_m2m` (SAM 2's one-step
+    mask-to-mask refinement), and `multimask_output` / `hq_token_only` (which decoder masks a point
+    gives, as the family's official predictor). `model`: a `SamHQModel`, `SamHQ2Model` or a
+    `SamHQPredictor` (either engine).
     """
 
     def __init__(
@@ -37,7 +62,7 @@ class SamHQAutomaticMaskGenerator:
         model,
         points_per_side: int | None = 32,
         points_per_batch: int = 64,
-        pred_iou_thresh: float = 0.88,
+        pred_iou_thresh: float | None = None,
         stability_score_thresh: float = 0.95,
         stability_score_offset: float = 1.0,
         box_nms_thresh: float = 0.7,
@@ -48,6 +73,10 @@ class SamHQAutomaticMaskGenerator:
         point_grids: list[np.ndarray] | None = None,
         min_mask_region_area: int = 0,
         output_mode: str = "binary_mask",
+        mask_threshold: float = 0.0,
+        use_m2m: bool = False,
+        multimask_output: bool = True,
+        hq_token_only: bool = False,
     ) -> None:
         if (points_per_side is None) == (point_grids is None):
             raise ValueError("give exactly one of points_per_side and point_grids")
@@ -55,6 +84,8 @@ class SamHQAutomaticMaskGenerator:
             raise ValueError(f"output_mode must be one of {', '.join(OUTPUT_MODES)}; got {output_mode!r}")
         if crop_n_layers < 0 or crop_n_points_downscale_factor < 1 or points_per_batch < 1:
             raise ValueError("crop_n_layers must be >= 0, crop_n_points_downscale_factor >= 1 and points_per_batch >= 1")
+        if min_mask_region_area < 0:
+            raise ValueError(f"min_mask_region_area must be >= 0 (0 = off), got {min_mask_region_area}")
         if points_per_side is not None:
             if int(points_per_side / crop_n_points_downscale_factor**crop_n_layers) < 1:
                 raise ValueError(
@@ -70,38 +101,50 @@ class SamHQAutomaticMaskGenerator:
         if output_mode == "coco_rle":
             _require("pycocotools", "output_mode='coco_rle'")
         if min_mask_region_area > 0:
-            _require("scipy", "min_mask_region_area > 0")
-        self.predictor = model if isinstance(model, SamHQPredictor) else SamHQPredictor(model)
+            _require("scipy", "min_mask_region_area > 0")  # both steps label regions with scipy.ndimage
+        predictor = model if isinstance(model, SamHQPredictor) else SamHQPredictor(model)
+        family = FAMILY_DEFAULTS[predictor.family]
+        self.small_regions = family["small_regions"]
+        if self.small_regions == "low_res" and min_mask_region_area > 0:  # a predictor of its own over the same engine
+            predictor = SamHQPredictor(predictor.engine, max_hole_area=min_mask_region_area,
+                                       max_sprinkle_area=min_mask_region_area)
+        self.predictor = predictor
         self.point_grids = [np.asarray(g, dtype=np.float64) for g in point_grids]
         self.points_per_batch = points_per_batch
-        self.pred_iou_thresh = pred_iou_thresh
+        self.pred_iou_thresh = family["pred_iou_thresh"] if pred_iou_thresh is None else pred_iou_thresh
         self.stability_score_thresh = stability_score_thresh
         self.stability_score_offset = stability_score_offset
+        self.mask_threshold = mask_threshold
         self.box_nms_thresh = box_nms_thresh
         self.crop_n_layers = crop_n_layers
         self.crop_nms_thresh = crop_nms_thresh
         self.crop_overlap_ratio = crop_overlap_ratio
         self.min_mask_region_area = min_mask_region_area
         self.output_mode = output_mode
+        self.use_m2m = use_m2m
+        self.multimask_output = multimask_output
+        self.hq_token_only = hq_token_only
 
     @property
     def model(self):
         return self.predictor.model
 
     @torch.no_grad()
-    def generate(self, image, multimask_output: bool = True, hq_token_only: bool = False) -> list[dict]:
+    def generate(self, image, multimask_output: bool | None = None, hq_token_only: bool | None = None) -> list[dict]:
         """Masks for one image ((H, W, 3) uint8 RGB, or anything `samhq.image_io.to_rgb_array` accepts).
 
         Each record: `segmentation` (bool (H, W) array or an RLE dict, per `output_mode`), `area`
         (pixels), `bbox` [x, y, w, h], `predicted_iou`, `point_coords` [[x, y]], `stability_score`,
-        `crop_box` [x, y, w, h]. `multimask_output` and `hq_token_only` select the decoder's mask as
-        the official predictor does. `bbox` follows the official generator: w = x_max - x_min over the
-        mask's pixel indices, one less than COCO's extent (w = x_max - x_min + 1, what pycocotools'
-        `toBbox` gives); writers of COCO files convert (`samhq.masks.mask_bbox` is COCO's).
+        `crop_box` [x, y, w, h]. `multimask_output` and `hq_token_only` (default: the generator's) select
+        the decoder's masks as the family's official predictor does. `bbox` follows the official generators:
+        w = x_max - x_min over the mask's pixel indices, one less than COCO's extent (w = x_max - x_min + 1,
+        what pycocotools' `toBbox` gives); writers of COCO files convert (`samhq.masks.mask_bbox` is COCO's).
         """
         image = to_rgb_array(image)
+        multimask_output = self.multimask_output if multimask_output is None else multimask_output
+        hq_token_only = self.hq_token_only if hq_token_only is None else hq_token_only
         data = self._generate(image, multimask_output, hq_token_only)
-        if self.min_mask_region_area > 0:
+        if self.min_mask_region_area > 0 and self.small_regions == "full_res":
             data = self._remove_small_regions(data, max(self.box_nms_thresh, self.crop_nms_thresh))
         if self.output_mode == "binary_mask":
             segmentations = [M.rle_to_mask(r) for r in data["rles"]]
@@ -166,6 +209,8 @@ class SamHQAutomaticMaskGenerator:
         n_per_point = low_res.shape[1]
         low_res, iou = low_res.flatten(0, 1), iou.flatten()  # (P*M, h, w), (P*M,)
         points = torch.as_tensor(points, device=low_res.device).repeat_interleave(n_per_point, dim=0)
+        if self.use_m2m:
+            low_res, iou = self._refine(coords.repeat_interleave(n_per_point, dim=0), low_res, hq_only)
 
         if self.pred_iou_thresh > 0:
             keep = iou > self.pred_iou_thresh
@@ -173,17 +218,32 @@ class SamHQAutomaticMaskGenerator:
         if len(low_res) == 0:
             return _empty()
         logits = p.upscale_masks(low_res)  # only the survivors reach full size
-        stability = M.stability_score(logits, p.mask_threshold, self.stability_score_offset)
+        stability = M.stability_score(logits, self.mask_threshold, self.stability_score_offset)
         if self.stability_score_thresh > 0:
             keep = stability >= self.stability_score_thresh
             logits, iou, stability, points = logits[keep], iou[keep], stability[keep], points[keep]
-        masks = logits > p.mask_threshold
+        masks = logits > self.mask_threshold
         del logits
         boxes = M.masks_to_boxes(masks)
         keep = ~M.is_box_near_crop_edge(boxes, crop_box, [0, 0, orig_size[1], orig_size[0]])
         masks, boxes, iou, stability, points = masks[keep], boxes[keep], iou[keep], stability[keep], points[keep]
         rles = M.mask_to_rle(M.uncrop_masks(masks, crop_box, *orig_size))
         return {"rles": rles, "boxes": boxes.cpu(), "iou": iou.cpu(), "stability": stability.cpu(), "points": points.cpu()}
+
+    def _refine(self, coords: torch.Tensor, low_res: torch.Tensor, hq_only: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """SAM 2's mask-to-mask refinement: each mask (K, h, w) decoded again from its point (K, 1, 2) with its
+        low-res logits (clamped as the predictor returns them) as the mask input, one mask each."""
+        p = self.predictor
+        limit = getattr(p.transform, "logits_limit", None)
+        mask_in = low_res if limit is None else low_res.clamp(-limit, limit)
+        labels = torch.ones(len(coords), 1, dtype=torch.int)
+        out, scores = [], []
+        for i in range(0, len(coords), self.points_per_batch):
+            j = slice(i, i + self.points_per_batch)
+            m, s = p.decode(coords[j], labels[j], mask_input=mask_in[j, None], multimask_output=False, hq_token_only=hq_only)
+            out.append(m[:, 0])
+            scores.append(s[:, 0])
+        return torch.cat(out), torch.cat(scores)
 
     def _remove_small_regions(self, data: dict, nms_thresh: float) -> dict:
         """Fill small holes, drop small islands, then NMS again preferring masks left unchanged."""

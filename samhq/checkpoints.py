@@ -26,6 +26,40 @@ TIED = ("shared_image_embedding.positional_embedding", "prompt_encoder.shared_em
 # Unused TinyViT classifier weights that official vit_tiny checkpoints carry.
 IGNORED_OFFICIAL = re.compile(r"^image_encoder\.(norm_head|head)\.")
 
+# The mask decoder's submodules that SAM-HQ adds to SAM (official names: hf_token, hf_mlp,
+# compress_vit_feat, embedding_encoder, embedding_maskfeature): what the paper trains, and what a plain
+# SAM checkpoint lacks. HQ-SAM 2 adds the first two and the mask-feature convolution (mask_conv1,
+# mask_norm, mask_conv2) under the same names, so this one list serves both generations.
+HQ_MODULES = ("hq_token", "hq_mask_mlp", "compress_vit_conv1", "compress_vit_norm", "compress_vit_conv2",
+              "encoder_conv1", "encoder_norm", "encoder_conv2", "mask_conv1", "mask_norm", "mask_conv2")
+
+
+def is_hq_parameter(name: str) -> bool:
+    """True for a parameter or buffer name (ours) that belongs to SAM-HQ's or HQ-SAM 2's additions
+    (`mask_decoder.<HQ module>.`)."""
+    parts = name.split(".")
+    return len(parts) > 2 and parts[0] == "mask_decoder" and parts[1] in HQ_MODULES
+
+
+# Name prefixes only SAM 2 state dicts have: Meta's official layout, and transformers' Sam2Model layout.
+SAM2_OFFICIAL_PREFIXES = ("image_encoder.trunk.", "sam_mask_decoder.", "sam_prompt_encoder.")
+SAM2_TRANSFORMERS_PREFIXES = ("vision_encoder.backbone.",)
+
+
+def sam2_layout(names) -> str | None:
+    """"official" or "transformers" for a SAM 2 / HQ-SAM 2 state dict's names, None for anything else (SAM, SAM-HQ)."""
+    names = list(names)
+    if any(n.startswith(SAM2_OFFICIAL_PREFIXES) for n in names):
+        return "official"
+    if any(n.startswith(SAM2_TRANSFORMERS_PREFIXES) for n in names):
+        return "transformers"
+    return None
+
+
+def is_sam2_checkpoint(names) -> bool:
+    """Whether a state dict's names are SAM 2's (official or transformers layout), e.g. to pick the model class."""
+    return sam2_layout(names) is not None
+
 
 class CheckpointError(ValueError):
     """A checkpoint that cannot be loaded; the message names the file and the problem."""
@@ -161,18 +195,22 @@ def _torch_load(path: Path) -> dict:
                 raise
             obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - every failure becomes one clear message
-        text = str(e).split("\n")[0]
-        if "Weights only load failed" in str(e) or "Unsupported global" in str(e):
+        # torch's weights-only unpickler says "Unsupported global" for a pickled class or function (what could run
+        # code); "Weights only load failed" alone also comes with damaged pickle data ("Unsupported operand").
+        if "Unsupported global" in str(e):
             raise CheckpointError(
                 f"{path}: refusing to load: the file holds pickled Python objects, not just tensors, and "
                 "loading it could run code. Convert it where you trust it, e.g. to safetensors."
             ) from None
-        raise CheckpointError(f"{path}: not a readable PyTorch checkpoint (damaged or truncated?): {text}") from None
+        lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+        detail = next((line for line in lines if line.startswith(("Unsupported operand", "WeightsUnpickler error"))),
+                      lines[0] if lines else type(e).__name__)
+        raise CheckpointError(f"{path}: not a readable PyTorch checkpoint (damaged or truncated?): {detail}") from None
     for key in ("model", "state_dict", "module"):
         if isinstance(obj, dict) and isinstance(obj.get(key), dict):
             obj = obj[key]
-    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
-        raise CheckpointError(f"{path}: not a state dict (a mapping of names to tensors)")
+    if not isinstance(obj, dict) or not obj or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise CheckpointError(f"{path}: not a state dict (a mapping of names to tensors, or {{'model': state_dict}})")
     return {k[len("module."):] if k.startswith("module.") else k: v for k, v in obj.items()}
 
 
@@ -186,7 +224,16 @@ def _safetensors_load(path: Path) -> tuple[dict, dict]:
         raise CheckpointError(f"{path}: not a readable safetensors file (damaged or truncated?): {e}") from None
 
 
-def _read_state(path: Path) -> tuple[dict, dict]:
+def read_state_file(path) -> tuple[dict[str, torch.Tensor], dict]:
+    """One checkpoint file's tensors by name (any naming) and its safetensors metadata ({} for torch files).
+
+    `.safetensors` files are read with safetensors; `.pth` / `.pt` / `.bin` / `.ckpt` (and zip-format
+    files of any name) with `torch.load(weights_only=True)`, memory-mapped where possible; a state dict
+    wrapped as {"model": ...}, {"state_dict": ...} or {"module": ...} is unwrapped and a `module.` name
+    prefix (DataParallel) dropped. Nothing that could run code is unpickled. Raises CheckpointError with
+    one line naming the file: damaged or truncated, pickled Python objects, not a state dict, not a checkpoint.
+    """
+    path = Path(path)
     if path.suffix == ".safetensors":
         return _safetensors_load(path)
     with open(path, "rb") as f:
@@ -196,7 +243,7 @@ def _read_state(path: Path) -> tuple[dict, dict]:
     # safetensors files start with a little-endian header length followed by '{'.
     if len(head) == 8 and 0 < int.from_bytes(head, "little") < 1 << 30:
         return _safetensors_load(path)
-    raise CheckpointError(f"{path}: not a checkpoint (expected .pth, .bin or .safetensors)")
+    raise CheckpointError(f"{path}: not a checkpoint (expected .pth, .pt, .bin or .safetensors)")
 
 
 def _is_official(state: dict) -> bool:
@@ -286,6 +333,22 @@ def validate_checkpoint(state: dict[str, torch.Tensor], config: SamHQConfig, whe
     """
     from .limits import HOW_TO_RAISE, get_limits
 
+    check_tensors(state, where)
+    wrong = [f"{field} is {value} but the tensors say {found}"
+             for field, value, found in _config_vs_tensors(state, config) if value != found]
+    if wrong:
+        raise CheckpointError(f"{where}: config does not match the weights: {short_list(wrong, 4)}")
+    maximum = (limits or get_limits()).max_config_value
+    for field, value in _config_ints(config.to_dict()):
+        if value > maximum:
+            raise CheckpointError(f"{where}: config value {field} = {value} is over the limit of {maximum} "
+                                  f"(max_config_value; raise it with {HOW_TO_RAISE['max_config_value']})")
+
+
+def check_tensors(state: dict[str, torch.Tensor], where: str = "checkpoint") -> None:
+    """Refuse tensors no SAM weights can be (either generation): a non-floating dtype (int64, bool, uint8 ...;
+    only BatchNorm's `num_batches_tracked` counters are integers), or NaN / infinite values. Raises
+    CheckpointError naming the tensor."""
     for name, t in state.items():
         if not t.is_floating_point() and not (name.endswith("num_batches_tracked") and not t.is_complex()
                                               and t.dtype != torch.bool):
@@ -296,15 +359,6 @@ def validate_checkpoint(state: dict[str, torch.Tensor], config: SamHQConfig, whe
             bad = int((~torch.isfinite(t)).sum())
             raise CheckpointError(f"{where}: tensor {name} holds {bad} NaN or infinite values (of {t.numel()}); "
                                   "the weights are damaged")
-    wrong = [f"{field} is {value} but the tensors say {found}"
-             for field, value, found in _config_vs_tensors(state, config) if value != found]
-    if wrong:
-        raise CheckpointError(f"{where}: config does not match the weights: {short_list(wrong, 4)}")
-    maximum = (limits or get_limits()).max_config_value
-    for field, value in _config_ints(config.to_dict()):
-        if value > maximum:
-            raise CheckpointError(f"{where}: config value {field} = {value} is over the limit of {maximum} "
-                                  f"(max_config_value; raise it with {HOW_TO_RAISE['max_config_value']})")
 
 
 def _config_ints(d: dict, prefix: str = ""):
@@ -424,15 +478,30 @@ def resolve_source(source) -> Path:
 
 
 def _download(repo_id: str) -> Path:
+    """Download a hub repository's model files: config.json with model.safetensors (or pytorch_model.bin)
+    when it has them (transformers' layout, e.g. facebook/sam2.1-hiera-large), else its one official
+    `.pth` / `.pt` checkpoint (e.g. a repository holding sam_hq_vit_b.pth). Never both."""
     try:
-        from huggingface_hub import snapshot_download
+        from huggingface_hub import HfApi, snapshot_download
     except ImportError:
         raise CheckpointError(
             f"{repo_id} looks like a hub id, but huggingface_hub is not installed: `pip install samhq[hub]`, "
             f"or download the repository's config.json and model.safetensors and pass their folder"
         ) from None
     try:
-        return Path(snapshot_download(repo_id, allow_patterns=["config.json", "*.safetensors", "*.bin", "*.pth"]))
+        files = HfApi().list_repo_files(repo_id)
+        weights = [f for f in files if f in ("model.safetensors", "pytorch_model.bin")]
+        if not weights:
+            weights = [f for f in files if "/" not in f and f.endswith((".safetensors", ".pth", ".pt"))]
+        if not weights:
+            raise CheckpointError(f"{repo_id}: the hub repository has no model.safetensors, pytorch_model.bin or "
+                                  f".pth / .pt checkpoint (files: {short_list(files)})")
+        if len(weights) > 1:
+            raise CheckpointError(f"{repo_id}: the hub repository holds several checkpoints ({short_list(weights)}); download "
+                                  "the one you want (huggingface_hub.hf_hub_download) and pass its path")
+        return Path(snapshot_download(repo_id, allow_patterns=["config.json", *weights]))
+    except CheckpointError:
+        raise
     except Exception as e:  # noqa: BLE001
         raise CheckpointError(
             f"{repo_id}: could not fetch from the hub ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}). "
@@ -440,9 +509,67 @@ def _download(repo_id: str) -> Path:
         ) from None
 
 
+# model_type values of config.json files: SAM 2 (transformers' Sam2Model / Sam2VideoModel, ours), SAM-HQ / SAM.
+_SAM2_MODEL_TYPES = ("sam2", "sam2_video", "sam_hq2")
+_SAM_MODEL_TYPES = ("sam_hq", "sam")
+
+
+def checkpoint_family(path) -> str:
+    """"sam2" (SAM 2, SAM 2.1, HQ-SAM 2) or "sam" (SAM, SAM-HQ) for a local checkpoint file or folder
+    (`resolve_source` turns hub ids and bundled names into one).
+
+    A folder's config.json decides (its model_type); otherwise the tensor names do, read without
+    loading the tensors' data. Raises CheckpointError for unreadable files.
+    """
+    path = Path(path)
+    if path.is_dir():
+        cfg = path / "config.json"
+        if cfg.is_file():
+            try:
+                data = json.loads(cfg.read_text(encoding="utf-8"))
+            except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+                raise CheckpointError(f"{cfg}: not a readable JSON config ({e})") from None
+            kind = data.get("model_type") if isinstance(data, dict) else None
+            if kind in _SAM2_MODEL_TYPES or (isinstance(data, dict) and "samhq2_config" in data):
+                return "sam2"
+            if kind in _SAM_MODEL_TYPES:
+                return "sam"
+        files = [path / n for n in ("model.safetensors", "pytorch_model.bin") if (path / n).exists()]
+        files = files or [p for ext in ("*.pth", "*.pt", "*.safetensors") for p in sorted(path.glob(ext))]
+        if len(files) != 1:
+            return "sam"  # the SAM-HQ reader names what is missing
+        path = files[0]
+    if not path.is_file():
+        return "sam"
+    if path.suffix == ".safetensors":
+        from safetensors import SafetensorError, safe_open
+
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                names = list(f.keys())
+        except (SafetensorError, OSError, ValueError):
+            return "sam"  # the reader reports the damage
+    else:
+        import zipfile
+
+        if not zipfile.is_zipfile(path):  # torch's legacy format (no memory map): older than SAM 2, read once by SAM's reader
+            return "sam"
+        try:
+            names = list(read_state_file(path)[0])  # memory-mapped: names without reading the weights
+        except CheckpointError:
+            return "sam"
+    return "sam2" if is_sam2_checkpoint(names) else "sam"
+
+
 def read_checkpoint(source) -> tuple[dict[str, torch.Tensor], SamHQConfig | None, str]:
-    """State dict in our naming, the config if the checkpoint carries one, and "official:PATH" or "transformers:PATH"."""
+    """State dict in our naming, the config if the checkpoint carries one, and "official:PATH" or "transformers:PATH".
+
+    Raises CheckpointError for unreadable files and for SAM 2 checkpoints (read by `checkpoints_sam2`).
+    """
     path = resolve_source(source)
+    if checkpoint_family(path) == "sam2":
+        raise CheckpointError(f"{path}: a SAM 2 / HQ-SAM 2 checkpoint, not SAM-HQ (v1): load it with samhq.load_model "
+                              "(or SamHQ2Model.from_pretrained)")
     config = None
     if path.is_dir():
         cfg_file = path / "config.json"
@@ -458,7 +585,7 @@ def read_checkpoint(source) -> tuple[dict[str, torch.Tensor], SamHQConfig | None
             except (ValueError, TypeError) as e:
                 raise CheckpointError(f"{cfg_file}: {e}") from None
         path = weights
-    state, meta = _read_state(path)
+    state, meta = read_state_file(path)
     if config is None and "samhq_config" in meta:
         config = SamHQConfig.from_dict(json.loads(meta["samhq_config"]))
     fmt = "official" if _is_official(state) else "transformers"
@@ -514,5 +641,7 @@ def write_official(state: dict[str, torch.Tensor], path, overwrite: bool = False
 
 
 __all__ = ["CheckpointError", "NonFiniteOutputError", "validate_checkpoint", "require_finite", "read_checkpoint",
+           "read_state_file", "checkpoint_family", "check_tensors", "is_sam2_checkpoint", "sam2_layout", "is_hq_parameter",
+           "HQ_MODULES",
            "resolve_source", "infer_config", "write_pretrained", "write_official", "official_to_ours", "ours_to_official",
            "BUNDLED", "DEMO_MODEL", "VARIANTS"]

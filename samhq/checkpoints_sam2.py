@@ -30,7 +30,16 @@ from pathlib import Path
 
 import torch
 
-from .checkpoints import CheckpointError, resolve_source
+from .checkpoints import (  # noqa: F401 - is_sam2_checkpoint re-exported
+    CheckpointError,
+    _refuse_overwrite,
+    is_hq_parameter,
+    is_sam2_checkpoint,
+    read_state_file,
+    resolve_source,
+    sam2_layout,
+    short_list,
+)
 from .config_sam2 import (
     SAM2_VARIANTS,
     SamHQ2Config,
@@ -49,8 +58,6 @@ TRANSFORMERS_VIDEO_KEYS = re.compile(
     r"^(memory_|mask_downsample\.|object_pointer_proj\.|temporal_positional_encoding_projection_layer\.|"
     r"no_memory_positional_encoding$|no_object_pointer$|occlusion_spatial_embedding_parameter$)"
 )
-HQ_PREFIXES = ("mask_decoder.hq_token.", "mask_decoder.hq_mask_mlp.", "mask_decoder.mask_conv1.",
-               "mask_decoder.mask_norm.", "mask_decoder.mask_conv2.")
 TIED = ("shared_image_embedding.positional_embedding", "prompt_encoder.shared_embedding.positional_embedding")
 
 # (official, ours) name prefixes, most specific first; `#` stands for a number.
@@ -215,18 +222,12 @@ def ours_to_transformers(state: dict[str, torch.Tensor]) -> dict[str, torch.Tens
 
 def _layout(names) -> str:
     names = list(names)
-    if any(n.startswith(("image_encoder.trunk.", "sam_mask_decoder.", "sam_prompt_encoder.")) for n in names):
-        return "official"
-    if any(n.startswith("vision_encoder.backbone.") for n in names):
-        return "transformers"
+    layout = sam2_layout(names)
+    if layout is not None:
+        return layout
     if any(n.startswith(("image_encoder.blocks.", "vision_encoder.layers.", "image_encoder.patch_embed.seq")) for n in names):
         return "sam_v1"
     return "unknown"
-
-
-def is_sam2_checkpoint(names) -> bool:
-    """Whether a state dict's names are SAM 2's (official or transformers layout), e.g. to pick the model class."""
-    return _layout(names) in ("official", "transformers")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -297,9 +298,9 @@ _TRANSFORMERS_FIXED = dict(use_high_res_features=True, iou_prediction_use_sigmoi
 
 def config_from_transformers(data: dict) -> SamHQ2Config:
     """transformers' `Sam2Config` as a dict (its config.json) -> SamHQ2Config. Raises CheckpointError if it is not one."""
-    if data.get("model_type") not in ("sam2", "sam2_video"):
-        raise CheckpointError(f"config.json has model_type {data.get('model_type')!r}, "
-                              "expected 'sam2', 'sam2_video' or 'sam_hq2'")
+    if data.get("model_type") not in ("sam2", "sam2_video"):  # Sam2Model's, or Sam2VideoModel's (hub repositories)
+        raise CheckpointError(f"config.json has model_type {data.get('model_type')!r}, expected 'sam2', 'sam2_video' or "
+                              "'sam_hq2'")
     try:
         v = data.get("vision_config") or {}
         t = v.get("backbone_config") or {}
@@ -569,40 +570,6 @@ class Sam2Checkpoint:
     path: Path
 
 
-def _torch_load(path: Path) -> dict:
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 - every failure becomes one clear message
-        if "Unsupported global" in str(e):  # a pickled object; "Weights only load failed" alone is also damage
-            raise CheckpointError(f"{path}: refusing to load: the file holds pickled Python objects, not just tensors, "
-                                  "and loading it could run code. Convert it where you trust it, e.g. to safetensors.") from None
-        detail = "Unsupported operand" if "Unsupported operand" in str(e) else str(e).splitlines()[0]
-        raise CheckpointError(f"{path}: not a readable PyTorch checkpoint (damaged or truncated?): {detail}") from None
-    if isinstance(obj, dict) and isinstance(obj.get("model"), dict):
-        obj = obj["model"]
-    if not isinstance(obj, dict) or not obj or not all(isinstance(v, torch.Tensor) for v in obj.values()):
-        raise CheckpointError(f"{path}: not a state dict (a mapping of names to tensors, or {{'model': state_dict}})")
-    return obj
-
-
-def _safetensors_load(path: Path) -> dict:
-    from safetensors import SafetensorError, safe_open
-
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            return {k: f.get_tensor(k) for k in f.keys()}
-    except (SafetensorError, OSError, ValueError) as e:
-        raise CheckpointError(f"{path}: not a readable safetensors file (damaged or truncated?): {e}") from None
-
-
-def _read_file(path: Path) -> dict:
-    if path.suffix == ".safetensors":
-        return _safetensors_load(path)
-    if path.suffix in (".pt", ".pth", ".bin", ".ckpt"):
-        return _torch_load(path)
-    raise CheckpointError(f"{path}: not a checkpoint (expected .pt, .pth, .bin or .safetensors)")
-
-
 def read_checkpoint(source) -> Sam2Checkpoint:
     """Read a SAM 2 checkpoint: an official `.pt`, a `.safetensors` file, or a directory (transformers layout
     `config.json` + `model.safetensors` / `pytorch_model.bin`, or holding exactly one checkpoint file); a hub
@@ -623,7 +590,7 @@ def read_checkpoint(source) -> Sam2Checkpoint:
         if (path / "config.json").exists():
             config = read_config(path / "config.json")
         path = weights
-    raw = _read_file(path)
+    raw, _ = read_state_file(path)
     layout = _layout(raw)
     if layout == "official":
         state, video = official_to_ours(raw)
@@ -634,6 +601,9 @@ def read_checkpoint(source) -> Sam2Checkpoint:
     else:
         raise CheckpointError(f"{path}: no SAM 2 tensors "
                               "(image_encoder.trunk.*, sam_mask_decoder.* or vision_encoder.backbone.*)")
+    # the reader memory-maps .pt files; the video tensors outlive the load, so they get their own memory (writing
+    # the model back over its own file must not pull the pages from under them)
+    video = {k: v.clone() for k, v in video.items()}
     return Sam2Checkpoint(state=state, video_state=video, config=config, layout=layout, path=path)
 
 
@@ -666,35 +636,23 @@ def check_state(state: dict[str, torch.Tensor], expected: dict[str, tuple], wher
     """
     missing = [k for k in expected if k not in state]
     unexpected = [k for k in state if k not in expected]
-    hq_all = [k for k in expected if k.startswith(HQ_PREFIXES)]
-    hq_missing = [k for k in missing if k.startswith(HQ_PREFIXES)]
+    hq_all = [k for k in expected if is_hq_parameter(k)]
+    hq_missing = [k for k in missing if is_hq_parameter(k)]
     if hq_missing and len(hq_missing) != len(hq_all):
-        raise CheckpointError(f"{where}: some HQ-SAM 2 tensors are present and some missing: {_short(hq_missing)}")
-    missing = [k for k in missing if not k.startswith(HQ_PREFIXES)]
+        raise CheckpointError(f"{where}: some HQ-SAM 2 tensors are present and some missing: {short_list(hq_missing)}")
+    missing = [k for k in missing if not is_hq_parameter(k)]
     if missing or unexpected:
-        raise CheckpointError(f"{where}: does not match the {variant} SAM 2 model: missing {_short(missing)}; "
-                              f"unexpected {_short(unexpected)}")
+        raise CheckpointError(f"{where}: does not match the {variant} SAM 2 model: missing {short_list(missing)}; "
+                              f"unexpected {short_list(unexpected)}")
     bad = [f"{k}: file {tuple(state[k].shape)} vs model {tuple(s)}" for k, s in expected.items()
            if k in state and tuple(state[k].shape) != tuple(s)]
     if bad:
-        raise CheckpointError(f"{where}: tensor shapes disagree with the {variant} config: {_short(bad)}")
+        raise CheckpointError(f"{where}: tensor shapes disagree with the {variant} config: {short_list(bad)}")
     return not hq_missing
-
-
-def _short(items, n: int = 6) -> str:
-    items = list(items)
-    if not items:
-        return "none"
-    return ", ".join(items[:n]) + (f" ... ({len(items)} in all)" if len(items) > n else "")
 
 
 # ---------------------------------------------------------------------------------------------
 # Writing
-
-
-def _refuse_overwrite(path: Path, overwrite: bool) -> None:
-    if path.exists() and not overwrite:
-        raise FileExistsError(f"{path} already exists; pass overwrite=True to replace it")
 
 
 def write_official(state: dict[str, torch.Tensor], path, video_state: dict[str, torch.Tensor] | None = None,
@@ -736,6 +694,6 @@ def write_transformers(state: dict[str, torch.Tensor], config: SamHQ2Config, dir
 __all__ = ["CheckpointError", "Sam2Checkpoint", "read_checkpoint", "read_config", "infer_config", "check_state",
            "official_to_ours", "ours_to_official", "transformers_to_ours", "ours_to_transformers",
            "config_from_transformers", "config_to_transformers", "write_official", "write_transformers",
-           "is_sam2_checkpoint", "is_video_key", "VIDEO_KEYS", "TRANSFORMERS_VIDEO_KEYS", "HQ_PREFIXES", "is_our_video_key",
-           "video_to_ours", "video_from_ours", "infer_video_config", "video_config_from_transformers",
+           "is_sam2_checkpoint", "is_hq_parameter", "is_video_key", "VIDEO_KEYS", "TRANSFORMERS_VIDEO_KEYS",
+           "is_our_video_key", "video_to_ours", "video_from_ours", "infer_video_config", "video_config_from_transformers",
            "video_config_to_transformers"]

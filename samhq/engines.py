@@ -9,9 +9,11 @@ An engine does two things (plus `prepare`, the per-image part of decoding) and n
 Image intake, resizing, prompt checks, post-processing and embedding files are the front end's.
 
 Both engines' feature dicts hold "features" (the image embedding, (1, 256, h, w)), plus what their
-decoder needs: the torch engine keeps the early ViT features ("early_features") and derives the HQ
-features and the decoder's per-image context on first use; the onnxruntime engine's encoder returns
-the HQ features ("hq_features") directly. `saved_features` names what an embedding file keeps.
+decoder needs: for SAM-HQ the torch engine keeps the early ViT features ("early_features") and derives
+the HQ features and the decoder's per-image context on first use, while the onnxruntime engine's
+encoder returns the HQ features ("hq_features") directly; for SAM 2 both keep the two high-resolution
+maps ("high_res_s0", "high_res_s1"). `saved_features` names what an embedding file keeps; `family`
+("sam" or "sam2"), `transform` and `selection` are the model family's.
 """
 from __future__ import annotations
 
@@ -57,6 +59,7 @@ class TorchEngine:
         self.mask_size = model.mask_size
         self.transform = ResizeSquare(self.image_size) if is_sam2(model) else ResizeLongestSide(self.image_size)
         self.selection = "token_order" if is_sam2(model) else "best"  # the official predictors'
+        self.family = "sam2" if is_sam2(model) else "sam"
         self.saved_features = model.saved_features
 
     @property
@@ -116,15 +119,13 @@ def _session(path: Path, threads: int | None, providers):
 
 
 class OnnxEngine:
-    """`encoder.onnx` and `decoder.onnx` (written by `samhq export onnx`) run with onnxruntime.
+    """`encoder.onnx` and `decoder.onnx` (written by `samhq export onnx`) run with onnxruntime, for either family
+    (samhq_onnx.json's "family": "sam" for SAM-HQ, "sam2" for HQ-SAM 2 / SAM 2.1).
 
     `model` is the torch model when the engine was made from one (`from_model`), else None.
     """
 
     name = "onnxruntime"
-    saved_features = ("features", "hq_features")
-    selection = "best"
-    hq_enabled = True  # the export refuses plain SAM
 
     def __init__(self, onnx_dir: str | os.PathLike, threads: int | None = None, providers=None, model=None):
         try:
@@ -139,21 +140,29 @@ class OnnxEngine:
         if meta.get("format") != "samhq-onnx":
             raise ValueError(f"{meta_path} is not a samhq ONNX export description")
         self.meta = meta
+        self.family = meta.get("family", "sam")
+        if self.family not in ("sam", "sam2"):
+            raise ValueError(f"{meta_path}: unknown model family {self.family!r}; re-export with this version of samhq")
+        sam2 = self.family == "sam2"
+        self.hq_enabled = bool(meta.get("hq", True))  # SAM-HQ v1 exports are always HQ
         self.image_size = int(meta["image_size"])
         self.mask_size = int(meta["low_res_size"])
         self.device = torch.device("cpu")
-        self.transform = ResizeLongestSide(self.image_size)
+        self.transform = ResizeSquare(self.image_size) if sam2 else ResizeLongestSide(self.image_size)
+        self.selection = "token_order" if sam2 else "best"  # the official predictors'
+        self.saved_features = ("features", "high_res_s0", "high_res_s1") if sam2 else ("features", "hq_features")
         paths = [onnx_dir / ENCODER_FILE, onnx_dir / DECODER_FILE]
         for p in paths:
             if not p.is_file():
                 raise ValueError(f"{p} is missing; export both models with `samhq export onnx SRC {onnx_dir}`")
         self.encoder, self.decoder = (_session(p, threads, providers) for p in paths)
+        self._decoder_inputs = {i.name for i in self.decoder.get_inputs()}
         self._fingerprint = meta.get("fingerprint") or hashlib.sha256(paths[0].read_bytes()).hexdigest()[:16]
         self.model = model
 
     @classmethod
     def from_model(cls, model, onnx_dir: str | os.PathLike | None = None, threads: int | None = None, providers=None):
-        """Export a torch `SamHQModel` (to `onnx_dir`, or a temporary directory kept while the engine lives) and load it."""
+        """Export a torch model (to `onnx_dir`, or a temporary directory kept while the engine lives) and load it."""
         tmp = None
         if onnx_dir is None:
             tmp = tempfile.TemporaryDirectory(prefix="samhq-onnx-")
@@ -167,41 +176,43 @@ class OnnxEngine:
         return self._fingerprint
 
     def embed(self, pixel_values: torch.Tensor) -> dict[str, torch.Tensor]:
-        emb, hq = self.encoder.run(None, {"pixel_values": pixel_values.detach().cpu().float().numpy()})
-        return {"features": torch.from_numpy(emb), "hq_features": torch.from_numpy(hq)}
+        outputs = self.encoder.run(None, {"pixel_values": pixel_values.detach().cpu().float().numpy()})
+        return {k: torch.from_numpy(v) for k, v in zip(self.saved_features, outputs)}
 
     def load_features(self, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        if "hq_features" not in tensors:
-            raise ValueError("the image embedding has no HQ features: it was not made by the onnxruntime engine")
+        missing = [k for k in self.saved_features if k not in tensors]
+        if missing:
+            raise ValueError(f"the image embedding has no {', '.join(missing)}: it was made by another engine or model family; "
+                             "embed the image again")
         return {k: tensors[k].float().cpu() for k in self.saved_features}
 
     def prepare(self, features: dict) -> dict:
         return features  # the exported encoder already returns everything the decoder needs
 
     def decode(self, features, points, labels, boxes, masks, multimask_output: bool, hq_token_only: bool,
-               selection: str = "best", sam_token_only: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-        if selection != "best" or sam_token_only:
-            raise ValueError("the exported decoder returns the official predictor's masks (selection 'best', SAM + HQ "
-                             "or HQ alone); use the torch engine for other selections")
+               selection: str | None = None, sam_token_only: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        if (selection or self.selection) != self.selection or sam_token_only:
+            raise ValueError(f"the exported decoder returns the official predictor's masks (selection {self.selection!r}, "
+                             "SAM + HQ or HQ alone); use the torch engine for other selections")
+        if hq_token_only and not self.hq_enabled:
+            raise ValueError("hq_token_only=True needs the HQ token, but this model was exported without HQ weights")
         b = next(len(t) for t in (points, boxes, masks) if t is not None)
-        # the decoder's point format: box corners are points with labels 2 and 3; without a box one padding point
-        parts_c, parts_l = [], []
-        if points is not None:
-            parts_c.append(points.float().cpu())
-            parts_l.append(labels.float().cpu())
-        if boxes is not None:
-            parts_c.append(boxes.float().cpu().reshape(-1, 2, 2))
-            parts_l.append(torch.tensor([[2.0, 3.0]]).expand(b, 2))
-        elif points is not None:
-            parts_c.append(torch.zeros(b, 1, 2))
-            parts_l.append(torch.full((b, 1), -1.0))
-        coords = torch.cat(parts_c, dim=1) if parts_c else torch.zeros(b, 0, 2)  # a mask alone: no sparse tokens
-        point_labels = torch.cat(parts_l, dim=1) if parts_l else torch.zeros(b, 0)
+        corners = None
+        if boxes is not None:  # box corners are points labelled 2 and 3
+            corners = (boxes.float().cpu().reshape(-1, 2, 2), torch.tensor([[2.0, 3.0]]).expand(b, 2))
+        clicks = (points.float().cpu(), labels.float().cpu()) if points is not None else None
+        # SAM: [points, box corners], one padding point when there is no box; SAM 2: [box corners, points] and
+        # always one "not a point" token. A mask alone: no sparse tokens.
+        parts = [corners, clicks] if self.family == "sam2" else [clicks, corners]
+        parts = [x for x in parts if x is not None]
+        if parts and (self.family == "sam2" or boxes is None):
+            parts.append((torch.zeros(b, 1, 2), torch.full((b, 1), -1.0)))
+        coords = torch.cat([c for c, _ in parts], dim=1) if parts else torch.zeros(b, 0, 2)
+        point_labels = torch.cat([lab for _, lab in parts], dim=1) if parts else torch.zeros(b, 0)
         s = self.mask_size
         mask, has_mask = (masks.float().cpu(), 1.0) if masks is not None else (torch.zeros(1, 1, s, s), 0.0)
-        feeds = {
-            "image_embeddings": features["features"].numpy(),
-            "hq_features": features["hq_features"].numpy(),
+        feeds = {k: features[k].numpy() for k in self.saved_features}
+        feeds.update({
             "point_coords": coords.contiguous().numpy(),
             "point_labels": point_labels.contiguous().numpy(),
             "mask_input": mask.contiguous().numpy(),
@@ -209,6 +220,8 @@ class OnnxEngine:
             "orig_im_size": np.array([s, s], np.float32),  # only the low-res outputs are used here
             "multimask_output": np.array([float(multimask_output)], np.float32),
             "hq_token_only": np.array([float(hq_token_only)], np.float32),
-        }
+        })
+        feeds["image_embeddings"] = feeds.pop("features")
+        feeds = {k: v for k, v in feeds.items() if k in self._decoder_inputs}
         scores, low_res = self.decoder.run(["iou_predictions", "low_res_masks"], feeds)
         return torch.from_numpy(low_res), torch.from_numpy(scores)

@@ -21,7 +21,7 @@ from . import masks as M
 from .automatic import SamHQAutomaticMaskGenerator
 from .checkpoints import DEMO_MODEL, demo_model_available
 from .fast import bf16_supported
-from .modeling.model import SamHQModel
+from .modeling.auto import is_model, load_model
 
 _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
            "float16": torch.float16, "fp16": torch.float16}
@@ -34,6 +34,7 @@ _GENERATOR_ARGS = {
     "crops_n_layers": "crop_n_layers", "crop_n_layers": "crop_n_layers", "crops_nms_thresh": "crop_nms_thresh",
     "crop_nms_thresh": "crop_nms_thresh", "crop_overlap_ratio": "crop_overlap_ratio",
     "crop_n_points_downscale_factor": "crop_n_points_downscale_factor", "min_mask_region_area": "min_mask_region_area",
+    "mask_threshold": "mask_threshold", "use_m2m": "use_m2m",
 }
 _GENERATE_ARGS = ("multimask_output", "hq_token_only")
 
@@ -60,7 +61,8 @@ def resolve_dtype(dtype, device) -> torch.dtype:
 
 
 def load_for_inference(model=None, device=None, dtype=None):
-    """A `SamHQModel` in eval mode from a model object or any checkpoint source (path, hub id, bundled name).
+    """A model in eval mode (`SamHQModel` or `SamHQ2Model`) from a model object or any checkpoint source of
+    either generation (path, hub id, bundled name; see `samhq.load_model`).
 
     dtype is the image encoder's precision; the prompt encoder and mask decoder stay float32. A model
     object the caller passed is never changed: when its device or encoder dtype must differ, a copy is
@@ -70,7 +72,7 @@ def load_for_inference(model=None, device=None, dtype=None):
         if not demo_model_available():
             raise ValueError("no model given and the bundled demo model is not installed; pass model=PATH_OR_HUB_ID")
         model = DEMO_MODEL
-    if isinstance(model, SamHQModel):
+    if is_model(model):
         want_device = torch.device(device) if device is not None else model.device
         want_dtype = model.encoder_dtype if dtype is None else resolve_dtype(dtype, want_device)
         if model.device == want_device and model.encoder_dtype == want_dtype and not model.training:
@@ -78,7 +80,7 @@ def load_for_inference(model=None, device=None, dtype=None):
         model = copy.deepcopy(model).to(device=want_device).eval()
         model.vision_encoder.to(want_dtype)
         return model
-    return SamHQModel.from_pretrained(model, device=device, dtype=resolve_dtype(dtype, device))
+    return load_model(model, device=device, dtype=resolve_dtype(dtype, device))
 
 
 class _AutomaticPipeline:
@@ -142,10 +144,10 @@ TASKS = {"mask-generation": MaskGenerationPipeline, "image-segmentation": ImageS
 def pipeline(task: str, model=None, device=None, dtype=None):
     """A callable for `task` ("mask-generation" or "image-segmentation") over `model`.
 
-    model: a `SamHQModel` (never changed: a copy is made when device or dtype must differ), or a
-    checkpoint (official .pth, transformers-layout folder, .safetensors, hub id, bundled name); device:
-    a torch device; dtype: the image encoder's precision, None (float32, or a model object's own), "auto"
-    (bfloat16 where the hardware runs it fast), "float32", "bfloat16", "float16" or a
+    model: a `SamHQModel` or `SamHQ2Model` (never changed: a copy is made when device or dtype must differ),
+    or a checkpoint of either generation (official .pth / .pt, transformers-layout folder, .safetensors, hub
+    id, bundled name); device: a torch device; dtype: the image encoder's precision, None (float32, or a
+    model object's own), "auto" (bfloat16 where the hardware runs it fast), "float32", "bfloat16", "float16" or a
     torch dtype (the prompt encoder and mask decoder stay float32).
     """
     if task not in TASKS:

@@ -14,6 +14,11 @@ post-processing back to the original size, and embedding files. What runs the mo
 (`samhq.engines`): torch (`SamHQPredictor(model)`) or onnxruntime (`SamHQPredictor.from_onnx(dir)`);
 engines only embed images and decode prompts. The automatic generator, the evaluation and the server
 use this class's public methods.
+
+The same class runs SAM 2.1 and HQ-SAM 2 models (`SamHQ2Model`) with the API of Meta's
+`SAM2ImagePredictor`: the engine brings the family's resize (`ResizeSquare`) and output selection,
+and `set_image_batch` / `predict_batch`, `normalize_coords`, batched prompts in `predict` and
+`max_hole_area` / `max_sprinkle_area` work for both generations.
 """
 from __future__ import annotations
 
@@ -28,6 +33,7 @@ from .engines import OnnxEngine, TorchEngine, model_fingerprint
 from .image_io import check_image_size, to_rgb_array
 from .limits import check_prompt_count
 from .modeling.prompt_encoder import check_prompts
+from .processing import fill_holes_and_sprinkles
 
 EMBEDDING_FORMAT = "samhq-image-embedding/1"
 _NAMES = {"points": "point_coords", "labels": "point_labels", "boxes": "boxes", "masks": "mask_input"}
@@ -37,9 +43,10 @@ _NAMES = {"points": "point_coords", "labels": "point_labels", "boxes": "boxes", 
 class ImageEmbedding:
     """What `set_image` computes for one image, in a form that can be saved and loaded.
 
-    tensors: the engine's saved image features ("features" (1, 256, h, w) and, for the torch engine,
+    tensors: the engine's saved image features ("features" (1, 256, h, w) and, for SAM-HQ's torch engine,
     "early_features" (1, h, w, C), the first global-attention layer's output the HQ branch fuses;
-    for the onnxruntime engine "hq_features" (1, 32, 4h, 4w)); sizes are (H, W); `fingerprint`
+    for its onnxruntime engine "hq_features" (1, 32, 4h, 4w); for SAM 2 models, either engine,
+    "high_res_s0" (1, 32, 4h, 4w) and "high_res_s1" (1, 64, 2h, 2w)); sizes are (H, W); `fingerprint`
     identifies the weights that made them (`engines.model_fingerprint`).
     """
 
@@ -151,42 +158,57 @@ def check_prompt_batch(points=None, labels=None, boxes=None, masks=None, mask_si
     return points, labels, boxes, masks
 
 
-def one_prompt(point_coords=None, point_labels=None, box=None):
-    """`predict`'s one prompt (point_coords (N, 2), point_labels (N,), box (4,); arrays, lists or tensors)
-    as float64 arrays, checked for shape: (points (N, 2) or None, labels (N,) or None, box (4,) or None).
-    Values (finite, labels, box corners) are checked by `check_prompt_batch` afterwards."""
+def one_prompt(point_coords=None, point_labels=None, box=None, batched: bool = False):
+    """`predict`'s prompt (point_coords (N, 2), point_labels (N,), box (4,); arrays, lists or tensors) as
+    float64 arrays, checked for shape: (points (N, 2) or None, labels (N,) or None, box (4,) or None).
+    batched=True also takes B prompts, point_coords (B, N, 2) with point_labels (B, N) and boxes (B, 4),
+    and returns points (B, N, 2), labels (B, N), boxes (B, 4) (B = 1 for one prompt). Values (finite,
+    labels, box corners) are checked by `check_prompt_batch` afterwards. Raises ValueError."""
     pts = lab = b = None
     if point_coords is not None:
         pts = _as_array(point_coords, "point_coords")
-        if pts.ndim != 2 or pts.shape[1] != 2 or len(pts) == 0:
-            raise ValueError(f"point_coords must be an (N, 2) array of x, y with N >= 1, got shape {pts.shape}")
+        dims = (2, 3) if batched else (2,)
+        if pts.ndim not in dims or pts.shape[-1] != 2 or pts.size == 0:
+            more = " (or (B, N, 2) for B prompts)" if batched else ""
+            raise ValueError(f"point_coords must be an (N, 2) array of x, y with N >= 1{more}, got shape {pts.shape}")
         if point_labels is None:
             raise ValueError("point_labels are required with point_coords: 1 for foreground, 0 for background")
-        lab = _as_array(point_labels, "point_labels").reshape(-1)
-        if len(lab) != len(pts):
-            raise ValueError(f"got {len(pts)} points but {len(lab)} labels; give one label (1 or 0) per point")
+        lab = _as_array(point_labels, "point_labels")
+        if lab.size != pts.size // 2:
+            raise ValueError(f"got {pts.size // 2} points but {lab.size} labels; give one label (1 or 0) per point")
+        if batched:
+            pts = pts.reshape(-1, *pts.shape[-2:])
+            lab = lab.reshape(pts.shape[:2])
+        else:
+            lab = lab.reshape(-1)
     elif point_labels is not None:
         raise ValueError("point_labels were given without point_coords")
     if box is not None:
         b = _as_array(box, "box")
-        if b.size != 4:
+        if not batched and b.size != 4:
             raise ValueError(f"box must be 4 numbers x0, y0, x1, y1, got shape {b.shape}; use predict_torch for many boxes")
-        b = b.reshape(4)
+        if batched and (b.size == 0 or b.size % 4 or (b.ndim > 1 and b.shape[-1] != 4)):
+            raise ValueError(f"box must be 4 numbers x0, y0, x1, y1 (or (B, 4) for B boxes), got shape {b.shape}")
+        b = b.reshape(-1, 4) if batched else b.reshape(4)
     return pts, lab, b
 
 
 class SamHQPredictor:
     """Embed an image once with `set_image`, then `predict` masks for any number of prompts.
 
-    model: a `SamHQModel` (the torch engine), or an engine from `samhq.engines`. `engine="onnxruntime"`
-    exports the model to ONNX and runs it with onnxruntime. Attributes after `set_image`:
-    `original_size` and `input_size` (H, W), `features` (1, 256, h, w), `hq_features` (1, 32, 4h, 4w)
-    or None for plain SAM, `interm_features` (torch engine: [(1, h, w, C)]).
+    model: a `SamHQModel` or `SamHQ2Model` (the torch engine), or an engine from `samhq.engines`.
+    `engine="onnxruntime"` exports the model to ONNX and runs it with onnxruntime.
+    mask_threshold: the logit above which a pixel is in the mask (0.0). max_hole_area / max_sprinkle_area:
+    SAM 2's post-processing (`SAM2ImagePredictor`'s options, for either generation here): before the
+    low-res logits are upscaled, background regions of at most that many low-res pixels inside or beside a
+    mask are filled and foreground specks of at most that many are removed (8-connected; 0 = off;
+    `samhq.processing.fill_holes_and_sprinkles`, needs scipy). The returned low-res logits are not
+    changed by it. Attributes after `set_image`: `original_size` and `input_size` (H, W), `features`
+    (1, 256, h, w), `hq_features` (1, 32, 4h, 4w) or None (SAM-HQ v1's torch engine), `interm_features`.
     """
 
-    mask_threshold = 0.0
-
-    def __init__(self, model, engine: str = "torch") -> None:
+    def __init__(self, model, engine: str = "torch", mask_threshold: float = 0.0, max_hole_area: float = 0.0,
+                 max_sprinkle_area: float = 0.0) -> None:
         if engine not in ("torch", "onnxruntime"):
             raise ValueError(f"engine must be 'torch' or 'onnxruntime', got {engine!r}")
         if hasattr(model, "embed") and hasattr(model, "decode"):
@@ -195,18 +217,27 @@ class SamHQPredictor:
             self.engine = OnnxEngine.from_model(model)
         else:
             self.engine = TorchEngine(model)
+        if max_hole_area < 0 or max_sprinkle_area < 0:
+            raise ValueError(f"max_hole_area and max_sprinkle_area must be >= 0 (0 = off), got {max_hole_area} "
+                             f"and {max_sprinkle_area}")
+        self.mask_threshold = float(mask_threshold)
+        self.max_hole_area = max_hole_area
+        self.max_sprinkle_area = max_sprinkle_area
         self.transform = self.engine.transform
         self.selection = self.engine.selection  # the family's official predictor (see samhq.modeling.mask_selection)
+        self.family = self.engine.family  # "sam" (SAM-HQ, SAM) or "sam2" (HQ-SAM 2, SAM 2.1)
         self.image_size = self.engine.image_size
         self.mask_size = self.engine.mask_size
         self.reset_image()
 
     @classmethod
-    def from_pretrained(cls, source, device=None, dtype=None, **kwargs) -> "SamHQPredictor":
-        """A predictor over `SamHQModel.from_pretrained(source, device=..., dtype=...)` (dtype: the encoder's)."""
-        from .modeling.model import SamHQModel
+    def from_pretrained(cls, source, device=None, dtype=None, strict_hq: bool = False, **kwargs) -> "SamHQPredictor":
+        """A predictor over `samhq.load_model(source, device=..., dtype=..., strict_hq=...)`: a checkpoint of either
+        generation (SAM-HQ / SAM, HQ-SAM 2 / SAM 2.1); dtype is the encoder's. Other keyword arguments go to
+        the constructor (engine, mask_threshold, max_hole_area, max_sprinkle_area)."""
+        from .modeling.auto import load_model
 
-        return cls(SamHQModel.from_pretrained(source, device=device, dtype=dtype, **kwargs))
+        return cls(load_model(source, device=device, dtype=dtype, strict_hq=strict_hq), **kwargs)
 
     @classmethod
     def from_onnx(cls, onnx_dir, threads: int | None = None, providers=None) -> "SamHQPredictor":
@@ -223,11 +254,22 @@ class SamHQPredictor:
         return self.engine.device
 
     def reset_image(self) -> None:
-        """Forget the current image."""
+        """Forget the current image (or batch of images)."""
+        self._clear_current()
+        self._batch: list[tuple[dict, tuple[int, int], tuple[int, int]]] = []
+
+    reset_predictor = reset_image  # SAM2ImagePredictor's name
+
+    def _clear_current(self) -> None:
         self.is_image_set = False
         self._features: dict[str, torch.Tensor] = {}
         self.original_size = None
         self.input_size = None
+
+    @property
+    def batch_size(self) -> int:
+        """How many images `set_image_batch` embedded (0 when none, e.g. after `set_image`)."""
+        return len(self._batch)
 
     # The official predictor's attributes; assigning `features` (as some segment_anything code does)
     # drops what the engine derived from the old one.
@@ -288,6 +330,66 @@ class SamHQPredictor:
         features = self.engine.embed(self.transform.pixel_values(transformed_image))
         self._set(features, tuple(original_image_size), tuple(transformed_image.shape[-2:]))
 
+    def set_image_batch(self, images, image_format: str = "RGB") -> None:
+        """Embed several images for `predict_batch` (Meta's `SAM2ImagePredictor.set_image_batch`).
+
+        images: a list of anything `set_image` takes, each of its own size. The images are embedded one
+        after another (the peak memory of one image); `predict` needs `set_image` afterwards.
+        """
+        if not isinstance(images, (list, tuple)) or not images:
+            raise ValueError("set_image_batch takes a non-empty list of images")
+        self.reset_image()
+        batch = []
+        for image in images:
+            rgb = to_rgb_array(image, image_format=image_format)
+            check_image_size(rgb.shape[0], rgb.shape[1], self.image_size)
+            with torch.no_grad():
+                features = self.engine.embed(self.transform.preprocess(rgb).to(self.device))
+            batch.append((features, tuple(int(v) for v in rgb.shape[:2]), self.transform.input_size(rgb.shape[:2])))
+        self._batch = batch
+
+    def predict_batch(
+        self,
+        point_coords_batch=None,
+        point_labels_batch=None,
+        box_batch=None,
+        mask_input_batch=None,
+        multimask_output: bool = True,
+        return_logits: bool = False,
+        normalize_coords: bool = True,
+        hq_token_only: bool = False,
+    ) -> tuple[list[np.ndarray], list[np.ndarray], list[np.ndarray]]:
+        """`predict` for each image of `set_image_batch` (Meta's `SAM2ImagePredictor.predict_batch`).
+
+        Each `*_batch` is None or a list with one entry per image (an entry may be None), each entry what
+        `predict` takes for that image (one prompt, or a batch of them). Returns three lists, one item per
+        image: masks, scores and low-res logits as `predict` returns them.
+        """
+        if not self._batch:
+            raise RuntimeError("no image batch is set: call predictor.set_image_batch(images) first")
+        n = len(self._batch)
+        lists = []
+        for name, value in (("point_coords_batch", point_coords_batch), ("point_labels_batch", point_labels_batch),
+                            ("box_batch", box_batch), ("mask_input_batch", mask_input_batch)):
+            if value is not None and (not isinstance(value, (list, tuple)) or len(value) != n):
+                raise ValueError(f"{name} must be a list with one entry per image ({n}), got "
+                                 f"{len(value) if isinstance(value, (list, tuple)) else type(value).__name__}")
+            lists.append(value if value is not None else [None] * n)
+        batch, out = self._batch, ([], [], [])
+        try:
+            for i, ((features, original, input_size), *prompt) in enumerate(zip(batch, *lists)):
+                self._set(features, original, input_size)
+                try:
+                    result = self.predict(*prompt, multimask_output=multimask_output, return_logits=return_logits,
+                                          normalize_coords=normalize_coords, hq_token_only=hq_token_only)
+                except ValueError as e:
+                    raise ValueError(f"image {i}: {e}") from None
+                for lst, r in zip(out, result):
+                    lst.append(r)
+        finally:
+            self._clear_current()
+        return out
+
     def _set(self, features: dict, original_size, input_size) -> None:
         self._features = features
         self.original_size = tuple(int(v) for v in original_size)
@@ -301,6 +403,8 @@ class SamHQPredictor:
 
     def _require_image(self) -> None:
         if not self.is_image_set:
+            if self._batch:
+                raise RuntimeError("a batch of images is set (set_image_batch): use predict_batch, or set_image for one image")
             raise RuntimeError("no image is set: call predictor.set_image(image) (or load_image_embedding) first")
 
     # ------------------------------------------------------------------ saved embeddings
@@ -359,32 +463,41 @@ class SamHQPredictor:
         multimask_output: bool = True,
         return_logits: bool = False,
         hq_token_only: bool = False,
+        normalize_coords: bool = True,
     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Masks for one prompt, in original-image pixel coordinates.
+        """Masks for one prompt (or a batch of B prompts), in original-image coordinates.
 
         point_coords (N, 2) x, y; point_labels (N,) 1 foreground / 0 background; box (4,) x0, y0, x1, y1;
-        mask_input (1, 256, 256) low-res logits from a previous call. Returns masks (C, H, W) (bool, or
-        float logits with `return_logits`), scores (C,) and low-res logits (C, 256, 256); C = 1 (3 for
-        plain SAM with multimask_output).
+        mask_input (1, 256, 256) low-res logits from a previous call. As in Meta's `SAM2ImagePredictor`,
+        B prompts at once are point_coords (B, N, 2) with point_labels (B, N), boxes (B, 4), mask_input
+        (B, 1, 256, 256). normalize_coords=True (default): coordinates are pixels of the original image;
+        False: they are relative, x / W and y / H in [0, 1] (SAM 2's meaning). Returns masks (C, H, W)
+        (bool, or float logits with `return_logits`), scores (C,) and low-res logits (C, 256, 256), with a
+        leading B for B > 1 prompts; C = 3 with multimask_output for plain SAM and the SAM 2 family, else
+        1 (SAM-HQ's official predictor returns its best mask). SAM 2 models return low-res logits clamped
+        to +-32, as Meta's predictor. Raises ValueError for malformed prompts.
         """
         self._require_image()
         if point_coords is None and box is None and mask_input is None:
             raise ValueError("give a prompt: point_coords with point_labels, a box, or a mask_input")
+        h, w = self.original_size
+        scale = np.array([1.0, 1.0]) if normalize_coords else np.array([w, h], dtype=np.float64)
         coords = labels = boxes = masks = None
-        pts, lab, b = one_prompt(point_coords, point_labels, box)
+        pts, lab, b = one_prompt(point_coords, point_labels, box, batched=True)
         if pts is not None:
-            coords = torch.as_tensor(self.transform.apply_coords(pts, self.original_size), dtype=torch.float)[None]
-            labels = torch.as_tensor(lab, dtype=torch.int)[None]
+            coords = torch.as_tensor(self.transform.apply_coords(pts * scale, self.original_size), dtype=torch.float)
+            labels = torch.as_tensor(lab, dtype=torch.int)
         if b is not None:
-            boxes = torch.as_tensor(self.transform.apply_boxes(b, self.original_size), dtype=torch.float)
+            boxes = torch.as_tensor(self.transform.apply_boxes(b * np.tile(scale, 2), self.original_size), dtype=torch.float)
         if mask_input is not None:
             m, size = _as_array(mask_input, "mask_input", np.float32), self.mask_size
-            if m.shape not in ((1, size, size), (size, size)):
-                raise ValueError(f"mask_input must be (1, {size}, {size}) low-res logits (as returned by predict), got shape {m.shape}")
-            masks = torch.as_tensor(m).reshape(1, 1, size, size)
+            if m.shape[-2:] != (size, size) or m.ndim not in (2, 3, 4) or (m.ndim >= 3 and m.shape[-3] != 1):
+                raise ValueError(f"mask_input must be (1, {size}, {size}) low-res logits (as returned by predict; "
+                                 f"(B, 1, {size}, {size}) for B prompts), got shape {m.shape}")
+            masks = torch.as_tensor(m).reshape(-1, 1, size, size)
         out = self.predict_torch(*(None if t is None else t.to(self.device) for t in (coords, labels, boxes, masks)),
                                  multimask_output=multimask_output, return_logits=return_logits, hq_token_only=hq_token_only)
-        return tuple(t[0].cpu().numpy() for t in out)
+        return tuple((t[0] if len(t) == 1 else t).cpu().numpy() for t in out)
 
     @torch.no_grad()
     def predict_torch(
@@ -401,13 +514,15 @@ class SamHQPredictor:
 
         point_coords (B, N, 2), point_labels (B, N), boxes (B, 4), mask_input (B, 1, 256, 256); tensors or
         arrays. Returns masks (B, C, H, W) at the original size (bool, or logits with `return_logits`),
-        scores (B, C) and low-res logits (B, C, 256, 256), float32.
+        scores (B, C) and low-res logits (B, C, 256, 256), float32 (clamped to +-32 for SAM 2 models, as Meta's
+        `SAM2ImagePredictor._predict`).
         """
         low_res, scores = self.decode(point_coords, point_labels, boxes, mask_input, multimask_output, hq_token_only)
         full = self.upscale_masks(low_res)
         if not return_logits:
             full = full > self.mask_threshold
-        return full, scores, low_res
+        limit = getattr(self.transform, "logits_limit", None)  # SAM 2's predictor clamps the logits it returns
+        return full, scores, low_res if limit is None else low_res.clamp(-limit, limit)
 
     @torch.no_grad()
     def decode(
@@ -456,8 +571,12 @@ class SamHQPredictor:
                               f"outside the {ow}x{oh} image; check the coordinates", stacklevel=4)
 
     def upscale_masks(self, low_res_logits: torch.Tensor) -> torch.Tensor:
-        """Low-res logits (..., m, m) -> float32 logits (..., H, W) at the current image's original size."""
+        """Low-res logits (..., m, m) -> float32 logits (..., H, W) at the current image's original size, after
+        filling holes and removing sprinkles when `max_hole_area` / `max_sprinkle_area` are set."""
         self._require_image()
+        if self.max_hole_area > 0 or self.max_sprinkle_area > 0:
+            low_res_logits = fill_holes_and_sprinkles(low_res_logits, self.max_hole_area, self.max_sprinkle_area,
+                                                      self.mask_threshold)
         return self.transform.postprocess_masks(low_res_logits, self.input_size, self.original_size)
 
 

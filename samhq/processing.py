@@ -128,22 +128,21 @@ class ResizeSquare:
     normalise with ImageNet mean / std, no padding; prompt coordinates scale by S / W and S / H; mask
     logits go back by one bilinear resize to the original size (Meta's `SAM2Transforms`).
 
-    `max_hole_area` / `max_sprinkle_area` (low-res pixels, 0 = off): SAM 2's post-processing fills
-    background regions of at most that area inside a mask and removes foreground specks of at most
-    that area, 8-connected, on the low-res logits before the resize (needs scipy).
+    `logits_limit`: Meta's `SAM2ImagePredictor` returns its low-resolution logits clamped to +-32 (the
+    full-size masks come from the unclamped ones).
     """
 
-    def __init__(self, target_length: int, max_hole_area: float = 0.0, max_sprinkle_area: float = 0.0) -> None:
+    logits_limit = 32.0
+
+    def __init__(self, target_length: int) -> None:
         self.target_length = target_length
-        self.max_hole_area = max_hole_area
-        self.max_sprinkle_area = max_sprinkle_area
 
     def input_size(self, original_size: tuple[int, int]) -> tuple[int, int]:
         return self.target_length, self.target_length
 
     def preprocess(self, rgb: np.ndarray) -> torch.Tensor:
         """(H, W, 3) uint8 -> the encoder's input (1, 3, S, S) float32."""
-        x = torch.from_numpy(np.ascontiguousarray(rgb)).permute(2, 0, 1)[None].float() / 255.0
+        x = torch.tensor(np.ascontiguousarray(rgb)).permute(2, 0, 1)[None].float() / 255.0  # a copy: the array may be read-only
         s = self.target_length
         x = F.interpolate(x, (s, s), mode="bilinear", align_corners=False, antialias=True)
         mean, std = torch.tensor(IMAGENET_MEAN).view(3, 1, 1), torch.tensor(IMAGENET_STD).view(3, 1, 1)
@@ -168,8 +167,6 @@ class ResizeSquare:
     def postprocess_masks(self, low_res: torch.Tensor, input_size, original_size) -> torch.Tensor:
         """Low-res logits (..., m, m) -> float32 logits (..., H, W) at the original size."""
         x = low_res.float()
-        if self.max_hole_area > 0 or self.max_sprinkle_area > 0:
-            x = fill_holes_and_sprinkles(x, self.max_hole_area, self.max_sprinkle_area)
         lead = x.shape[:-2]
         x = F.interpolate(x.reshape(1, -1, *x.shape[-2:]), tuple(int(v) for v in original_size), mode="bilinear",
                           align_corners=False)
@@ -178,29 +175,35 @@ class ResizeSquare:
 
 def fill_holes_and_sprinkles(logits: torch.Tensor, max_hole_area: float, max_sprinkle_area: float,
                              threshold: float = 0.0, hole_value: float | None = None) -> torch.Tensor:
-    """SAM 2's mask clean-up on logits (..., H, W): background regions (logit <= threshold) of at most
-    `max_hole_area` pixels become foreground (`hole_value`, default threshold + 10; SAM 2's video
-    predictor uses 0.1), then foreground regions of at most `max_sprinkle_area` pixels become background
-    (threshold - 10); regions are 8-connected and a region touching the border counts as well. Returns
-    a new tensor."""
+    """SAM 2's mask clean-up (Meta's `SAM2Transforms.postprocess_masks`) on logits (..., H, W).
+
+    Regions are 8-connected components, found on the logits as given: background regions (logit <=
+    threshold) of at most `max_hole_area` pixels become foreground (`hole_value`, default threshold + 10;
+    SAM 2's video predictor uses 0.1), and foreground regions (logit > threshold) of at most
+    `max_sprinkle_area` pixels become background (threshold - 10); a region touching the border counts
+    as well. Both sets of regions come from the input, not from the result of the other step (as Meta
+    computes them), so a speck around a filled hole is removed while the hole stays filled. Area 0 turns
+    a step off. Needs scipy (Meta uses its own CUDA kernel and skips the step where that fails). Returns
+    a new float32 tensor on the input's device.
+    """
     try:
         from scipy import ndimage
     except ImportError:
         raise ImportError("filling holes and removing sprinkles needs scipy: pip install 'samhq[amg]'") from None
-    out = logits.detach().cpu().clone()
-    flat = out.reshape(-1, *out.shape[-2:])
+    src = logits.detach().float().cpu()
+    out = src.clone()
     eight = np.ones((3, 3), bool)
     hole = threshold + 10.0 if hole_value is None else hole_value
     for step, area, value in (("holes", max_hole_area, hole), ("sprinkles", max_sprinkle_area, threshold - 10.0)):
         if area <= 0:
             continue
-        for m in flat:
+        for m, o in zip(src.reshape(-1, *src.shape[-2:]), out.view(-1, *out.shape[-2:])):
             region = (m <= threshold).numpy() if step == "holes" else (m > threshold).numpy()
             labels, n = ndimage.label(region, structure=eight)
             if n:
                 sizes = np.bincount(labels.ravel(), minlength=n + 1)
                 small = (labels > 0) & (sizes[labels] <= area)
-                m[torch.from_numpy(small)] = value
+                o[torch.from_numpy(small)] = value
     return out.to(logits.device)
 
 

@@ -104,11 +104,12 @@ class SegmentSession:
                 multimask_output=multimask, hq_token_only=hq_token_only,
             )
         require_finite(scores, "scores")
-        best = int(np.argmax(scores))  # plain SAM weights return three candidates
-        mask = masks[best]
+        # plain SAM and SAM 2 return three candidates with multimask (HQ-SAM 2's HQ mask alone is one, with three scores)
+        best = int(np.argmax(scores)) if len(scores) == len(masks) else 0
+        mask, score = masks[best], float(np.max(scores))
         png = io.BytesIO()
         Image.fromarray(mask.astype(np.uint8) * 255).save(png, format="PNG")
-        return {"score": float(scores[best]), "area": int(mask.sum()), "bbox": mask_bbox(mask),
+        return {"score": score, "area": int(mask.sum()), "bbox": mask_bbox(mask),
                 "mask_png": base64.b64encode(png.getvalue()).decode("ascii")}
 
 
@@ -230,7 +231,8 @@ def _validation_message(errors) -> str:
 def create_app(model="samhq-tiny-shapes", device: str = "cpu", max_images: int = 8, limits: Limits | None = None,
                host: str = "127.0.0.1", allowed_hosts=None, allowed_origins=(), bit_depth: str = "dtype",
                name: str | None = None):
-    """A FastAPI app serving `model` (any source `from_pretrained` takes, or a SamHQModel; `name` for /api/info).
+    """A FastAPI app serving `model` (any source `samhq.load_model` takes, or a SamHQModel / SamHQ2Model; `name` for
+    /api/info).
 
     limits: `samhq.limits.Limits` (default: the process-wide ones). host: the address the server
     listens on; bound to a loopback address only loopback Host headers are answered unless
@@ -285,8 +287,7 @@ def create_app(model="samhq-tiny-shapes", device: str = "cpu", max_images: int =
 
     @app.get("/api/info")
     def info():
-        cfg = predictor.model.config
-        return {"model": name, "image_size": cfg.vision_config.image_size, "hq": bool(predictor.model.hq_enabled),
+        return {"model": name, "image_size": predictor.image_size, "hq": bool(predictor.engine.hq_enabled),
                 "device": str(predictor.device), "max_images": max_images, "max_pixels": limits.max_pixels,
                 "max_prompts": limits.max_prompts, "max_upload_bytes": limits.max_upload_bytes}
 

@@ -284,3 +284,103 @@ def meta_state(config_name: str) -> dict:
     finally:
         hieradet.torch = saved
     return model.state_dict()
+
+
+def small_model(variant: str = "hiera_t", hq: bool = True, image_size: int = SMALL_IMAGE_SIZE, seed: int = 1, **decoder):
+    """Our `SamHQ2Model` at a small config (`small_hiera(variant)`, `image_size` px), every weight perturbed, in eval
+    mode; `hq=False` turns the HQ parts off as a plain SAM 2 checkpoint does. Needs no `sam2`."""
+    from official_ref import perturb_
+
+    from samhq.modeling.sam2 import SamHQ2Model
+
+    model = perturb_(SamHQ2Model(our_config(small_hiera(variant), image_size, **decoder)), seed=seed).eval()
+    model.hq_enabled = hq
+    return model
+
+
+def connected_components(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Test stand-in for sam2's CUDA `get_connected_components` (8-connectivity), with scipy: mask (N, 1, H, W)
+    -> labels (0 = outside every component) and each pixel's component area (0 outside), both int32 (N, 1, H, W)."""
+    from scipy import ndimage
+
+    m = mask.cpu().numpy().astype(bool)
+    labels, areas = np.zeros(m.shape, np.int32), np.zeros(m.shape, np.int32)
+    for i in range(m.shape[0]):
+        lab, n = ndimage.label(m[i, 0], structure=np.ones((3, 3), bool))
+        sizes = np.bincount(lab.ravel(), minlength=n + 1)
+        sizes[0] = 0
+        labels[i, 0], areas[i, 0] = lab, sizes[lab]
+    return torch.from_numpy(labels).to(mask.device), torch.from_numpy(areas).to(mask.device)
+
+
+def meta_pair(tmp, variant: str = "hiera_t", image_size: int = SMALL_IMAGE_SIZE, hq: bool = False, seed: int = 1,
+              edit=None):
+    """Meta's `SAM2Base` at a small config with perturbed weights, and our model loaded from its official `.pt`
+    (in `tmp`). hq: add random HQ-SAM 2 tensors to the file and give Meta's decoder SysCV's HQ computation
+    (`hq_decoder_stand_in`). edit(ref): change Meta's weights before saving. Returns (ref, ours, path)."""
+    from official_ref import perturb_
+
+    from samhq.modeling.sam2 import load_sam2_model
+
+    hiera = small_hiera(variant)
+    torch.manual_seed(0)
+    ref = perturb_(build_sam2_image_model(hiera, image_size=image_size), seed=seed)
+    if edit is not None:
+        with torch.no_grad():
+            edit(ref)
+    tensors = official_hq_tensors() if hq else None
+    path = save_official(ref, tmp, our_config(hiera, image_size), extra=tensors)
+    if hq:
+        hq_decoder_stand_in(ref.sam_mask_decoder, tensors)
+    return ref, load_sam2_model(path), path
+
+
+def hq_decoder_stand_in(decoder, tensors: dict) -> None:
+    """Make Meta's `MaskDecoder` compute SysCV's `MaskDecoderHQ.forward` (hq_token_only=False, as SysCV's predictor
+    and generator call it): every token's masks by HQ-SAM 2's `predict_masks`, the SAM selection (token order with
+    multimask, the stability fallback without) and the HQ mask added. Test-only, on the module instance."""
+    from sam2.modeling.sam2_utils import MLP, LayerNorm2d
+
+    dim = tensors["sam_mask_decoder.hf_token.weight"].shape[1]
+    hq = nn.ModuleDict(dict(
+        hf_token=nn.Embedding(1, dim),
+        hf_mlp=MLP(dim, dim, dim // 8, 3),
+        embedding_maskfeature=nn.Sequential(nn.Conv2d(dim // 8, dim // 4, 3, 1, 1), LayerNorm2d(dim // 4), nn.GELU(),
+                                            nn.Conv2d(dim // 4, dim // 8, 3, 1, 1)),
+    ))
+    hq.load_state_dict({k[len("sam_mask_decoder."):]: v for k, v in tensors.items()})
+    hq.eval()
+    dec = decoder
+
+    def forward(image_embeddings, image_pe, sparse_prompt_embeddings, dense_prompt_embeddings, multimask_output,
+                repeat_image, high_res_features=None):
+        n = sparse_prompt_embeddings.shape[0]
+        out_tokens = torch.cat([dec.obj_score_token.weight, dec.iou_token.weight, dec.mask_tokens.weight, hq.hf_token.weight])
+        tokens = torch.cat([out_tokens[None].expand(n, -1, -1), sparse_prompt_embeddings], dim=1)
+        src = (image_embeddings.repeat_interleave(n, 0) if repeat_image else image_embeddings) + dense_prompt_embeddings
+        hs, keys = dec.transformer(src, image_pe.repeat_interleave(src.shape[0], 0), tokens)
+        b, c, h, w = src.shape
+        conv1, norm, act1, conv2, act2 = dec.output_upscaling
+        feat_s0, feat_s1 = high_res_features
+        up = act1(norm(conv1(keys.transpose(1, 2).reshape(b, c, h, w)) + feat_s1))
+        up = act2(conv2(up) + feat_s0)
+        hyper = torch.stack([dec.output_hypernetworks_mlps[i](hs[:, 2 + i]) for i in range(4)], dim=1)
+        masks = (hyper @ up.flatten(2)).view(b, 4, *up.shape[-2:])
+        hq_mask = (hq.hf_mlp(hs[:, 6])[:, None] @ hq.embedding_maskfeature(up).flatten(2)).view(b, 1, *up.shape[-2:])
+        iou = dec.iou_prediction_head(hs[:, 1])  # its MLP applies the sigmoid (sigmoid_output)
+        if multimask_output:
+            sam, scores = masks[:, 1:], iou[:, 1:]
+        else:
+            sam, scores = dec._dynamic_multimask_via_stability(masks, iou)
+        return sam + hq_mask, scores, hs[:, 2:6], dec.pred_obj_score_head(hs[:, 0])
+
+    dec.forward = forward
+
+
+def meta_predictor(ref, image_size: int = SMALL_IMAGE_SIZE, **kwargs):
+    """Meta's `SAM2ImagePredictor` over `ref`, with its backbone feature sizes set for `image_size`."""
+    from sam2.sam2_image_predictor import SAM2ImagePredictor
+
+    p = SAM2ImagePredictor(ref, **kwargs)
+    p._bb_feat_sizes = [(image_size // 4,) * 2, (image_size // 8,) * 2, (image_size // 16,) * 2]
+    return p

@@ -65,7 +65,7 @@ def test_full_size_transformers_keys(variant):
     with torch.device("meta"):
         theirs = transformers.Sam2Model(transformers.Sam2Config.from_dict(ckpt.config_to_transformers(config)))
         ours = SamHQ2Model(config)
-    mapped = ckpt.ours_to_transformers({k: v for k, v in ours.state_dict().items() if not k.startswith(ckpt.HQ_PREFIXES)})
+    mapped = ckpt.ours_to_transformers({k: v for k, v in ours.state_dict().items() if not ckpt.is_hq_parameter(k)})
     assert {k: tuple(v.shape) for k, v in mapped.items()} == {k: tuple(v.shape) for k, v in theirs.state_dict().items()}
     assert ckpt.config_from_transformers(json.loads(theirs.config.to_json_string())).to_dict() == config.to_dict()
 

@@ -18,8 +18,9 @@ def add_model_arg(parser: argparse.ArgumentParser) -> None:
     has_demo = demo_model_available()
     parser.add_argument(
         "--model", "-m", default=DEMO_MODEL if has_demo else None, required=not has_demo, metavar="SRC",
-        help="checkpoint: official .pth, a transformers-layout folder, a .safetensors file, a hub id, or a bundled "
-        "model name" + (f" (default: the bundled demo model {DEMO_MODEL})" if has_demo else ""),
+        help="checkpoint of SAM-HQ / SAM or HQ-SAM 2 / SAM 2.1 (detected): official .pth / .pt, a transformers-layout "
+        "folder, a .safetensors file, a hub id, or a bundled model name"
+        + (f" (default: the bundled demo model {DEMO_MODEL})" if has_demo else ""),
     )
     parser.add_argument("--device", default="cpu", help="torch device (default: cpu)")
     parser.add_argument("--dtype", default="float32", choices=["auto", "float32", "bfloat16", "float16"],

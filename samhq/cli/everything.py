@@ -47,12 +47,17 @@ def register(sub) -> None:
                    help="json: COCO-style masks; png: mask PNGs and an overlay; both (default: json)")
     p.add_argument("--points-per-side", type=int, default=32, help="prompt grid size (default 32)")
     p.add_argument("--points-per-batch", type=int, default=64, help="prompts per decoder call (default 64)")
-    p.add_argument("--pred-iou-thresh", type=float, default=0.88, help="minimum predicted IoU (default 0.88)")
+    p.add_argument("--pred-iou-thresh", type=float, default=None,
+                   help="minimum predicted IoU (default: the official generator's, 0.88 for SAM-HQ, 0.8 for SAM 2)")
     p.add_argument("--stability-thresh", type=float, default=0.95, help="minimum stability score (default 0.95)")
     p.add_argument("--box-nms-thresh", type=float, default=0.7, help="box IoU above which duplicates are dropped (default 0.7)")
     p.add_argument("--crop-layers", type=int, default=0, help="extra layers of image crops (default 0)")
-    p.add_argument("--min-region-area", type=int, default=0, help="fill holes / drop islands below this many pixels (default 0)")
+    p.add_argument("--min-region-area", type=int, default=0,
+                   help="fill holes / drop islands below this many pixels (default 0); SAM 2 models, as Meta's generator: "
+                   "holes / specks of the low-res logits below this many low-res pixels")
     p.add_argument("--hq-token-only", action="store_true", help="use the HQ mask alone instead of SAM mask + HQ mask")
+    p.add_argument("--use-m2m", action="store_true", help="SAM 2's mask-to-mask refinement: decode every mask once more "
+                   "with its own low-res logits as the mask input")
     p.add_argument("--force", action="store_true", help="recompute and overwrite existing outputs")
     add_image_args(p)
     p.set_defaults(func=run)
@@ -345,6 +350,7 @@ def _run_locked(args, images, out_dir: Path) -> int:
         "model": str(args.model), "points_per_side": args.points_per_side, "pred_iou_thresh": args.pred_iou_thresh,
         "stability_score_thresh": args.stability_thresh, "box_nms_thresh": args.box_nms_thresh,
         "crop_n_layers": args.crop_layers, "min_mask_region_area": args.min_region_area, "hq_token_only": args.hq_token_only,
+        "use_m2m": args.use_m2m,
     }
     done = n_masks = 0
     start = time.time()
@@ -361,8 +367,9 @@ def _run_locked(args, images, out_dir: Path) -> int:
                 model, points_per_side=args.points_per_side, points_per_batch=args.points_per_batch,
                 pred_iou_thresh=args.pred_iou_thresh, stability_score_thresh=args.stability_thresh,
                 box_nms_thresh=args.box_nms_thresh, crop_n_layers=args.crop_layers,
-                min_mask_region_area=args.min_region_area, output_mode="uncompressed_rle",
+                min_mask_region_area=args.min_region_area, output_mode="uncompressed_rle", use_m2m=args.use_m2m,
             )
+            settings["pred_iou_thresh"] = generator.pred_iou_thresh  # the model family's default when not given
         for path, name, files in _progress(todo):
             try:
                 image = to_rgb_array(path, bit_depth=args.bit_depth)

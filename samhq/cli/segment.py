@@ -145,10 +145,11 @@ def run(args) -> int:
             m, s, _ = (t.cpu().numpy() for t in predictor.predict_torch(None, None, tb.to(predictor.device), **flags))
     for w in caught:
         print(f"samhq segment: warning: {w.message}", file=sys.stderr)
-    # One mask per object (plain SAM weights give three candidates: keep the best scored).
+    # One mask per object (plain SAM and SAM 2 give three candidates: keep the best scored; HQ-SAM 2's HQ mask
+    # alone with multimask is one mask with its three SAM tokens' scores).
     require_finite(s, "scores")
-    best = s.argmax(axis=1)
-    masks, scores = m[np.arange(len(m)), best], s[np.arange(len(s)), best]
+    best = s.argmax(axis=1) if m.shape[1] == s.shape[1] else np.zeros(len(m), dtype=int)
+    masks, scores = m[np.arange(len(m)), best], s.max(axis=1)
 
     results = []
     for i, (mask, score) in enumerate(zip(masks, scores)):

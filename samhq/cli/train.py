@@ -1,4 +1,4 @@
-"""`samhq train`: fine-tune (or train from scratch) a SAM-HQ model; launch with torchrun for several processes."""
+"""`samhq train`: fine-tune (or train from scratch) a SAM-HQ or HQ-SAM 2 model; launch with torchrun for several processes."""
 from __future__ import annotations
 
 import json
@@ -33,14 +33,16 @@ _FLAGS = {
 
 def register(sub) -> None:
     p = new_command(
-        sub, "train", "Train SAM-HQ: the paper's HQ-only recipe by default, or the decoder / the whole model.",
+        sub, "train", "Train SAM-HQ or HQ-SAM 2: the paper's HQ-only recipe by default, or the decoder / the whole model.",
         "samhq train --model sam_hq_vit_b.pth --data DIS5K/DIS-TR --output runs/hq --steps 2000\n"
+        "  samhq train --model sam2.1_hq_hiera_large.pt --data DIS5K/DIS-TR --output runs/hq2   # HQ-SAM 2\n"
         "  torchrun --nproc_per_node 2 -m samhq.cli train --config train.yaml   # several processes",
     )
     p.add_argument("--config", metavar="FILE", help="JSON or YAML file with training options (any flag below, "
                    "using underscores) and optionally model, model_config, data, output")
     src = p.add_mutually_exclusive_group()
-    src.add_argument("--model", "-m", metavar="SRC", help="checkpoint to start from (official .pth, folder, hub id, bundled name)")
+    src.add_argument("--model", "-m", metavar="SRC", help="checkpoint to start from, either generation (official .pth / .pt, "
+                     "folder, hub id, bundled name)")
     src.add_argument("--model-config", metavar="JSON", help="config.json of a new model trained from scratch (recipe full)")
     p.add_argument("--data", metavar="SPEC", help="a folder of im/ + gt/ images and masks, a COCO instances .json, "
                    "or synthetic:NUM[:SIZE[:SEED]]")
@@ -107,11 +109,28 @@ def build_dataset(spec: str, image_dir=None):
     return datasets.MaskFolder(path)
 
 
+def new_model(config_path):
+    """An untrained model from a config.json: ours for SAM-HQ (model_type "sam_hq") or for SAM 2 / HQ-SAM 2
+    ("sam_hq2"), or transformers' Sam2Config ("sam2")."""
+    from ..checkpoints_sam2 import read_config
+    from ..config import SamHQConfig
+    from ..modeling.model import SamHQModel
+    from ..modeling.sam2.model import SamHQ2Model
+
+    path = Path(config_path)
+    try:
+        kind = json.loads(path.read_text(encoding="utf-8")).get("model_type")
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError) as e:
+        raise ValueError(f"--model-config {path}: not a readable JSON config ({e})") from None
+    if kind in ("sam_hq2", "sam2", "sam2_video"):
+        return SamHQ2Model(read_config(path))
+    return SamHQModel(SamHQConfig.from_json_file(path))
+
+
 def run(args) -> int:
     import torch
 
-    from ..config import SamHQConfig
-    from ..modeling.model import SamHQModel, load_model
+    from ..modeling.auto import load_model
     from ..train.trainer import TrainConfig, Trainer, init_distributed, init_weights
 
     opts = read_config_file(args.config) if args.config else {}
@@ -146,7 +165,7 @@ def run(args) -> int:
         device = f"cuda:{torch.cuda.current_device()}" if torch.cuda.is_available() else "cpu"
     torch.manual_seed(config.seed)
     if run_opts["model_config"]:
-        model = init_weights(SamHQModel(SamHQConfig.from_json_file(run_opts["model_config"])), seed=config.seed)
+        model = init_weights(new_model(run_opts["model_config"]), seed=config.seed)
     else:
         model = load_model(run_opts["model"])
     dataset = build_dataset(str(run_opts["data"]), run_opts["image_dir"])

@@ -148,10 +148,11 @@ def evaluate(model, dataset, prompt: str = "box", sam_output: str = "single", ma
              dilation_ratio: float = 0.02, chunk: int = 16, progress: bool = False) -> EvalResult:
     """Prompt `model` with every object of `dataset` and score its SAM-token and HQ masks.
 
-    model: a SamHQModel (plain SAM weights give the SAM-token scores only). dataset: items with
+    model: a SamHQModel or SamHQ2Model (plain SAM / SAM 2 weights give the SAM-token scores only). dataset: items with
     "image" (H, W, 3) uint8 and "masks" list of bool (H, W), optional "name" and "kinds".
-    prompt: "box", "point" or "both". sam_output: "single" (token 0, as SAM-HQ's evaluation) or
-    "best" (the multimask token with the highest predicted IoU, as SAM answers one ambiguous point).
+    prompt: "box", "point" or "both". sam_output: "single" (token 0, as SAM-HQ's evaluation; for SAM 2 its
+    single-mask output, which falls back to the best multimask mask when token 0 is unstable) or "best"
+    (the multimask token with the highest predicted IoU, as SAM answers one ambiguous point).
     """
     if prompt not in ("box", "point", "both"):
         raise ValueError(f"prompt must be 'box', 'point' or 'both', got {prompt!r}")
@@ -218,7 +219,10 @@ def predict_tokens(predictor, prompt: str, xy: np.ndarray, sam_output: str = "si
     else:
         coords = torch.as_tensor(predictor.transform.apply_coords(xy, size), dtype=torch.float)[:, None]
         kw = {"point_coords": coords, "point_labels": torch.ones(len(xy), 1, dtype=torch.int)}
-    out = {"sam": predictor.decode(**kw, multimask_output=sam_output == "best", sam_token_only=True)[0]}
+    sam, scores = predictor.decode(**kw, multimask_output=sam_output == "best", sam_token_only=True)
+    # "best": the highest predicted IoU (SAM 2's predictor returns the three multimask masks in token order)
+    pick = scores.argmax(dim=1) if sam_output == "best" else torch.zeros(len(sam), dtype=torch.long)
+    out = {"sam": sam[torch.arange(len(sam)), pick.to(sam.device)]}
     if predictor.engine.hq_enabled:
-        out["hq"] = predictor.decode(**kw, multimask_output=False, hq_token_only=True)[0]
-    return {k: (predictor.upscale_masks(v[:, 0]) > predictor.mask_threshold).cpu().numpy() for k, v in out.items()}
+        out["hq"] = predictor.decode(**kw, multimask_output=False, hq_token_only=True)[0][:, 0]
+    return {k: (predictor.upscale_masks(v) > predictor.mask_threshold).cpu().numpy() for k, v in out.items()}

@@ -18,6 +18,27 @@ decoder.onnx, for B prompts of N points each (B and N dynamic):
     Output selection is the official predictor's: with multimask_output the best of the three SAM
     masks by predicted IoU, plus the HQ mask (or the HQ mask alone with hq_token_only).
 
+SAM 2.1 / HQ-SAM 2 (`SamHQ2Model`; samhq_onnx.json says "family": "sam2"):
+
+encoder.onnx
+    pixel_values (1, 3, S, S) float32, resized to S x S (aspect ratio not kept), ImageNet-normalised
+    -> image_embeddings (1, 256, S/16, S/16) (no-memory embedding added), high_res_s0 (1, 32, S/4, S/4),
+       high_res_s1 (1, 64, S/8, S/8) (after conv_s0 / conv_s1: what Meta's predictor keeps per image)
+
+decoder.onnx
+    image_embeddings, high_res_s0, high_res_s1   from the encoder
+    point_coords (B, N, 2), point_labels (B, N)  in the S x S input frame, SAM 2's order: box corners first
+                                    (labels 2, 3), then the points (1 / 0), then one (0, 0) point labelled
+                                    -1 ("not a point"); N = 0 for a mask alone
+    mask_input, has_mask_input, multimask_output as above; hq_token_only (1,) only for HQ-SAM 2
+    orig_im_size (2,) float32       (height, width); the masks are resized to it directly (no padding)
+    -> masks (B, M, H, W), iou_predictions (B, M), low_res_masks (B, M, S/4, S/4),
+       object_score_logits (B, 1)
+    Output selection is Meta's / SysCV's predictor's: with multimask_output the three masks in token
+    order (M = 3), without it the single-mask token unless its stability score is below the threshold
+    (then the best of the three); HQ-SAM 2 adds the HQ mask, or returns it alone (M = 1) with
+    hq_token_only. Plain SAM 2 weights export too (no HQ input).
+
 Both models use opset 17 standard operators only (no custom domains), so the decoder also runs in
 onnxruntime-web's wasm backend.
 """
@@ -32,8 +53,10 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from ..modeling.auto import load_model
 from ..modeling.mask_selection import select_masks
-from ..modeling.model import SamHQModel, model_fingerprint
+from ..modeling.model import model_fingerprint
+from ..modeling.sam2.model import SamHQ2Model
 
 OPSET = 17
 ENCODER_FILE = "encoder.onnx"
@@ -48,6 +71,12 @@ DECODER_INPUTS = [
     "orig_im_size", "multimask_output", "hq_token_only",
 ]
 DECODER_OUTPUTS = ["masks", "iou_predictions", "low_res_masks"]
+SAM2_ENCODER_OUTPUTS = ["image_embeddings", "high_res_s0", "high_res_s1"]
+SAM2_DECODER_INPUTS = [
+    "image_embeddings", "high_res_s0", "high_res_s1", "point_coords", "point_labels", "mask_input", "has_mask_input",
+    "orig_im_size", "multimask_output", "hq_token_only",
+]
+SAM2_DECODER_OUTPUTS = ["masks", "iou_predictions", "low_res_masks", "object_score_logits"]
 
 
 class EncoderForOnnx(nn.Module):
@@ -95,6 +124,66 @@ class DecoderForOnnx(nn.Module):
         return out, scores, low_res
 
 
+class Sam2EncoderForOnnx(nn.Module):
+    """pixel_values (1, 3, S, S) -> image_embeddings (1, 256, h, w), high_res_s0 (1, 32, 4h, 4w), high_res_s1 (1, 64, 2h, 2w)."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, pixel_values: torch.Tensor):
+        emb, (s0, s1) = self.model.get_image_embeddings(pixel_values)
+        return emb, s0, s1
+
+
+class Sam2DecoderForOnnx(nn.Module):
+    """SAM 2's prompt embedding, (HQ) mask decoding, the official predictor's selection and the resize to the
+    original size."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+        self.register_buffer("image_pe", model.get_image_wide_positional_embeddings().detach().clone(), persistent=False)
+
+    def forward(self, image_embeddings, high_res_s0, high_res_s1, point_coords, point_labels, mask_input, has_mask_input,
+                orig_im_size, multimask_output, hq_token_only=None):
+        model = self.model
+        pe = model.prompt_encoder
+        sparse = pe.embed_points(point_coords, point_labels, pad=False)[None]  # (1, B, N, C); the caller lays out SAM 2's tokens
+        no_mask = pe.no_mask_embed.weight.view(1, -1, 1, 1)
+        dense = pe.mask_embed(mask_input) * has_mask_input + no_mask * (1 - has_mask_input)  # (1 or B, C, h, w)
+        masks, iou, object_scores = model.mask_decoder(image_embeddings, self.image_pe, sparse, dense[None],
+                                                       [high_res_s0, high_res_s1], model.hq_enabled)
+        low_res, scores = select_masks(masks, iou, multimask_output, hq_token_only if model.hq_enabled else False,
+                                       "token_order", stability=model.stability)
+        low_res, scores = low_res[0], scores[0]  # (B, M, 4h, 4w), (B, M)
+        orig = orig_im_size.to(torch.int64)
+        out = F.interpolate(low_res, size=(orig[0], orig[1]), mode="bilinear", align_corners=False)
+        return out, scores, low_res, object_scores[0]
+
+
+def sam2_decoder_example_inputs(model, num_prompts: int = 2, num_points: int = 3) -> tuple[torch.Tensor, ...]:
+    """Dummy inputs with the shapes `Sam2DecoderForOnnx` takes (used to trace it; hq_token_only only for HQ-SAM 2)."""
+    cfg = model.config
+    g = cfg.prompt_encoder_config.image_embedding_size
+    c = cfg.mask_decoder_config.hidden_size
+    s = cfg.image_size
+    gen = torch.Generator().manual_seed(0)
+    labels = [2.0, 3.0, 1.0, 0.0][:num_points] + [1.0] * max(0, num_points - 4)
+    inputs = (
+        torch.randn(1, c, g, g, generator=gen),
+        torch.randn(1, c // 8, 4 * g, 4 * g, generator=gen),
+        torch.randn(1, c // 4, 2 * g, 2 * g, generator=gen),
+        torch.rand(num_prompts, num_points, 2, generator=gen) * s,
+        torch.tensor([labels] * num_prompts),
+        torch.randn(1, 1, 4 * g, 4 * g, generator=gen),
+        torch.tensor([1.0]),
+        torch.tensor([float(s) * 3 / 4, float(s)]),
+        torch.tensor([1.0]),
+    )
+    return inputs + ((torch.tensor([0.0]),) if model.hq_enabled else ())
+
+
 def decoder_example_inputs(model, num_prompts: int = 2, num_points: int = 3) -> tuple[torch.Tensor, ...]:
     """Dummy decoder inputs with the shapes `DecoderForOnnx` takes (used to trace it)."""
     cfg = model.config
@@ -117,9 +206,12 @@ def decoder_example_inputs(model, num_prompts: int = 2, num_points: int = 3) -> 
 
 def _fp32_copy(model):
     if not hasattr(model, "mask_decoder") or not hasattr(model, "vision_encoder"):
-        raise TypeError(f"export_onnx needs a SamHQModel (or a checkpoint path), got {type(model).__name__}")
-    if not getattr(model, "hq_enabled", True):
+        raise TypeError(f"export_onnx needs a SamHQModel or SamHQ2Model (or a checkpoint path), got {type(model).__name__}")
+    sam2 = isinstance(model, SamHQ2Model)
+    if not sam2 and not getattr(model, "hq_enabled", True):
         raise ValueError("ONNX export needs SAM-HQ weights; this model was loaded from a plain SAM checkpoint")
+    if sam2 and not model.config.mask_decoder_config.use_high_res_features:
+        raise ValueError("ONNX export of SAM 2 needs a config with high-resolution features (every released model has them)")
     if any(type(m).__module__.startswith("torch.ao.nn.quantized") for m in model.modules()):
         raise ValueError("cannot export an int8-quantized model; export the fp32 model (onnxruntime has its own quantizer)")
     # the plain forms (samhq.modeling.fast_paths' in-place and chunked forms do not trace to one graph)
@@ -142,10 +234,10 @@ def check_standard_ops(path: str | Path, opset: int = OPSET) -> list[str]:
 
 def export_onnx(model, out_dir: str | Path, *, encoder: bool = True, decoder: bool = True, opset: int = OPSET,
                 overwrite: bool = False) -> dict[str, Path]:
-    """Export `model` (a SamHQModel or anything `SamHQModel.from_pretrained` loads) to `out_dir`.
+    """Export `model` (a SamHQModel or SamHQ2Model, or any checkpoint `samhq.load_model` loads) to `out_dir`.
 
-    Writes encoder.onnx, decoder.onnx and samhq_onnx.json (sizes and the model config, read by
-    `OnnxPredictor`). Returns {"encoder": path, "decoder": path, "meta": path} for what was written.
+    Writes encoder.onnx, decoder.onnx and samhq_onnx.json (family, sizes and the model config, read by
+    `OnnxEngine`). Returns {"encoder": path, "decoder": path, "meta": path} for what was written.
     """
     try:
         import onnx  # noqa: F401
@@ -155,9 +247,6 @@ def export_onnx(model, out_dir: str | Path, *, encoder: bool = True, decoder: bo
         raise ValueError("nothing to export: encoder and decoder are both disabled")
     if opset < 17:
         raise ValueError(f"opset {opset} is too old: LayerNormalization needs opset 17 or newer")
-    if isinstance(model, (str, Path)):
-        model = SamHQModel.from_pretrained(model)
-    model = _fp32_copy(model)
     out_dir = Path(out_dir)
     targets = {"meta": out_dir / META_FILE}
     if encoder:
@@ -170,30 +259,46 @@ def export_onnx(model, out_dir: str | Path, *, encoder: bool = True, decoder: bo
             raise FileExistsError(f"{existing[0]} already exists; pass overwrite=True (--force) to replace it")
     if out_dir.exists() and not out_dir.is_dir():
         raise ValueError(f"{out_dir} is a file; give a directory to write the ONNX models into")
+    if isinstance(model, (str, Path)):
+        model = load_model(model)
+    model = _fp32_copy(model)
+    sam2 = isinstance(model, SamHQ2Model)
     out_dir.mkdir(parents=True, exist_ok=True)
 
     cfg = model.config
-    s = cfg.vision_config.image_size
+    s = cfg.image_size if sam2 else cfg.vision_config.image_size
+    if sam2:
+        enc, enc_out = Sam2EncoderForOnnx(model), SAM2_ENCODER_OUTPUTS
+        dec, dec_args = Sam2DecoderForOnnx(model), sam2_decoder_example_inputs(model)
+        dec_in = SAM2_DECODER_INPUTS[:len(dec_args)]
+        dec_out = SAM2_DECODER_OUTPUTS
+        masks_axes = {0: "num_prompts", 1: "num_masks", 2: "height", 3: "width"}
+        extra_axes = {"iou_predictions": {0: "num_prompts", 1: "num_masks"}, "low_res_masks": {0: "num_prompts", 1: "num_masks"},
+                      "object_score_logits": {0: "num_prompts"}}
+    else:
+        enc, enc_out = EncoderForOnnx(model), ENCODER_OUTPUTS
+        dec, dec_args, dec_in, dec_out = DecoderForOnnx(model), decoder_example_inputs(model), DECODER_INPUTS, DECODER_OUTPUTS
+        masks_axes = {0: "num_prompts", 2: "height", 3: "width"}
+        extra_axes = {"iou_predictions": {0: "num_prompts"}, "low_res_masks": {0: "num_prompts"}}
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation and tracer notes
         if encoder:
             torch.onnx.export(
-                EncoderForOnnx(model), (torch.zeros(1, 3, s, s),), str(targets["encoder"]), dynamo=False,
-                opset_version=opset, input_names=ENCODER_INPUTS, output_names=ENCODER_OUTPUTS,
+                enc, (torch.zeros(1, 3, s, s),), str(targets["encoder"]), dynamo=False,
+                opset_version=opset, input_names=ENCODER_INPUTS, output_names=enc_out,
                 do_constant_folding=True,
             )
         if decoder:
             torch.onnx.export(
-                DecoderForOnnx(model), decoder_example_inputs(model), str(targets["decoder"]), dynamo=False,
-                opset_version=opset, input_names=DECODER_INPUTS, output_names=DECODER_OUTPUTS,
+                dec, dec_args, str(targets["decoder"]), dynamo=False,
+                opset_version=opset, input_names=dec_in, output_names=dec_out,
                 do_constant_folding=True,
                 dynamic_axes={
                     "point_coords": {0: "num_prompts", 1: "num_points"},
                     "point_labels": {0: "num_prompts", 1: "num_points"},
                     "mask_input": {0: "num_mask_inputs"},
-                    "masks": {0: "num_prompts", 2: "height", 3: "width"},
-                    "iou_predictions": {0: "num_prompts"},
-                    "low_res_masks": {0: "num_prompts"},
+                    "masks": masks_axes,
+                    **extra_axes,
                 },
             )
     for key in ("encoder", "decoder"):
@@ -203,12 +308,15 @@ def export_onnx(model, out_dir: str | Path, *, encoder: bool = True, decoder: bo
     meta = {
         "format": "samhq-onnx",
         "format_version": FORMAT_VERSION,
+        "family": "sam2" if sam2 else "sam",
+        "hq": bool(model.hq_enabled),
         "opset": opset,
         "image_size": s,
         "embedding_size": g,
         "low_res_size": 4 * g,
         "mask_threshold": 0.0,
-        "fingerprint": model_fingerprint(model, hq_fusion=True),  # what made the encoder's outputs (embedding files)
+        # what made the encoder's outputs (embedding files); SAM 2's are the torch engine's very features
+        "fingerprint": model_fingerprint(model) if sam2 else model_fingerprint(model, hq_fusion=True),
         "config": cfg.to_dict(),
     }
     targets["meta"].write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")

@@ -7,22 +7,11 @@ resulting masks a caller gets is `mask_selection.select_masks`'s business.
 import torch
 from torch import nn
 
+from ..checkpoints import HQ_MODULES, is_hq_parameter  # noqa: F401 - the HQ parameter list, defined once
 from ..config import SamHQMaskDecoderConfig
 from . import fast_paths
 from .common import FastPathModule, FeedForward, LayerNorm2d, gelu
 from .two_way_transformer import TwoWayTransformer
-
-# The mask decoder's submodules that SAM-HQ adds to SAM (official names: hf_token, hf_mlp,
-# compress_vit_feat, embedding_encoder, embedding_maskfeature): what the paper trains, and what a
-# plain SAM checkpoint lacks.
-HQ_MODULES = ("hq_token", "hq_mask_mlp", "compress_vit_conv1", "compress_vit_norm", "compress_vit_conv2",
-              "encoder_conv1", "encoder_norm", "encoder_conv2", "mask_conv1", "mask_norm", "mask_conv2")
-
-
-def is_hq_parameter(name: str) -> bool:
-    """True for a model parameter or buffer name that belongs to SAM-HQ's additions (`mask_decoder.<HQ module>.`)."""
-    parts = name.split(".")
-    return len(parts) > 2 and parts[0] == "mask_decoder" and parts[1] in HQ_MODULES
 
 
 class MaskDecoder(FastPathModule):

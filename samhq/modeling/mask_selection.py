@@ -41,7 +41,8 @@ def canonical_selection(selection: str) -> str:
 
 def _gather(masks, iou, index):
     """Tokens `index` (B, P, M) of masks (B, P, K, H, W) and iou (B, P, 4)."""
-    return masks.gather(2, index[..., None, None].expand(*index.shape, *masks.shape[-2:])), iou.gather(2, index)
+    # -1 keeps the leading sizes those of `index` (dynamic in an exported graph)
+    return masks.gather(2, index[..., None, None].expand(-1, -1, -1, *masks.shape[-2:])), iou.gather(2, index)
 
 
 def _sam_masks(masks, iou, multimask_output: bool, selection: str, stability):
@@ -78,7 +79,9 @@ def select_masks(
     "best" (one mask either way). `sam_token_only` leaves the HQ mask out (SAM's own masks, for
     evaluation against the HQ token). Returns masks (B, P, M, H, W) and scores (B, P, M'): M = M' = 3
     for "sorted" and "token_order" with multimask_output, else 1, except that the HQ mask alone
-    (hq_token_only) is M = 1 with the selected SAM masks' M' scores.
+    (hq_token_only) is M = 1 with the selected SAM masks' M' scores. With tensor switches and
+    "sorted" / "token_order" both choices are computed with three slots and the returned ones are cut
+    to that count (a dynamic size in an exported graph).
     Raises ValueError for hq_token_only without an HQ mask, and for unknown selections.
     """
     selection = canonical_selection(selection)
@@ -88,18 +91,26 @@ def select_masks(
         raise ValueError("hq_token_only=True needs the HQ token, but this model was loaded without HQ weights")
     if sam_token_only and hq_flag:
         raise ValueError("sam_token_only and hq_token_only exclude each other")
+    count = None  # the number of masks to keep, a tensor, when it depends on a tensor switch
     if isinstance(multimask_output, torch.Tensor):
-        if selection != "best":
-            raise ValueError("a tensor multimask_output switch needs selection='best' (one mask either way)")
         on = multimask_output.reshape(()) > 0.5
         multi, multi_scores = _sam_masks(masks, iou_scores, True, selection, stability)
         single, single_scores = _sam_masks(masks, iou_scores, False, selection, stability)
+        if selection != "best":  # 3 masks or 1: pad the single one to 3 slots, keep `count`
+            single, single_scores = single.expand_as(multi), single_scores.expand_as(multi_scores)
+            count = torch.where(on, torch.tensor(multi.shape[2]), torch.tensor(1))
         sam, scores = torch.where(on, multi, single), torch.where(on, multi_scores, single_scores)
+        if count is not None:
+            sam, scores = sam[:, :, :count], scores[:, :, :count]
     else:
         sam, scores = _sam_masks(masks, iou_scores, multimask_output, selection, stability)
     if sam_token_only or not has_hq:
         return sam, scores
     hq = masks[:, :, -1:]
     if isinstance(hq_token_only, torch.Tensor):
-        return torch.where(hq_token_only.reshape(()) > 0.5, hq, sam + hq), scores
+        hq_on = hq_token_only.reshape(()) > 0.5
+        out = torch.where(hq_on, hq.expand_as(sam), sam + hq)
+        if selection != "best":  # the HQ mask alone is one mask
+            out = out[:, :, :torch.where(hq_on, torch.tensor(1), count if count is not None else torch.tensor(sam.shape[2]))]
+        return out, scores
     return (hq if hq_token_only else sam + hq), scores

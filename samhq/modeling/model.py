@@ -327,9 +327,13 @@ def model_fingerprint(model, hq_fusion: bool = False) -> str:
     """
     h = hashlib.sha256(model.config.vision_config.to_json_string().encode())
     state = {f"vision_encoder.{k}": v for k, v in model.vision_encoder.state_dict().items()}
+    # weights outside the encoder that the saved features also depend on (SAM 2: the high-resolution
+    # projections and the no-memory embedding; see the model's `embedding_parameters`)
+    prefixes = tuple(getattr(model, "embedding_parameters", ()))
     if hq_fusion:
-        state.update({k: v for k, v in model.state_dict().items()
-                      if k.startswith(("mask_decoder.encoder_", "mask_decoder.compress_vit_"))})
+        prefixes += ("mask_decoder.encoder_", "mask_decoder.compress_vit_")
+    if prefixes:
+        state.update({k: v for k, v in model.state_dict().items() if k.startswith(prefixes)})
     for name, t in state.items():
         flat = t.detach().flatten()
         flat = flat[:: max(1, flat.numel() // 256)][:256].cpu()
@@ -341,11 +345,6 @@ def model_fingerprint(model, hq_fusion: bool = False) -> str:
 
 
 
-def load_model(source, device=None, dtype=None, strict_hq: bool = False) -> SamHQModel:
-    """`SamHQModel.from_pretrained(source, ...)`."""
-    return SamHQModel.from_pretrained(source, device=device, dtype=dtype, strict_hq=strict_hq)
-
-
 def save_pretrained(model, directory, safe_serialization: bool = True) -> Path:
     """`model.save_pretrained(directory)`: config.json + model.safetensors (transformers layout)."""
     return model.save_pretrained(directory, safe_serialization=safe_serialization)
@@ -355,17 +354,6 @@ def save_official(model, path, overwrite: bool = False) -> Path:
     """Write an official-format `.pth` state dict (loadable by `segment_anything_hq`)."""
     state = {k: v for k, v in model.state_dict().items() if getattr(model, "hq_enabled", True) or not is_hq_parameter(k)}
     return checkpoints.write_official(state, path, overwrite=overwrite)
-
-
-def convert(src, dst, overwrite: bool = False) -> Path:
-    """Convert between layouts: DST ending in .pth / .pt -> official; otherwise a transformers-layout folder."""
-    model = load_model(src)
-    dst = Path(dst)
-    if dst.suffix in (".pth", ".pt"):
-        return save_official(model, dst, overwrite=overwrite)
-    if dst.exists() and any(dst.iterdir()) and not overwrite:
-        raise FileExistsError(f"{dst} exists and is not empty; pass --force to write into it")
-    return model.save_pretrained(dst)
 
 
 def _check_pixels(pixel_values: torch.Tensor, image_size: int) -> None:

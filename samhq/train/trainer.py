@@ -1,8 +1,15 @@
-"""Training SAM-HQ: recipes, the training step, exact checkpoint/resume and torch.distributed.
+"""Training SAM-HQ and HQ-SAM 2: recipes, the training step, exact checkpoint/resume and torch.distributed.
+
+The same trainer takes a `SamHQModel` (SAM-HQ, SAM) or a `SamHQ2Model` (HQ-SAM 2, SAM 2.1). What the
+family changes is the image frame (SAM-HQ: longest side resized and padded; SAM 2: a square resize)
+and the per-image features the decoder takes (SAM-HQ: the embedding and the early ViT features fused
+by the HQ branch; SAM 2: the FPN levels, from which the embedding and the high-resolution features
+are derived inside the step, so `conv_s0` / `conv_s1` train with the decoder recipe).
 
 Recipes (which parameters train):
   "hq"      the paper's: everything frozen except the HQ token, its MLP and the fusion convolutions
-            (official `hf_token`, `hf_mlp`, `compress_vit_feat`, `embedding_encoder`, `embedding_maskfeature`);
+            (official `hf_token`, `hf_mlp`, `compress_vit_feat`, `embedding_encoder`, `embedding_maskfeature`;
+            HQ-SAM 2 has the first two and `embedding_maskfeature`): `samhq.checkpoints.is_hq_parameter`;
   "decoder" the whole mask decoder (SAM tokens and HQ parts), encoders frozen;
   "full"    everything (small models from scratch).
 Outputs (which masks get a loss): "hq" the HQ mask alone (as the official training), "sam" the SAM
@@ -28,10 +35,11 @@ import torch
 from torch import distributed as dist
 from torch import nn
 
+from ..checkpoints import HQ_MODULES, is_hq_parameter
 from ..data.synthetic import coarsen
 from ..modeling.common import FeedForward
 from ..modeling.losses import iou_prediction_loss, mask_losses
-from ..modeling.mask_decoder import is_hq_parameter
+from ..modeling.sam2.model import SamHQ2Model
 from .data import labels_at, preprocess_image, preprocess_masks
 from .prompts import KINDS, sample_prompts
 
@@ -156,6 +164,19 @@ def init_weights(model: nn.Module, seed: int = 0) -> nn.Module:
     return model
 
 
+def init_hq_parameters(model: nn.Module, seed: int = 0) -> nn.Module:
+    """Initialise the HQ parts (`samhq.checkpoints.HQ_MODULES` of the mask decoder) as `init_weights` does,
+    norms to weight 1 and bias 0; everything else is left as it is. For training HQ parts from a plain
+    SAM / SAM 2 checkpoint, whose loader leaves them zero."""
+    parts = nn.ModuleDict({n: m for n, m in model.mask_decoder.named_children() if n in HQ_MODULES})
+    init_weights(parts, seed)
+    with torch.no_grad():
+        for name, p in parts.named_parameters():
+            if "norm" in name.split(".")[0]:
+                p.fill_(1.0 if name.endswith("weight") else 0.0)
+    return model
+
+
 def lr_factor(step: int, steps: int, warmup: int, min_ratio: float) -> float:
     """Linear warm-up to 1 over `warmup` steps, then cosine decay to `min_ratio` at `steps`."""
     if step < warmup:
@@ -198,8 +219,11 @@ class Trainer:
         self.device = torch.device(device) if device is not None else model.device
         self.model.to(self.device)
         if config.outputs in ("hq", "both") and not getattr(model, "hq_enabled", True):
-            # a plain SAM checkpoint: train its (freshly initialised) HQ parts, as the paper starts from SAM
+            # a plain SAM / SAM 2 checkpoint: train its HQ parts, as the paper starts from SAM (the loader left
+            # them zero, where no gradient would reach the inner layers: initialise them first)
             model.hq_enabled = True
+            if all(not p.any() for n, p in model.named_parameters() if is_hq_parameter(n)):
+                init_hq_parameters(model, config.seed)
         self.trainable = set_trainable(model, config.recipe)
         if not self.trainable:
             raise ValueError(f"recipe {config.recipe!r} leaves nothing to train in this model")
@@ -215,7 +239,8 @@ class Trainer:
         )
         self.step = 0
         cfg = model.config
-        self.image_size = cfg.vision_config.image_size
+        self.sam2 = isinstance(model, SamHQ2Model)
+        self.image_size = cfg.image_size if self.sam2 else cfg.vision_config.image_size
         self.mask_size = 4 * cfg.prompt_encoder_config.image_embedding_size
         self.label_size = config.label_size or min(self.image_size, 2 * self.mask_size)
         self.frozen_encoder = config.recipe != "full"
@@ -248,28 +273,43 @@ class Trainer:
             masks = [masks[i] for i in keep]
         if self.config.targets == "coarse":
             masks = [coarsen(m, self.config.coarse_radius, self.config.coarse_factor) for m in masks]
-        return preprocess_image(item["image"], self.image_size), preprocess_masks(masks, self.image_size)
+        square = self.sam2  # SAM 2's frame: the image resized to a square, aspect ratio not kept
+        return (preprocess_image(item["image"], self.image_size, square=square),
+                preprocess_masks(masks, self.image_size, square=square))
 
-    def _embed(self, indices, pixels):
-        """Image embeddings (B, C, h, w) and early features (B, h, w, Cv).
+    def _encode(self, pixels: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """The image encoder's outputs the decoder side starts from, batch first: SAM-HQ's image embeddings
+        (B, C, h, w) and early features (B, h, w, Cv); SAM 2's three FPN levels."""
+        if self.sam2:
+            return tuple(self.model.encode(pixels))
+        emb, inter = self.model.vision_encoder(pixels)
+        return emb, inter[0]
 
-        With grad for the full recipe; otherwise without grad, one image at a time (so the result never
-        depends on the batch's make-up) and kept in a cache when `cache_embeddings` is set.
-        """
+    def _embed(self, indices, pixels) -> tuple[torch.Tensor, ...]:
+        """`_encode` for a batch: with grad for the full recipe; otherwise without grad, one image at a time (so
+        the result never depends on the batch's make-up) and kept in a cache when `cache_embeddings` is set."""
         if not self.frozen_encoder:
-            emb, inter = self.model.vision_encoder(pixels.to(self.device))
-            return emb, inter[0]
+            return self._encode(pixels.to(self.device))
         out = []
         for idx, x in zip(indices, pixels):
             value = self.cache.get(idx)
             if value is None:
                 with torch.no_grad():
-                    emb, inter = self.model.vision_encoder(x[None].to(self.device))
-                value = (emb[0].float(), inter[0][0].float())
+                    value = tuple(t[0].float() for t in self._encode(x[None].to(self.device)))
                 if self.config.cache_embeddings:
                     self.cache[idx] = value
             out.append(value)
-        return torch.stack([v[0] for v in out]), torch.stack([v[1] for v in out])
+        return tuple(torch.stack(parts) for parts in zip(*out))
+
+    def _image_inputs(self, encoded: tuple[torch.Tensor, ...], want_hq: bool):
+        """The per-image half of decoding, with autograd (what trains there does get gradients): a function
+        i -> the image arguments of the model's `predict_all` for image i of the batch."""
+        if self.sam2:
+            emb, high_res = self.model.embeddings_from_features(list(encoded))
+            return lambda i: (emb[i:i + 1], [h[i:i + 1] for h in high_res])
+        emb, early = encoded
+        hq_feat = self.model.mask_decoder.hq_features(emb, early) if want_hq else None
+        return lambda i: (emb[i:i + 1], None if hq_feat is None else hq_feat[i:i + 1])
 
     def _autocast(self):
         return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.config.bf16)
@@ -287,13 +327,12 @@ class Trainer:
         want_hq, want_sam = c.outputs in ("hq", "both"), c.outputs in ("sam", "both")
         mask_terms, iou_terms = [], []
         with self._autocast():
-            emb, early = self._embed(indices, pixels)
-            hq_feat = self.model.mask_decoder.hq_features(emb, early) if want_hq else None
+            image_inputs = self._image_inputs(self._embed(indices, pixels), want_hq)
             for i, (rng, (_, frame_masks)) in enumerate(zip(rngs, samples)):
                 kind = KINDS[int(rng.choice(3, p=np.asarray(c.prompt_mix) / sum(c.prompt_mix)))]
                 prompts = sample_prompts(frame_masks, kind, rng, self.mask_size, c.max_points, c.box_noise)
                 prompts = {k: v.to(self.device) for k, v in prompts.items()}
-                masks, iou = self.model.predict_all(emb[i:i + 1], None if hq_feat is None else hq_feat[i:i + 1], **prompts)
+                masks, iou = self.model.predict_all(*image_inputs(i), **prompts)[:2]
                 masks, iou = masks[0].float(), iou[0].float()  # (P, K, h, w), (P, 4)
                 labels = labels_at(frame_masks, self.label_size).to(self.device)
                 p = labels.shape[0]

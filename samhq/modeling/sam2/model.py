@@ -17,12 +17,13 @@ import torch
 from torch import nn
 
 from ... import checkpoints_sam2 as ckpt
-from ...checkpoints import CheckpointError
+from ...checkpoints import CheckpointError, check_tensors, is_hq_parameter
 from ...config_sam2 import SamHQ2Config
+from ..common import set_fast_path
+from ..losses import segmentation_loss
 from ..mask_selection import select_masks
 from ..model import ModelOutput
-from ..prompt_encoder import check_prompts
-from ..prompt_encoder import PositionalEmbedding
+from ..prompt_encoder import PositionalEmbedding, check_prompts
 from .hiera import Sam2VisionEncoder
 from .mask_decoder import Sam2MaskDecoder
 from .memory import add_video_modules
@@ -36,8 +37,9 @@ PIXEL_STD = (0.229, 0.224, 0.225)
 @dataclass
 class SamHQ2ImageSegmentationOutput(ModelOutput):
     """iou_scores (B, P, M'), pred_masks (B, P, M, 4h, 4w) low-resolution logits (256 x 256 at 1024 px),
-    object_score_logits (B, P, 1) (> 0: the object is predicted present)."""
+    object_score_logits (B, P, 1) (> 0: the object is predicted present); loss when labels are given."""
 
+    loss: torch.Tensor | None = None
     iou_scores: torch.Tensor | None = None
     pred_masks: torch.Tensor | None = None
     object_score_logits: torch.Tensor | None = None
@@ -69,6 +71,12 @@ class SamHQ2Model(nn.Module):
         # "transformers"), kept for the video model and for writing that layout back; not parameters.
         self.video_state: dict[str, torch.Tensor] = {}
         self.video_layout = "official"
+
+    def set_fast_path(self, enabled: bool = True):
+        """Switch the fast forms of the modules shared with SAM-HQ v1 (`samhq.modeling.fast_paths`; off by default
+        here) on or off; the ONNX export turns them off on its copy. Returns the model."""
+        set_fast_path(self, enabled)
+        return self
 
     @property
     def has_video(self) -> bool:
@@ -115,14 +123,25 @@ class SamHQ2Model(nn.Module):
         Raises ValueError for a wrong pixel_values shape.
         """
         _check_pixels(pixel_values, self.config.image_size)
+        return self.embeddings_from_features(self.encode(pixel_values))
+
+    def encode(self, pixel_values: torch.Tensor) -> list[torch.Tensor]:
+        """The image encoder alone (Hiera + FPN neck), with autograd when enabled: pixel_values (B, 3, S, S) ->
+        the neck's levels [(B, C, S/4, S/4), (B, C, S/8, S/8), (B, C, S/16, S/16)] in the decoder's dtype."""
         features, _ = self.vision_encoder(pixel_values.to(self.encoder_dtype))
-        features = [f.to(self.dtype) for f in features]
+        return [f.to(self.dtype) for f in features]
+
+    def embeddings_from_features(self, features: list[torch.Tensor]) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """`encode`'s levels -> the image embeddings (B, C, h, w) with `no_memory_embedding` added and the
+        high-resolution features after `conv_s0` / `conv_s1` ([] without them), with autograd when enabled."""
         embeddings = features[-1] + self.no_memory_embedding.view(1, -1, 1, 1)
         high_res = self.mask_decoder.high_res_features(features) if self.config.mask_decoder_config.use_high_res_features else []
         return embeddings, high_res
 
     # The engine interface (samhq.engines.TorchEngine): what a front end needs from a model family.
     saved_features = ("features", "high_res_s0", "high_res_s1")
+    # parameters outside the image encoder that the saved features depend on (`model_fingerprint`)
+    embedding_parameters = ("mask_decoder.conv_s0.", "mask_decoder.conv_s1.", "no_memory_embedding")
 
     @torch.no_grad()
     def embed_image(self, pixel_values: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -203,15 +222,20 @@ class SamHQ2Model(nn.Module):
         multimask_output: bool = True,
         hq_token_only: bool = False,
         mask_selection: str = "token_order",
+        labels: torch.Tensor | None = None,
         **kwargs: Any,
     ) -> SamHQ2ImageSegmentationOutput:
         """Low-resolution masks for B images x P prompts (transformers' `Sam2Model` outputs, + HQ).
 
         Pass pixel_values (B, 3, S, S), or image_embeddings with high_res_features from
         `get_image_embeddings`; prompts as in `predict_all`. multimask_output / hq_token_only /
-        mask_selection ("token_order", "sorted", "best") as in `select_masks`. Extra processor
-        keys (`original_sizes`, `reshaped_input_sizes`) are accepted and ignored. Raises ValueError
-        for malformed inputs.
+        mask_selection ("token_order", "sorted", "best") as in `select_masks`. labels: ground-truth
+        masks in the S x S input frame (B, [P,] S', S') at any resolution S' (the image's masks resized
+        as the image is, without keeping the aspect ratio); the loss is BCE + dice of the best returned
+        mask (`samhq.modeling.losses.segmentation_loss`, as `SamHQModel`), with autograd through
+        the image encoder too when pixel_values are given and grad is enabled. Extra processor keys
+        (`original_sizes`, `reshaped_input_sizes`) are accepted and ignored. Raises ValueError for
+        malformed inputs.
         """
         ignored = {"original_sizes", "reshaped_input_sizes", "return_dict", "output_attentions", "output_hidden_states"}
         unknown = set(kwargs) - ignored
@@ -221,12 +245,22 @@ class SamHQ2Model(nn.Module):
             raise ValueError("pass exactly one of pixel_values and image_embeddings")
         mask_size = 4 * self.config.prompt_encoder_config.image_embedding_size
         check_prompts(input_points, input_labels, input_boxes, input_masks, mask_size)
+        if labels is not None and labels.shape[-1] != labels.shape[-2]:
+            raise ValueError(f"labels of shape {tuple(labels.shape)} are not in the model's square input frame: resize the "
+                             "masks to a square as the image is (SAM 2 does not keep the aspect ratio)")
         if pixel_values is not None:
-            image_embeddings, high_res_features = self.get_image_embeddings(pixel_values)
+            _check_pixels(pixel_values, self.config.image_size)
+            image_embeddings, high_res_features = self.embeddings_from_features(self.encode(pixel_values))
         masks, iou, object_scores = self.predict_all(image_embeddings, high_res_features, input_points, input_labels,
                                                      input_boxes, input_masks)
         pred_masks, scores = self.select_masks(masks, iou, multimask_output, hq_token_only, mask_selection)
-        return SamHQ2ImageSegmentationOutput(iou_scores=scores, pred_masks=pred_masks, object_score_logits=object_scores)
+        loss = segmentation_loss(pred_masks, labels) if labels is not None else None
+        return SamHQ2ImageSegmentationOutput(loss=loss, iou_scores=scores, pred_masks=pred_masks,
+                                             object_score_logits=object_scores)
+
+    def hq_parameter_names(self) -> list[str]:
+        """Names of the parameters HQ-SAM 2 adds to SAM 2 (what its HQ-only recipe trains; `is_hq_parameter`)."""
+        return [n for n, _ in self.named_parameters() if is_hq_parameter(n)]
 
     # -- checkpoints -------------------------------------------------------------------------------
 
@@ -238,7 +272,7 @@ class SamHQ2Model(nn.Module):
     def _state_to_save(self) -> dict[str, torch.Tensor]:
         state = {k: v for k, v in self.state_dict().items() if not ckpt.is_our_video_key(k)}
         if not self.hq_enabled:  # plain SAM 2 stays plain SAM 2 when reloaded
-            state = {k: v for k, v in state.items() if not k.startswith(ckpt.HQ_PREFIXES)}
+            state = {k: v for k, v in state.items() if not ckpt.is_hq_parameter(k)}
         return state
 
     def _video_state(self, layout: str) -> dict[str, torch.Tensor]:
@@ -294,10 +328,11 @@ def load_sam2_model(source, device=None, dtype=None, config: SamHQ2Config | None
         model = SamHQ2Model(config)
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     has_hq = ckpt.check_state(state, expected, str(read.path), config.variant or "custom")
+    check_tensors(state, str(read.path))  # no integer or NaN weights (as SAM-HQ v1's loader)
     model.to_empty(device="cpu")
     state = {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
     if not has_hq:
-        state.update({k: torch.zeros(s) for k, s in expected.items() if k.startswith(ckpt.HQ_PREFIXES)})
+        state.update({k: torch.zeros(s) for k, s in expected.items() if ckpt.is_hq_parameter(k)})
     model.load_state_dict(state)
     model.hq_enabled = has_hq
     model.video_state, model.video_layout = kept_aside, read.layout
