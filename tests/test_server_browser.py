@@ -125,13 +125,13 @@ def test_labelling_objects_and_downloads(page, tmp_path):
     from pycocotools.coco import COCO
     from selenium.webdriver.common.action_chains import ActionChains
     from selenium.webdriver.common.keys import Keys
+    from test_tiles import scene
 
     from samhq.formats import read_labelme, read_yolo
 
-    from test_tiles import scene
-
     driver, _, _ = page
-    image, (a, b, c) = scene(96, 128, [("ellipse", (8, 10, 48, 50), (220, 60, 40)), ("rectangle", (70, 20, 118, 60), (40, 200, 60)),
+    image, (a, b, c) = scene(96, 128, [("ellipse", (8, 10, 48, 50), (220, 60, 40)),
+                                       ("rectangle", (70, 20, 118, 60), (40, 200, 60)),
                                        ("ellipse", (30, 62, 70, 90), (60, 60, 220))], seed=5)
     path = tmp_path / "shapes.png"
     Image.fromarray(image).save(path)

@@ -164,7 +164,8 @@ def test_tiled_uploads(tmp_path):
     from samhq.modeling.model import SamHQModel
     from samhq.tiles import TiledPredictor
 
-    image, masks = scene(300, 520, [("ellipse", (200, 40, 330, 140), (200, 60, 40)), ("rectangle", (20, 180, 90, 260), (40, 60, 200))])
+    image, masks = scene(300, 520, [("ellipse", (200, 40, 330, 140), (200, 60, 40)),
+                                    ("rectangle", (20, 180, 90, 260), (40, 60, 200))])
     model = SamHQModel.from_pretrained("samhq-tiny-shapes").eval()
     limits = Limits(max_pixels=100_000)  # 520 x 300 = 156,000: whole-image segmentation refuses it
     tiled = TestClient(create_app(model, limits=limits, tiles={"overlap": 64}, max_images=2), base_url="http://127.0.0.1:8000")

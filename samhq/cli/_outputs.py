@@ -322,8 +322,10 @@ def format_outputs(out: OutputFolder, image: dict, formats, geo_formats, categor
     """
     from ..formats import image_files
 
-    files = {out.folder / rel: data_writer(data) for rel, data in
-             image_files(image, formats, categories, out_dir=out.folder, tolerance=tolerance, min_area=min_area).items()}
+    files = {}
+    if formats:
+        files = {out.folder / rel: data_writer(data) for rel, data in
+                 image_files(image, formats, categories, out_dir=out.folder, tolerance=tolerance, min_area=min_area).items()}
     georeferenced = raster is not None and getattr(raster, "crs", None) is not None
     if geo_formats and not georeferenced:
         raise ValueError(f"{' and '.join(geo_formats)} need a georeferenced raster (a GeoTIFF with a CRS, read with "
