@@ -165,3 +165,27 @@ def test_a_killed_run_resumed_writes_the_same_files(many, tmp_path):
     results = json.loads((out / "results.json").read_text())
     assert [r["image_id"] for r in results] == [f"im{i}.png" for i in range(8) for _ in range(2)]
     assert [r.get("prompt_id") for r in results][1::2] == list(range(100, 108))
+
+
+def test_prompt_files_in_tiles(dets, tmp_path, capsys):
+    """--tiles: the records of `samhq.prompt_files` with a TiledPredictor (128-px tiles on 256-px images)."""
+    import torch
+
+    from samhq.modeling.model import SamHQModel
+    from samhq.prompt_files import iter_prompt_results, read_prompts
+    from samhq.tiles import TiledPredictor
+
+    root, _, _ = dets
+    out = tmp_path / "out"
+    assert main(["segment", str(root / "gt.json"), "--image-dir", str(root / "img"), "--prompts", str(root / "dets.json"),
+                 "--out", str(out), "--model", NAME, "--threads", "1", "--tiles", "--tile-size", "128", "--overlap", "32"]) == 0
+    capsys.readouterr()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        tp = TiledPredictor(SamHQModel.from_pretrained(NAME).eval(), tile_size=128, overlap=32)
+        entries = read_prompts(root / "dets.json", root / "gt.json", image_dir=root / "img")
+        want = [r for _, records, _ in iter_prompt_results(tp, entries) for r in records]
+    finally:
+        torch.set_num_threads(threads)
+    assert json.loads((out / "results.json").read_text()) == json.loads(json.dumps(want))

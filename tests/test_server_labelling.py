@@ -197,3 +197,16 @@ def test_tiled_uploads(tmp_path):
                         base_url="http://127.0.0.1:8000")
     r = capped.post("/api/images", files={"file": ("big.png", png_bytes(image), "image/png")})
     assert r.status_code == 413 and "0.156 MP, over the limit of 0.15 MP (max_tiled_pixels)" in r.json()["detail"]
+
+
+def test_export_keeps_the_servers_exposure_rules(labelled):
+    """/api/export is a POST like the others: other sites' pages and foreign Host names are refused."""
+    client, image_id, objects, _ = labelled
+    body = {"image_id": image_id, "format": "coco", "objects": objects}
+    r = client.post("/api/export", json=body, headers={"origin": "https://evil.example"})
+    assert r.status_code == 403 and "cross-origin" in r.json()["detail"]
+    r = client.post("/api/export", json=body, headers={"sec-fetch-site": "cross-site"})
+    assert r.status_code == 403
+    r = client.post("/api/export", json=body, headers={"host": "evil.example"})
+    assert r.status_code == 400 and "is not allowed" in r.json()["detail"]
+    assert client.post("/api/export", json=body, headers={"origin": "http://127.0.0.1:8000"}).status_code == 200
