@@ -391,10 +391,10 @@ class TiledPredictor:
     Arguments: model (a `SamHQModel` or a `SamHQPredictor`); tile_size in native pixels (default: the
     model's input size; windows are resized to the input size, so a smaller tile looks closer);
     overlap in pixels (0..tile_size/2, default tile_size // 4); cache_bytes, the memory kept for
-    window embeddings (default 1 GiB; least recently used dropped); cache, instead, a
-    `samhq.predictor.EmbeddingCache` shared with other tiled predictors (e.g. one per image in a
-    server: windows are keyed by `set_image`'s key, so one memory bound covers every image); embed, "lazy" (a window is
-    embedded when a prompt first needs it) or "eager" (every window of every level in `set_image`);
+    window embeddings (default 1 GiB; least recently used dropped); cache, instead of that, a
+    `samhq.predictor.EmbeddingCache` the caller owns (e.g. the server's, for all its tiled images:
+    windows are keyed by `set_image`'s key, so one memory bound covers every image); embed, "lazy" (a
+    window is embedded when a prompt first needs it) or "eager" (every window of every level in `set_image`);
     refine, how a mask from a coarse level is refined at native resolution (module docstring):
     "box" (default: each level-0 window is prompted with the object's box clipped to it), "box+mask"
     (the coarse mask as well; as good on the thin-structure benchmark, slower: docs/notes/scale.md)

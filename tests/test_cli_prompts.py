@@ -10,7 +10,6 @@ import subprocess
 import sys
 import time
 
-import numpy as np
 import pytest
 from PIL import Image
 from test_prompt_files import detection_set
@@ -100,7 +99,8 @@ def test_categories_from_the_coco_file(dets, tmp_path, capsys):
     yaml = pytest.importorskip("yaml")
     assert yaml.safe_load((out / "yolo" / "data.yaml").read_text())["names"] == {0: "ball", 1: "box"}
     assert main(["segment", str(tmp_path / "gt.json"), "--image-dir", str(root / "img"), "--prompts", str(root / "dets.json"),
-                 "--out", str(tmp_path / "o2"), "--model", NAME, "--threads", "1", "--format", "coco", "--category", "thing"]) == 0
+                 "--out", str(tmp_path / "o2"), "--model", NAME, "--threads", "1", "--format", "coco",
+                 "--category", "thing"]) == 0
     coco = json.loads((tmp_path / "o2" / "coco" / "instances.json").read_text())
     assert coco["categories"][0]["name"] == "thing" and {a["category_id"] for a in coco["annotations"]} == {1}
     capsys.readouterr()
@@ -111,9 +111,10 @@ def test_prompt_file_errors(dets, tmp_path, capsys):
     base = ["segment", str(root / "img"), "--model", NAME]
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps([{"image_id": 1, "bbox": [1, 2, 3], "score": 0.5}]))
+    out = ["--out", str(tmp_path / "o")]
     for extra, text in ((["--prompts", str(root / "dets.json")], "give it with --out DIR"),
-                        (["--prompts", str(root / "dets.json"), "--out", str(tmp_path / "o"), "--json", "x"], "--out is a folder"),
-                        (["--prompts", str(root / "dets.json"), "--out", str(tmp_path / "o"), "--box", "1,1,5,5"], "not both"),
+                        (["--prompts", str(root / "dets.json"), *out, "--json", "x"], "--out is a folder"),
+                        (["--prompts", str(root / "dets.json"), *out, "--box", "1,1,5,5"], "not both"),
                         (["--prompts", str(bad), "--out", str(tmp_path / "o")], "entry 0 (image_id 1): bbox must be")):
         assert main(base + extra) == 2
         err = capsys.readouterr().err.strip()

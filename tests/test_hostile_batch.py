@@ -23,8 +23,8 @@ from test_automatic import tiny_256_model
 from test_predictor import make_image
 
 from samhq.automatic import SamHQAutomaticMaskGenerator
-from samhq.cli import main
 from samhq.cli import _outputs as O
+from samhq.cli import main
 from samhq.masks import coco_to_mask
 
 NO_GRAD = True
