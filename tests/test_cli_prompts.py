@@ -103,6 +103,8 @@ def test_categories_from_the_coco_file(dets, tmp_path, capsys):
                  "--category", "thing"]) == 0
     coco = json.loads((tmp_path / "o2" / "coco" / "instances.json").read_text())
     assert coco["categories"][0]["name"] == "thing" and {a["category_id"] for a in coco["annotations"]} == {1}
+    results = json.loads((tmp_path / "o2" / "results.json").read_text())  # the COCO results keep the detector's ids
+    assert {r["category_id"] for r in results} == {1, 2}
     capsys.readouterr()
 
 

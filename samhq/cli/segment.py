@@ -201,15 +201,16 @@ class _Object:
 
 
 def _categories(args, ids, found: dict | None = None):
-    """(categories for samhq.formats, a function mapping an object's category_id to the id written)."""
+    """The categories for samhq.formats: --category NAME (every mask's class, whatever its category_id),
+    --categories ID=NAME,..., a COCO file's own names (`found`), else a name per category_id in `ids`."""
     if args.category is not None and args.categories is not None:
         raise ValueError("give --category NAME or --categories ID=NAME,..., not both")
     if args.category is not None:
-        return args.category, (lambda cid: 1)
+        return args.category
     cats = O.category_map(None, args.categories, found)
     if cats == "object" or not cats:
         cats = {cid: "object" if cid == 1 else f"category {cid}" for cid in sorted(set(ids) | {1})}
-    return cats, (lambda cid: cid)
+    return cats
 
 
 # ---------------------------------------------------------------------------------------------
@@ -412,16 +413,14 @@ def _write_folder(args, formats, objects, rgb, source, raster, height, width) ->
     if fmts and "json" not in own:
         own = ["json", *own]
     name = Path(args.input).stem
-    cats, cid = _categories(args, [o.category_id for o in objects])
+    cats = _categories(args, [o.category_id for o in objects])
     masks = [{"score": o.score, "bbox": o.bbox(), "area": int(o.mask.sum()), "prompt": o.prompt,
-              "category_id": cid(o.category_id), "segmentation": o.coco()} for o in objects]
+              "category_id": o.category_id, "segmentation": o.coco()} for o in objects]
     doc = {"image": str(args.input), "height": int(height), "width": int(width), "model": str(args.model),
            "multimask": args.multimask, "hq_token_only": args.hq_token_only, "masks": masks}
     with O.OutputFolder(args.out, COMMAND) as out:
         writer = _ImageWriter(args, out, own, fmts, geo, cats)
         refuse_overwrite(writer.paths(name), args.force)
-        for o in objects:
-            o.category_id = cid(o.category_id)
         writer.write(name, doc, [o.crop() for o in objects] if source is not None else None,
                      _full_rgb(rgb, source) if "png" in own else None, raster)
         writer.write_dataset()
@@ -441,6 +440,10 @@ class _ImageWriter:
 
     def __init__(self, args, out: O.OutputFolder, own, formats, geo, categories):
         self.args, self.out, self.own, self.formats, self.geo, self.categories = args, out, own, formats, geo, categories
+
+    def category(self, category_id: int) -> int:
+        """The id a mask's category_id has in the formats (with --category NAME every mask is that one class)."""
+        return 1 if isinstance(self.categories, str) else int(category_id)
 
     def paths(self, name: str) -> list[Path]:
         return O.image_paths(self.out.folder, name, self.own, self.formats, self.geo)
@@ -468,8 +471,10 @@ class _ImageWriter:
             polygons = None
             if crops is not None and set(self.formats) & {"yolo", "labelme", "geojson"}:
                 polygons = O.polygons_on_crops(crops, self.args.tolerance, self.args.min_area)
-            objects = [{"segmentation": m["segmentation"], "score": m["score"], "category_id": m["category_id"],
+            objects = [{"segmentation": m["segmentation"], "score": m["score"], "category_id": self.category(m["category_id"]),
                         **({"polygons": polygons[i]} if polygons is not None else {})} for i, m in enumerate(doc["masks"])]
+            if crops is not None:
+                crops = [dict(c, category_id=self.category(c["category_id"])) for c in crops]
             image = {"file_name": doc["image"], "name": name, "height": doc["height"], "width": doc["width"], "objects": objects}
             files.update(O.format_outputs(self.out, image, [f for f in self.formats if f not in O.DATASET_FORMATS],
                                           self.geo, self.categories, tolerance=self.args.tolerance,
@@ -497,9 +502,8 @@ class _ImageWriter:
             except (OSError, ValueError):
                 continue
             if image is not None:
-                if isinstance(self.categories, str):
-                    for o in image["objects"]:
-                        o["category_id"] = 1
+                for o in image["objects"]:
+                    o["category_id"] = self.category(o.get("category_id", 1))
                 images.append(image)
         try:
             O.write_dataset(self.out, images, self.formats, self.categories, tolerance=self.args.tolerance,
@@ -576,14 +580,14 @@ def run_prompt_file(args) -> int:
         seen[name] = e.path
         names.append(name)
     ids = {p.category_id for e in entries for p in e.prompts}
-    cats, cid = _categories(args, ids, _found_categories(args.prompts, src))
+    cats = _categories(args, ids, _found_categories(args.prompts, src))
     with O.OutputFolder(out_dir, COMMAND) as out:
-        return _PromptRun(args, out, _ImageWriter(args, out, own, formats, geo, cats), cid, tiles).run(entries, names, ray)
+        return _PromptRun(args, out, _ImageWriter(args, out, own, formats, geo, cats), tiles).run(entries, names, ray)
 
 
 class _PromptRun:
-    def __init__(self, args, out, writer: _ImageWriter, cid, tiles):
-        self.args, self.out, self.writer, self.cid, self.tiles = args, out, writer, cid, tiles
+    def __init__(self, args, out, writer: _ImageWriter, tiles):
+        self.args, self.out, self.writer, self.tiles = args, out, writer, tiles
         self.done = self.skipped = self.failed = self.n_masks = 0
         self.start = time.time()
 
@@ -606,11 +610,6 @@ class _PromptRun:
                 "hq_token_only": self.args.hq_token_only, "masks": records}
 
     def write(self, entry, name, height, width, records, crops=None, rgb=None, raster=None) -> None:
-        for r in records:
-            r["category_id"] = self.cid(r["category_id"])
-        if crops is not None:
-            for c, r in zip(crops, records):
-                c["category_id"] = r["category_id"]
         try:
             files = self.writer.outputs(name, self.doc(entry, height, width, records), crops, rgb, raster)
             self.out.write(name, files)
