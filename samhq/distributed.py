@@ -61,7 +61,11 @@ class SamHQBatchPredictor:
     with `prompt_options`); tiles: None, or `{"tile_size": ..., "overlap": ...}` to segment each image
     in tiles (`samhq.tiles`); threads: torch's thread count in this worker, set explicitly so that
     workers compute exactly what a local run with the same count does; device ("cpu", "cuda") and
-    dtype as `SamHQModel.from_pretrained` takes them.
+    dtype (the image encoder's precision: "auto", "float32", ...) as `samhq.pipelines.load_for_inference`
+    takes them, so a worker loads the model exactly as a local run does; hq_token_only for everything mode
+    (prompt mode takes it in prompt_options); bit_depth and limits (a dict of `samhq.limits.Limits`
+    fields, e.g. {"max_pixels": N}) for reading images as a local run with the same options does (with
+    tiles an image may have up to `max_tiled_pixels`).
 
     A batch is a dict of columns: "key" (str, the image's name in the output), and "path" (str) or
     "image" ((H, W, 3) uint8 arrays); in "prompts" mode also "image_id" (a number, or JSON text of a
@@ -76,10 +80,11 @@ class SamHQBatchPredictor:
 
     def __init__(self, model="samhq-tiny-shapes", mode: str = "everything", generator_options: dict | None = None,
                  prompt_options: dict | None = None, tiles: dict | None = None, threads: int = 1, device: str | None = None,
-                 dtype=None) -> None:
+                 dtype="auto", hq_token_only: bool = False, bit_depth: str = "dtype", limits: dict | None = None) -> None:
         import torch
 
-        from .modeling.model import SamHQModel
+        from .limits import get_limits, tiled_limits
+        from .pipelines import load_for_inference
 
         if mode not in MODES:
             raise ValueError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
@@ -87,10 +92,12 @@ class SamHQBatchPredictor:
             raise ValueError(f"threads must be >= 1, got {threads}")
         torch.set_num_threads(threads)
         self.mode, self.prompt_options = mode, dict(prompt_options or {})
-        if isinstance(model, SamHQModel):
-            self.model = model.to(device=device or model.device).eval()
-        else:
-            self.model = SamHQModel.from_pretrained(model, device=device, dtype=dtype).eval()
+        self.hq_token_only, self.bit_depth = bool(hq_token_only), bit_depth
+        self.limits = get_limits().replace(**(limits or {}))
+        self.tiled = bool(tiles)
+        if tiles:
+            self.limits = tiled_limits(self.limits)
+        self.model = load_for_inference(model, device, dtype)
         if mode == "everything":
             options = dict(generator_options or {}, output_mode="uncompressed_rle")
             if tiles:
@@ -114,11 +121,15 @@ class SamHQBatchPredictor:
     def one(self, key: str, image, image_id=None, prompts: str | list | None = None) -> dict:
         """One image (a path or an array) -> one result row (see the class docstring)."""
         from .image_io import to_rgb_array
+        from .limits import LimitError, as_tiled_error
 
         try:
-            rgb = to_rgb_array(image)
+            try:
+                rgb = to_rgb_array(image, bit_depth=self.bit_depth, limits=self.limits)
+            except LimitError as e:
+                raise as_tiled_error(e) if self.tiled else e from None
             if self.mode == "everything":
-                records = [_everything_record(r) for r in self.engine.generate(rgb)]
+                records = [_everything_record(r) for r in self.engine.generate(rgb, hq_token_only=self.hq_token_only)]
             else:
                 from .prompt_files import parse_prompt, segment_prompts
 
@@ -170,7 +181,8 @@ def run_ray(images, writer: Callable[[str, dict], None], *, done: Callable[[str]
             prompts: dict | None = None, generator_options: dict | None = None, prompt_options: dict | None = None,
             tiles: dict | None = None, num_workers: int = 1, gpus_per_worker: float = 0, cpus_per_worker: float = 1,
             threads: int = 1, address: str | None = None, batch_size: int = 1, progress: bool = False,
-            predictor_cls: type = SamHQBatchPredictor) -> RayRunSummary:
+            predictor_cls: type = SamHQBatchPredictor, device: str | None = None, dtype="auto",
+            hq_token_only: bool = False, bit_depth: str = "dtype", limits: dict | None = None) -> RayRunSummary:
     """Run a whole job as a Ray Data pipeline; the driver alone writes, through `writer`.
 
     images: (key, path) pairs (key: the image's output name, unique) or (key, (H, W, 3) array) pairs.
@@ -180,8 +192,9 @@ def run_ray(images, writer: Callable[[str, dict], None], *, done: Callable[[str]
     done(key): true for images already written, which are not sent (resuming a run).
     on_error(key, message): called for images that could not be read or segmented (default: ignored;
         they are in the summary's `failed`).
-    mode, model, generator_options, prompt_options, tiles: as `SamHQBatchPredictor`; in "prompts" mode
-        prompts maps each key to (image_id, [prompt dicts]).
+    mode, model, generator_options, prompt_options, tiles, dtype, hq_token_only, bit_depth, limits: as
+        `SamHQBatchPredictor`; in "prompts" mode prompts maps each key to (image_id, [prompt dicts]).
+        device: the workers' torch device (default "cuda" with gpus_per_worker, else the CPU).
     num_workers actors with gpus_per_worker GPUs and cpus_per_worker CPUs each, threads torch threads
         each (the same count as a local run gives the same masks). address: None starts a local Ray
         (shut down at the end); "auto" or HOST:PORT joins a running cluster (`ray start --head`).
@@ -237,7 +250,8 @@ def run_ray(images, writer: Callable[[str, dict], None], *, done: Callable[[str]
             num_cpus=cpus_per_worker, num_gpus=gpus_per_worker or None,
             fn_constructor_kwargs=dict(model=model, mode=mode, generator_options=generator_options,
                                        prompt_options=prompt_options, tiles=tiles, threads=threads,
-                                       device="cuda" if gpus_per_worker else None),
+                                       device=device or ("cuda" if gpus_per_worker else None), dtype=dtype,
+                                       hq_token_only=hq_token_only, bit_depth=bit_depth, limits=limits),
         )
         written = set()
         for batch in ds.iter_batches(batch_size=1, batch_format="numpy"):

@@ -61,14 +61,13 @@ import urllib.error
 import urllib.parse
 import urllib.request
 import xml.etree.ElementTree as ET
-from collections import OrderedDict
 from dataclasses import dataclass, field
 
 import numpy as np
 
 from .formats.writers import label_studio_result
 from .image_io import to_rgb_array
-from .predictor import SamHQPredictor
+from .predictor import EmbeddingCache, SamHQPredictor
 
 MASK_TAGS = ("BrushLabels", "PolygonLabels")
 LOCAL_HOSTS = ("localhost", "127.0.0.1", "[::1]", "::1")
@@ -240,24 +239,25 @@ class CachedEmbeddingPredictor(SamHQPredictor):
     """`SamHQPredictor` whose `set_image` reuses the embeddings of the last `max_images` images.
 
     Keyed by the SHA-256 of the RGB pixels, so the interactive tools and the automatic mask
-    generator (which calls `set_image` on the whole image when it uses no crops) share them.
+    generator (which calls `set_image` on the whole image when it uses no crops) share them; the
+    embeddings live in a `samhq.predictor.EmbeddingCache` (least recently used dropped first).
     """
 
-    max_images = 8
+    def __init__(self, model, engine: str = "torch", max_images: int = 8) -> None:
+        super().__init__(model, engine)
+        self.embeddings = EmbeddingCache(max_items=max_images)
+        self.embedded = 0  # how many images were encoded (for tests and logs)
 
     def set_image(self, image, image_format: str = "RGB") -> None:
         rgb = to_rgb_array(image, image_format=image_format)
-        cache = self.__dict__.setdefault("_embeddings", OrderedDict())
         key = hashlib.sha256(np.ascontiguousarray(rgb).tobytes() + str(rgb.shape).encode()).hexdigest()
-        if key in cache:
-            cache.move_to_end(key)
-            self.set_image_embedding(cache[key])
+        cached = self.embeddings.get(key)
+        if cached is not None:
+            self.set_image_embedding(cached)
             return
         super().set_image(rgb)
-        cache[key] = self.export_image_embedding()
-        while len(cache) > self.max_images:
-            cache.popitem(last=False)
-        self.embedded = getattr(self, "embedded", 0) + 1  # how many images were encoded (for tests and logs)
+        self.embeddings.put(key, self.export_image_embedding())
+        self.embedded += 1
 
 
 # ---------------------------------------------------------------------------------------------
@@ -313,8 +313,7 @@ class SamHQBackend:
         self.auto = parse_auto(auto)
         name = str(model if isinstance(model, str) else type(model).__name__).rstrip("/").split("/")[-1]
         self.model_version = model_version or (name if name.startswith("samhq") else f"samhq-{name}")
-        self.predictor = CachedEmbeddingPredictor(load_for_inference(model, device, dtype))
-        self.predictor.max_images = max_images
+        self.predictor = CachedEmbeddingPredictor(load_for_inference(model, device, dtype), max_images=max_images)
         self.generator = SamHQAutomaticMaskGenerator(self.predictor, points_per_side=points_per_side,
                                                      pred_iou_thresh=pred_iou_thresh,
                                                      stability_score_thresh=stability_thresh, output_mode="binary_mask")

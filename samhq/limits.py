@@ -7,7 +7,7 @@
 | `max_upload_bytes` | 100 MiB per upload | `create_app(limits=Limits(...))`       | `samhq serve --max-upload-mb N`  |
 | `max_request_bytes`| 1 MiB per JSON request | `create_app(limits=Limits(...))`   | `samhq serve --max-request-kb N` |
 | `max_config_value` | 16384            | `configure(max_config_value=N)`          | -                                |
-| `max_tiled_pixels` | 4,000,000,000    | `configure(max_tiled_pixels=N)`          | -                                |
+| `max_tiled_pixels` | 4,000,000,000    | `configure(max_tiled_pixels=N)`          | `--max-tiled-pixels N` (with --tiles) |
 
 - `max_pixels` (width x height of one image) is checked on the size an encoded file *declares*,
   before a pixel is decoded, so a 20 KB PNG that declares 30000x30000 pixels costs nothing. It
@@ -74,8 +74,8 @@ HOW_TO_RAISE = {
     "max_upload_bytes": "samhq serve --max-upload-mb N, or create_app(limits=Limits(max_upload_bytes=N))",
     "max_request_bytes": "samhq serve --max-request-kb N, or create_app(limits=Limits(max_request_bytes=N))",
     "max_config_value": "samhq.limits.configure(max_config_value=N) in Python",
-    "max_tiled_pixels": "samhq.limits.configure(max_tiled_pixels=N) in Python, or read the image in windows "
-                        "(samhq.geo.RasterSource for TIFF and GeoTIFF)",
+    "max_tiled_pixels": "--max-tiled-pixels N on the command line, samhq.limits.configure(max_tiled_pixels=N) in "
+                        "Python, or read the image in windows (samhq.geo.RasterSource for TIFF and GeoTIFF)",
 }
 
 _current = Limits()
@@ -116,8 +116,24 @@ def image_too_large(width: int | None, height: int | None, maximum: int, pixels:
         pixels, size = width * height, f"{width}x{height} pixels ({_mp(width * height)})"
     else:
         size = f"{_mp(pixels)}" if pixels else "larger than PIL's own limit"
-    return LimitError(f"image is {size}, over the limit of {_mp(maximum)} (max_pixels); huge images are segmented at "
-                      "their own resolution in tiles (samhq.tiles.TiledPredictor)", "max_pixels", pixels or 0, maximum)
+    return LimitError(f"image is {size}, over the limit of {_mp(maximum)} (max_pixels) for whole-image segmentation; "
+                      "segment it in tiles at its own resolution with --tiles (samhq segment, everything, serve; "
+                      "samhq.tiles.TiledPredictor in Python)", "max_pixels", pixels or 0, maximum)
+
+
+def tiled_limits(limits: Limits | None = None) -> Limits:
+    """The limits for decoding an image whole in tiled mode: max_pixels raised to max_tiled_pixels."""
+    limits = limits or _current
+    return limits.replace(max_pixels=max(limits.max_pixels, limits.max_tiled_pixels))
+
+
+def as_tiled_error(error: LimitError) -> LimitError:
+    """A max_pixels error raised while decoding an image under `tiled_limits` as the max_tiled_pixels error it is."""
+    if error.limit != "max_pixels":
+        return error
+    return LimitError(f"image is {_mp(error.value) if error.value else 'larger than PIL allows'}, over the limit of "
+                      f"{_mp(error.maximum)} (max_tiled_pixels) for an image decoded whole in tiled mode",
+                      "max_tiled_pixels", error.value, error.maximum)
 
 
 def check_pixels(width: int, height: int, limits: Limits | None = None) -> None:

@@ -23,6 +23,7 @@ and `set_image_batch` / `predict_batch`, `normalize_coords`, batched prompts in 
 from __future__ import annotations
 
 import warnings
+from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -102,6 +103,67 @@ class ImageEmbedding:
             )
         except (KeyError, ValueError):
             raise ValueError(f"{path}: image embedding metadata is damaged: {meta}") from None
+
+
+def embedding_bytes(value) -> int:
+    """Memory held by an `ImageEmbedding` (its tensors), or by any object with an `nbytes` attribute."""
+    if isinstance(value, ImageEmbedding):
+        return sum(t.numel() * t.element_size() for t in value.tensors.values())
+    return int(getattr(value, "nbytes", 0))
+
+
+class EmbeddingCache:
+    """The one in-memory cache of image embeddings: least recently used dropped first, keyed by the caller.
+
+    max_items: the most entries kept; max_bytes: the most memory (`embedding_bytes` of the entries);
+    None for no bound (both None: unbounded). The newest entry is always kept, even when it alone
+    exceeds max_bytes. Values are `ImageEmbedding`s, or objects with an `nbytes` attribute (what a
+    caller keeps per image, e.g. the server's tiled images). `get` and `put` mark an entry as used.
+    Not thread-safe: callers that share one hold their own lock.
+    """
+
+    def __init__(self, max_items: int | None = None, max_bytes: int | None = None) -> None:
+        if max_items is not None and max_items < 1:
+            raise ValueError(f"max_items must be at least 1, got {max_items}")
+        if max_bytes is not None and max_bytes < 0:
+            raise ValueError(f"max_bytes must be >= 0, got {max_bytes}")
+        self.max_items, self.max_bytes = max_items, max_bytes
+        self.items: OrderedDict = OrderedDict()
+        self.nbytes = 0
+
+    def __contains__(self, key) -> bool:
+        return key in self.items
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def get(self, key, default=None):
+        """The entry for key (marked as just used), or default."""
+        if key not in self.items:
+            return default
+        self.items.move_to_end(key)
+        return self.items[key]
+
+    def put(self, key, value) -> None:
+        """Keep value under key (replacing any), then drop least recently used entries beyond the bounds."""
+        self.pop(key)
+        self.items[key] = value
+        self.nbytes += embedding_bytes(value)
+        while len(self.items) > 1 and ((self.max_items is not None and len(self.items) > self.max_items)
+                                       or (self.max_bytes is not None and self.nbytes > self.max_bytes)):
+            _, old = self.items.popitem(last=False)
+            self.nbytes -= embedding_bytes(old)
+
+    def pop(self, key, default=None):
+        if key not in self.items:
+            return default
+        value = self.items.pop(key)
+        self.nbytes -= embedding_bytes(value)
+        return value
+
+    def clear(self) -> None:
+        self.items.clear()
+        self.nbytes = 0
 
 
 def _as_array(x, name: str, dtype=np.float64) -> np.ndarray:

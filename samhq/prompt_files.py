@@ -32,7 +32,7 @@ import numpy as np
 import torch
 
 from .image_io import to_rgb_array
-from .masks import mask_bbox, mask_to_coco
+from .masks import crop_to_rle, mask_bbox, mask_to_coco, rle_to_coco
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".gif", ".ppm", ".pgm"}
 
@@ -234,47 +234,70 @@ def read_prompts(path, images=None, image_dir=None) -> list[ImageEntry]:
 
 
 def _decode(predictor, prompts: list[FilePrompt], multimask_output, hq_token_only: bool, batch_size: int):
-    """(masks list of (H, W) bool, predicted IoUs) for an image already set on the predictor."""
+    """One (mask, x0, y0, predicted IoU) per prompt for an image already set on the predictor: the mask is
+    the whole image's (x0 = y0 = 0) for a `SamHQPredictor`, a crop at column x0, row y0 for a tiled one
+    (its `predict_regions`: no full-size mask of a huge image is made)."""
     from .predictor import SamHQPredictor
 
-    masks, scores = [None] * len(prompts), [0.0] * len(prompts)
+    out = [None] * len(prompts)
+    tiled = hasattr(predictor, "predict_regions")
     boxes_only = [i for i, p in enumerate(prompts) if p.points is None]
-    if isinstance(predictor, SamHQPredictor) and boxes_only:  # many boxes: batched in the resized frame
+    if (tiled or isinstance(predictor, SamHQPredictor)) and boxes_only:  # many boxes: decoded in batches
         mm = False if multimask_output is None else multimask_output
         for s in range(0, len(boxes_only), batch_size):
             idx = boxes_only[s:s + batch_size]
-            b = torch.as_tensor(np.stack([prompts[i].box for i in idx]), dtype=torch.float, device=predictor.device)
+            boxes = np.stack([prompts[i].box for i in idx])
+            if tiled:
+                for i, r in zip(idx, predictor.predict_regions(boxes=boxes, multimask_output=mm, hq_token_only=hq_token_only)):
+                    out[i] = (r.mask, r.box[0], r.box[1], float(r.score))
+                continue
+            b = torch.as_tensor(boxes, dtype=torch.float, device=predictor.device)
             b = predictor.transform.apply_boxes_torch(b, predictor.original_size)
             m, sc, _ = predictor.predict_torch(None, None, b, None, mm, False, hq_token_only)
             for k, i in enumerate(idx):
-                masks[i], scores[i] = m[k, 0].cpu().numpy(), float(sc[k, 0])
+                out[i] = (m[k, 0].cpu().numpy(), 0, 0, float(sc[k, 0]))
     for i, p in enumerate(prompts):
-        if masks[i] is not None:
+        if out[i] is not None:
             continue
         mm = (p.box is None) if multimask_output is None else multimask_output  # SAM's advice: one mask for a box
+        if tiled:
+            (r,) = predictor.predict_regions(None if p.points is None else p.points[None],
+                                             None if p.labels is None else p.labels[None],
+                                             None if p.box is None else p.box[None], None, mm, hq_token_only)
+            out[i] = (r.mask, r.box[0], r.box[1], float(r.score))
+            continue
         m, sc, _ = predictor.predict(point_coords=p.points, point_labels=p.labels, box=p.box, multimask_output=mm,
                                      hq_token_only=hq_token_only)
-        masks[i], scores[i] = np.asarray(m[0]), float(sc[0])
-    return masks, scores
+        out[i] = (np.asarray(m[0]), 0, 0, float(sc[0]))
+    return out
 
 
 def segment_prompts(predictor, image, prompts: list[FilePrompt], image_id, multiply_iou: bool = False,
-                    multimask_output: bool | None = None, hq_token_only: bool = False, batch_size: int = 64) -> list[dict]:
+                    multimask_output: bool | None = None, hq_token_only: bool = False, batch_size: int = 64,
+                    set_image_options: dict | None = None) -> list[dict]:
     """Masks for one image's prompts as COCO results records.
 
     predictor: a `SamHQPredictor` (boxes decoded in batches of batch_size) or a `samhq.tiles.TiledPredictor`
-    (huge images). image: anything `set_image` takes. multimask_output None: one mask for a prompt
+    (huge images: masks are made as crops). image: anything `set_image` takes; set_image_options
+    go with it (e.g. a tiled predictor's embedding `store`). multimask_output None: one mask for a prompt
     with a box, the best of SAM's three for points alone (SAM's advice). Each record: image_id,
     category_id and score from the prompt (score times the predicted IoU with multiply_iou),
     segmentation (COCO compressed RLE, counts a str), bbox [x, y, width, height] and area of the
     mask, predicted_iou, and prompt_box ([x, y, width, height]) / prompt_points where given.
     """
-    predictor.set_image(image)
-    masks, ious = _decode(predictor, prompts, multimask_output, hq_token_only, batch_size)
+    predictor.set_image(image, **(set_image_options or {}))
+    height, width = predictor.original_size
     out = []
-    for p, m, iou in zip(prompts, masks, ious):
-        rec = {"image_id": image_id, "category_id": p.category_id, "segmentation": mask_to_coco(m),
-               "score": p.score * iou if multiply_iou else p.score, "bbox": mask_bbox(m), "area": int(m.sum()),
+    for p, (m, x0, y0, iou) in zip(prompts, _decode(predictor, prompts, multimask_output, hq_token_only, batch_size)):
+        if m.shape == (height, width):
+            segmentation = mask_to_coco(m)
+        else:
+            segmentation = rle_to_coco(crop_to_rle(m, int(x0), int(y0), height, width))
+        bbox = mask_bbox(m)
+        if bbox[2]:
+            bbox = [bbox[0] + int(x0), bbox[1] + int(y0), bbox[2], bbox[3]]
+        rec = {"image_id": image_id, "category_id": p.category_id, "segmentation": segmentation,
+               "score": p.score * iou if multiply_iou else p.score, "bbox": bbox, "area": int(m.sum()),
                "predicted_iou": iou}
         if p.box is not None:
             x0, y0, x1, y1 = (float(v) for v in p.box)
@@ -288,12 +311,30 @@ def segment_prompts(predictor, image, prompts: list[FilePrompt], image_id, multi
     return out
 
 
-def read_entry_image(entry: ImageEntry) -> np.ndarray:
-    """The entry's image as (H, W, 3) uint8; ValueError when unreadable or not the size its COCO list says."""
-    image = to_rgb_array(entry.path)
-    h, w = image.shape[:2]
-    if (entry.height is not None and entry.height != h) or (entry.width is not None and entry.width != w):
-        raise ValueError(f"{entry.path} is {w}x{h} but the image list says {entry.width}x{entry.height}")
+def prompt_dict(p: FilePrompt) -> dict:
+    """A FilePrompt as the JSON dict `parse_prompt` reads back (what `samhq.distributed` sends to its workers)."""
+    d = {"score": p.score, "category_id": p.category_id}
+    if p.box is not None:
+        d["box"] = [float(v) for v in p.box]
+    if p.points is not None:
+        d["points"] = p.points.tolist()
+        d["labels"] = [int(v) for v in p.labels]
+    if p.id is not None:
+        d["id"] = p.id
+    return d
+
+
+def check_entry_size(entry: ImageEntry, height: int, width: int) -> None:
+    """ValueError when the image is not the size its COCO list says."""
+    if (entry.height is not None and entry.height != height) or (entry.width is not None and entry.width != width):
+        raise ValueError(f"{entry.path} is {width}x{height} but the image list says {entry.width}x{entry.height}")
+
+
+def read_entry_image(entry: ImageEntry, bit_depth: str = "dtype") -> np.ndarray:
+    """The entry's image as (H, W, 3) uint8 (`samhq.image_io.to_rgb_array` with bit_depth); ValueError when
+    unreadable or not the size its COCO list says."""
+    image = to_rgb_array(entry.path, bit_depth=bit_depth)
+    check_entry_size(entry, *image.shape[:2])
     return image
 
 

@@ -2,17 +2,23 @@
 
     samhq serve --model samhq-tiny-shapes --port 8000     # then open http://127.0.0.1:8000/
 
-    POST /api/images   multipart field "file"  -> {"image_id", "width", "height"}
+    POST /api/images   multipart field "file"  -> {"image_id", "width", "height", "tiled"}
     POST /api/segment  {"image_id", "points": [[x, y], ...], "labels": [1 or 0, ...], "box": [x0, y0, x1, y1],
                         "multimask": false, "hq_token_only": false}
                        -> {"score", "area", "bbox": [x, y, w, h], "mask_png": base64 PNG (0 / 255)}
+    POST /api/export   {"image_id", "format": "coco" | "yolo" | "labelme" | "png", "file_name",
+                        "objects": [{"label", "points", "labels", "box", "multimask", "hq_token_only"}, ...]}
+                       -> the image's objects as a file of that format (`samhq.formats`): COCO or LabelMe
+                          JSON, or a zip (YOLO: data.yaml + labels/; PNG: one mask per object + labels)
     GET  /api/info     -> the model's name, sizes and limits
-    GET  /             -> a web page that does all of this with clicks and drags
+    GET  /             -> a labelling page: click or drag objects, name them, refine them, download
 
 Uploads go through the same intake as every other entry point (`samhq.image_io`: EXIF orientation,
 modes, bit depth, the pixel limit checked before decoding). Image embeddings are kept for the
-`max_images` most recently used images (keyed by the file's SHA-256), so every click costs only the
-prompt decoder.
+`max_images` most recently used images (keyed by the file's SHA-256; `samhq.predictor.EmbeddingCache`),
+so every click costs only the prompt decoder. With `tiles` (`samhq serve --tiles`) an upload larger
+than a tile is segmented in tiles at its own resolution (`samhq.tiles.TiledPredictor`): its windows
+are embedded when a prompt first needs them and kept in one memory-bounded cache.
 
 Limits (`samhq.limits.Limits`, checked before the work): upload bytes (the body is counted as it
 streams in and refused at the limit), JSON request bytes, image pixels, points + boxes per request.
@@ -29,9 +35,9 @@ headers. Behind a proxy, name the public host and origin: `allowed_hosts` / `--a
 import base64
 import hashlib
 import io
+import json
 import logging
 import threading
-from collections import OrderedDict
 from importlib import resources
 from urllib.parse import urlsplit
 
@@ -39,9 +45,18 @@ import numpy as np
 
 from .checkpoints import NonFiniteOutputError, require_finite
 from .image_io import check_image_size, open_image, to_rgb_array
-from .limits import LimitError, Limits, check_body_size, check_prompt_count, get_limits
+from .limits import (
+    LimitError,
+    Limits,
+    as_tiled_error,
+    check_body_size,
+    check_pixels,
+    check_prompt_count,
+    get_limits,
+    tiled_limits,
+)
 from .masks import mask_bbox
-from .predictor import SamHQPredictor
+from .predictor import EmbeddingCache, SamHQPredictor
 
 LOOPBACK_HOSTS = ("localhost", "127.0.0.1", "::1")
 UPLOAD_PATHS = ("/api/images",)
@@ -52,65 +67,182 @@ class UnknownImage(KeyError):
     pass
 
 
+class TiledImage:
+    """An upload segmented in tiles: its pixels, kept while it is among the recently used images (its window
+    embeddings live in the session's window cache)."""
+
+    def __init__(self, rgb: np.ndarray):
+        from .tiles import ArraySource
+
+        self.source = ArraySource(rgb)
+        self.nbytes = rgb.nbytes
+
+
+EXPORT_FORMATS = ("coco", "yolo", "labelme", "png")
+
+
 class SegmentSession:
-    """A predictor plus a least-recently-used cache of image embeddings; safe to call from several threads."""
+    """A predictor plus a least-recently-used cache of images (`samhq.predictor.EmbeddingCache`); safe to
+    call from several threads.
+
+    max_images: the images kept (their embeddings, or for tiled uploads their pixels). tiles: None,
+    or `samhq.tiles.TiledPredictor` options ({} for its defaults: tiles of the model's input size):
+    an upload whose long side exceeds the tile size is then segmented in tiles at its own resolution
+    (up to `limits.max_tiled_pixels`), its window embeddings made when a prompt first needs them and
+    kept in one cache of `tile_cache_bytes` shared by all tiled images. Other uploads stay under
+    `limits.max_pixels`.
+    """
 
     def __init__(self, predictor: SamHQPredictor, max_images: int = 8, limits: Limits | None = None,
-                 bit_depth: str = "dtype"):
+                 bit_depth: str = "dtype", tiles: dict | None = None, tile_cache_bytes: int = 2**30):
         if max_images < 1:
             raise ValueError(f"max_images must be at least 1, got {max_images}")
         self.predictor, self.max_images = predictor, max_images
         self.limits, self.bit_depth = limits or get_limits(), bit_depth
-        self.embeddings: OrderedDict[str, object] = OrderedDict()
+        self.embeddings = EmbeddingCache(max_items=max_images)
         self.lock = threading.Lock()
+        self.tiled = None
+        if tiles is not None:
+            from .tiles import TiledPredictor
+
+            # its own predictor over the same model: the tiled one tracks which window's embedding is set on it
+            self.tiled = TiledPredictor(SamHQPredictor(predictor.model), cache=EmbeddingCache(max_bytes=tile_cache_bytes),
+                                        **tiles)
 
     def add_image(self, data: bytes) -> dict:
-        """Embed an encoded image file (PNG, JPEG, ...) -> {"image_id", "width", "height"} (upright by its EXIF)."""
+        """Embed an encoded image file (PNG, JPEG, ...) -> {"image_id", "width", "height", "tiled"} (upright by its EXIF).
+
+        A tiled upload is not embedded here: its windows are, as prompts need them."""
         check_body_size(len(data), self.limits.max_upload_bytes, "max_upload_bytes")
-        image = to_rgb_array(open_image(data, self.limits, name="the upload"), bit_depth=self.bit_depth, limits=self.limits)
-        check_image_size(*image.shape[:2])
+        limits = self.limits if self.tiled is None else tiled_limits(self.limits)  # whole-image uploads: checked below
+        try:
+            image = to_rgb_array(open_image(data, limits, name="the upload"), bit_depth=self.bit_depth, limits=limits)
+        except LimitError as e:
+            raise e if self.tiled is None else as_tiled_error(e) from None
+        h, w = image.shape[:2]
+        tiled = self.tiled is not None and max(h, w) > self.tiled.tile_size
+        if not tiled:
+            check_pixels(w, h, self.limits)
+            check_image_size(h, w)
         image_id = hashlib.sha256(data).hexdigest()[:16]
         with self.lock:
-            if image_id not in self.embeddings:
-                self.predictor.set_image(image)
-                self.embeddings[image_id] = self.predictor.export_image_embedding()
-            self._use(image_id)
-        return {"image_id": image_id, "width": int(image.shape[1]), "height": int(image.shape[0])}
+            if self.embeddings.get(image_id) is None:
+                if tiled:
+                    self.embeddings.put(image_id, TiledImage(image))
+                else:
+                    self.predictor.set_image(image)
+                    self.embeddings.put(image_id, self.predictor.export_image_embedding())
+        return {"image_id": image_id, "width": int(w), "height": int(h), "tiled": tiled}
 
-    def _use(self, image_id: str) -> None:
-        """Mark an image as just used, and drop the least recently used beyond `max_images` (lock held)."""
-        self.embeddings.move_to_end(image_id)
-        while len(self.embeddings) > self.max_images:
-            self.embeddings.popitem(last=False)
+    def _mask(self, image_id: str, points, labels, box, multimask: bool, hq_token_only: bool) -> tuple[np.ndarray, float]:
+        """One object's full-size mask and score (lock held)."""
+        entry = self.embeddings.get(image_id)  # a use: it becomes the most recently used
+        if entry is None:
+            raise UnknownImage(image_id)
+        prompt = dict(point_coords=None if points is None else np.asarray(points, dtype=float),
+                      point_labels=None if points is None else np.asarray(labels),
+                      box=None if box is None else np.asarray(box, dtype=float),
+                      multimask_output=multimask, hq_token_only=hq_token_only)
+        if isinstance(entry, TiledImage):
+            if self.tiled.key != image_id:
+                self.tiled.set_image(entry.source, key=image_id)
+            masks, scores, _ = self.tiled.predict(**prompt)
+        else:
+            self.predictor.set_image_embedding(entry)
+            masks, scores, _ = self.predictor.predict(**prompt)
+        require_finite(scores, "scores")
+        # plain SAM and SAM 2 return three candidates with multimask (HQ-SAM 2's HQ mask alone is one, with three scores)
+        best = int(np.argmax(scores)) if len(scores) == len(masks) else 0
+        return masks[best], float(np.max(scores))
+
+    def _prompts(self, points, labels, box):
+        points = points or None
+        check_prompt_count(len(points or ()), 0 if box is None else 1, self.limits)
+        if points is not None and labels is None:
+            labels = [1] * len(points)
+        return points, labels, box
 
     def segment(self, image_id: str, points=None, labels=None, box=None, multimask: bool = False,
                 hq_token_only: bool = False) -> dict:
         """One object's mask from points (x, y) with labels (1 object, 0 background) and/or a box."""
         from PIL import Image
 
-        points = points or None
-        check_prompt_count(len(points or ()), 0 if box is None else 1, self.limits)
-        if points is not None and labels is None:
-            labels = [1] * len(points)
+        points, labels, box = self._prompts(points, labels, box)
         with self.lock:
-            if image_id not in self.embeddings:
-                raise UnknownImage(image_id)
-            self._use(image_id)
-            self.predictor.set_image_embedding(self.embeddings[image_id])
-            masks, scores, _ = self.predictor.predict(
-                point_coords=None if points is None else np.asarray(points, dtype=float),
-                point_labels=None if points is None else np.asarray(labels),
-                box=None if box is None else np.asarray(box, dtype=float),
-                multimask_output=multimask, hq_token_only=hq_token_only,
-            )
-        require_finite(scores, "scores")
-        # plain SAM and SAM 2 return three candidates with multimask (HQ-SAM 2's HQ mask alone is one, with three scores)
-        best = int(np.argmax(scores)) if len(scores) == len(masks) else 0
-        mask, score = masks[best], float(np.max(scores))
+            mask, score = self._mask(image_id, points, labels, box, multimask, hq_token_only)
         png = io.BytesIO()
         Image.fromarray(mask.astype(np.uint8) * 255).save(png, format="PNG")
         return {"score": score, "area": int(mask.sum()), "bbox": mask_bbox(mask),
                 "mask_png": base64.b64encode(png.getvalue()).decode("ascii")}
+
+    def export(self, image_id: str, objects: list[dict], fmt: str, file_name: str = "image.png") -> tuple[str, str, bytes]:
+        """An image's labelled objects in an annotation format -> (download file name, media type, bytes).
+
+        objects: [{"label": name, "points", "labels", "box", "multimask", "hq_token_only"}]: each
+        object's mask is made again from its prompts (as `segment` made it for the page). Categories
+        are the labels in order of first use (ids 1, 2, ...). fmt: coco (instances JSON), labelme
+        (its JSON), yolo (a zip of data.yaml and labels/NAME.txt), png (a zip of NAME_masks/NNN.png, one
+        0/255 PNG per object, and NAME_labels.json, each PNG's label). The files are `samhq.formats`'.
+        """
+        from .formats import dataset_files, image_files
+
+        if fmt not in EXPORT_FORMATS:
+            raise ValueError(f"unknown format {fmt!r}; choose from {', '.join(EXPORT_FORMATS)}")
+        if not objects:
+            raise ValueError("no objects to export: finish an object first")
+        if len(objects) > self.limits.max_prompts:
+            raise LimitError(f"{len(objects)} objects in one export, over the limit of {self.limits.max_prompts} "
+                             "(max_prompts)", "max_prompts", len(objects), self.limits.max_prompts)
+        file_name = _safe_name(file_name)
+        stem = file_name.rsplit(".", 1)[0] or "image"
+        categories: dict[str, int] = {}
+        found = []
+        for o in objects:
+            label = str(o.get("label") or "object").strip() or "object"
+            points, labels, box = self._prompts(o.get("points"), o.get("labels"), o.get("box"))
+            if points is None and box is None:
+                raise ValueError(f"object {label!r} has no clicks or box")
+            found.append((label, points, labels, box, bool(o.get("multimask")), bool(o.get("hq_token_only"))))
+            categories.setdefault(label, len(categories) + 1)
+        with self.lock:
+            masks = [self._mask(image_id, p, lab, b, mm, hq) + (categories[label],) for label, p, lab, b, mm, hq in found]
+        h, w = masks[0][0].shape
+        image = {"file_name": file_name, "name": stem, "height": h, "width": w,
+                 "objects": [{"segmentation": m, "score": s, "category_id": c} for m, s, c in masks]}
+        cats = {cid: label for label, cid in categories.items()}
+        files = dict(dataset_files([image], [fmt], cats) if fmt in ("coco", "yolo") else {})
+        files.update(image_files(image, [fmt], cats) if fmt != "coco" else {})
+        if fmt == "coco":
+            return f"{stem}_coco.json", "application/json", files["coco/instances.json"].encode("utf-8")
+        if fmt == "labelme":
+            return f"{stem}.json", "application/json", files[f"labelme/{stem}.json"].encode("utf-8")
+        if fmt == "png":
+            files[f"{stem}_labels.json"] = json.dumps({f"{i:03d}.png": found[i][0] for i in range(len(found))}, indent=1)
+        return f"{stem}_{fmt}.zip", "application/zip", _zip(files)
+
+
+def _safe_name(name: str) -> str:
+    """A file name for downloads and the formats' image paths: its last part, letters, digits, '.', '-', '_' only."""
+    import re
+
+    base = re.split(r"[\\/]", str(name))[-1]
+    base = re.sub(r"[^A-Za-z0-9._-]+", "_", base).strip("._")[:120]
+    return base or "image.png"
+
+
+def _zip(files: dict) -> bytes:
+    """`samhq.formats` file data (text, bytes, or a folder's {name: bytes}) as a zip archive."""
+    import zipfile
+
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as z:
+        for rel, data in files.items():
+            if isinstance(data, dict):
+                for name, blob in data.items():
+                    z.writestr(f"{rel}/{name}", blob)
+            else:
+                z.writestr(rel, data)
+    return buf.getvalue()
 
 
 def page_html() -> str:
@@ -230,7 +362,7 @@ def _validation_message(errors) -> str:
 
 def create_app(model="samhq-tiny-shapes", device: str = "cpu", max_images: int = 8, limits: Limits | None = None,
                host: str = "127.0.0.1", allowed_hosts=None, allowed_origins=(), bit_depth: str = "dtype",
-               name: str | None = None):
+               name: str | None = None, tiles: dict | None = None, tile_cache_bytes: int = 2**30):
     """A FastAPI app serving `model` (any source `samhq.load_model` takes, or a SamHQModel / SamHQ2Model; `name` for
     /api/info).
 
@@ -239,11 +371,14 @@ def create_app(model="samhq-tiny-shapes", device: str = "cpu", max_images: int =
     `allowed_hosts` names others ("*" for any; any Host is answered when bound elsewhere).
     allowed_origins: origins (e.g. "https://seg.example.org") whose pages may POST besides the
     server's own. bit_depth: how uploads with more than 8 bits become 8-bit (see `samhq.image_io`).
+    tiles: None, or `samhq.tiles.TiledPredictor` options ({} for the defaults): uploads larger than a
+    tile are segmented in tiles at their own resolution (`SegmentSession`), their window embeddings
+    kept within tile_cache_bytes.
     """
     try:
         from fastapi import FastAPI, File, HTTPException, UploadFile
         from fastapi.exceptions import RequestValidationError
-        from fastapi.responses import HTMLResponse, JSONResponse
+        from fastapi.responses import HTMLResponse, JSONResponse, Response
         from pydantic import BaseModel, Field
     except ImportError:
         raise ImportError("the server needs FastAPI: pip install 'samhq[serve]'") from None
@@ -257,7 +392,7 @@ def create_app(model="samhq-tiny-shapes", device: str = "cpu", max_images: int =
         predictor, name = SamHQPredictor.from_pretrained(model, device=device), str(model)
     else:
         predictor, name = SamHQPredictor(model), name or type(model).__name__
-    session = SegmentSession(predictor, max_images, limits, bit_depth)
+    session = SegmentSession(predictor, max_images, limits, bit_depth, tiles, tile_cache_bytes)
 
     class SegmentRequest(BaseModel):
         image_id: str = Field(max_length=64)
@@ -266,6 +401,20 @@ def create_app(model="samhq-tiny-shapes", device: str = "cpu", max_images: int =
         box: list[float] | None = None
         multimask: bool = False
         hq_token_only: bool = False
+
+    class ExportObject(BaseModel):
+        label: str = Field(default="object", max_length=200)
+        points: list[list[float]] = Field(default_factory=list)
+        labels: list[int] | None = None
+        box: list[float] | None = None
+        multimask: bool = False
+        hq_token_only: bool = False
+
+    class ExportRequest(BaseModel):
+        image_id: str = Field(max_length=64)
+        format: str = Field(max_length=20)
+        file_name: str = Field(default="image.png", max_length=255)
+        objects: list[ExportObject]
 
     app = FastAPI(title="samhq", description="SAM-HQ click-to-segment")
     app.state.session = session
@@ -289,7 +438,11 @@ def create_app(model="samhq-tiny-shapes", device: str = "cpu", max_images: int =
     def info():
         return {"model": name, "image_size": predictor.image_size, "hq": bool(predictor.engine.hq_enabled),
                 "device": str(predictor.device), "max_images": max_images, "max_pixels": limits.max_pixels,
-                "max_prompts": limits.max_prompts, "max_upload_bytes": limits.max_upload_bytes}
+                "max_prompts": limits.max_prompts, "max_upload_bytes": limits.max_upload_bytes,
+                "tiles": None if session.tiled is None else {
+                    "tile_size": session.tiled.tile_size, "overlap": session.tiled.overlap,
+                    "max_tiled_pixels": limits.max_tiled_pixels},
+                "export_formats": list(EXPORT_FORMATS)}
 
     @app.post("/api/images")
     def upload(file: UploadFile = File(...)):
@@ -313,5 +466,21 @@ def create_app(model="samhq-tiny-shapes", device: str = "cpu", max_images: int =
             raise HTTPException(500, str(e)) from None
         except ValueError as e:
             raise HTTPException(400, str(e)) from None
+
+    @app.post("/api/export")
+    def export(req: ExportRequest):
+        try:
+            filename, media_type, body = session.export(req.image_id, [o.model_dump() for o in req.objects], req.format,
+                                                        req.file_name)
+        except UnknownImage:
+            raise HTTPException(404, f"unknown image_id {req.image_id!r}: upload the image again (POST /api/images); "
+                                f"the server keeps the {max_images} most recently used images") from None
+        except LimitError as e:
+            raise HTTPException(413, str(e)) from None
+        except NonFiniteOutputError as e:
+            raise HTTPException(500, str(e)) from None
+        except ValueError as e:
+            raise HTTPException(400, str(e)) from None
+        return Response(body, media_type=media_type, headers={"Content-Disposition": f'attachment; filename="{filename}"'})
 
     return app

@@ -43,7 +43,6 @@ from __future__ import annotations
 
 import hashlib
 import math
-from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -53,8 +52,8 @@ from torch.nn import functional as F
 
 from . import masks as M
 from .image_io import to_rgb_array
-from .limits import get_limits
-from .predictor import ImageEmbedding, SamHQPredictor, check_prompt_batch, one_prompt
+from .limits import LimitError, as_tiled_error, tiled_limits
+from .predictor import EmbeddingCache, ImageEmbedding, SamHQPredictor, check_prompt_batch, one_prompt
 from .processing import preprocess_shape, resize_rgb
 
 STORE_FORMAT = "samhq-tile-embeddings/1"
@@ -160,8 +159,10 @@ def as_source(image, image_format: str = "RGB"):
     goes through `samhq.image_io.to_rgb_array` into an `ArraySource`."""
     if hasattr(image, "read") and hasattr(image, "shape") and not isinstance(image, (np.ndarray, torch.Tensor)):
         return image
-    limits = get_limits()
-    rgb = to_rgb_array(image, image_format, limits=limits.replace(max_pixels=limits.max_tiled_pixels))
+    try:
+        rgb = to_rgb_array(image, image_format, limits=tiled_limits())
+    except LimitError as e:
+        raise as_tiled_error(e) from None
     return ArraySource(rgb)
 
 
@@ -171,40 +172,6 @@ def _digest(pixels: np.ndarray) -> bytes:
 
 # ---------------------------------------------------------------------------------------------
 # Embedding memory and disk store
-
-
-def embedding_bytes(emb: ImageEmbedding) -> int:
-    return sum(t.numel() * t.element_size() for t in emb.tensors.values())
-
-
-class EmbeddingCache:
-    """Window embeddings in memory, least recently used dropped first once they exceed `max_bytes`."""
-
-    def __init__(self, max_bytes: int) -> None:
-        if max_bytes < 0:
-            raise ValueError(f"cache_bytes must be >= 0, got {max_bytes}")
-        self.max_bytes = max_bytes
-        self.items: OrderedDict = OrderedDict()
-        self.nbytes = 0
-
-    def get(self, key):
-        if key in self.items:
-            self.items.move_to_end(key)
-            return self.items[key]
-        return None
-
-    def put(self, key, emb: ImageEmbedding) -> None:
-        if key in self.items:
-            self.nbytes -= embedding_bytes(self.items.pop(key))
-        self.items[key] = emb
-        self.nbytes += embedding_bytes(emb)
-        while self.nbytes > self.max_bytes and len(self.items) > 1:
-            _, old = self.items.popitem(last=False)
-            self.nbytes -= embedding_bytes(old)
-
-    def clear(self) -> None:
-        self.items.clear()
-        self.nbytes = 0
 
 
 def _zarr():
@@ -424,8 +391,10 @@ class TiledPredictor:
     Arguments: model (a `SamHQModel` or a `SamHQPredictor`); tile_size in native pixels (default: the
     model's input size; windows are resized to the input size, so a smaller tile looks closer);
     overlap in pixels (0..tile_size/2, default tile_size // 4); cache_bytes, the memory kept for
-    window embeddings (default 1 GiB; least recently used dropped); embed, "lazy" (a window is
-    embedded when a prompt first needs it) or "eager" (every window of every level in `set_image`);
+    window embeddings (default 1 GiB; least recently used dropped); cache, instead of that, a
+    `samhq.predictor.EmbeddingCache` the caller owns (e.g. the server's, for all its tiled images:
+    windows are keyed by `set_image`'s key, so one memory bound covers every image); embed, "lazy" (a
+    window is embedded when a prompt first needs it) or "eager" (every window of every level in `set_image`);
     refine, how a mask from a coarse level is refined at native resolution (module docstring):
     "box" (default: each level-0 window is prompted with the object's box clipped to it), "box+mask"
     (the coarse mask as well; as good on the thin-structure benchmark, slower: docs/notes/scale.md)
@@ -440,7 +409,7 @@ class TiledPredictor:
 
     def __init__(self, model, tile_size: int | None = None, overlap: int | None = None, cache_bytes: int = 2**30,
                  embed: str = "lazy", refine: str | None = "box", max_refine_tiles: int = 64,
-                 edge_tolerance: float | None = None) -> None:
+                 edge_tolerance: float | None = None, cache: EmbeddingCache | None = None) -> None:
         self.predictor = model if isinstance(model, SamHQPredictor) else SamHQPredictor(model)
         self.tile_size = int(tile_size or self.predictor.image_size)
         self.overlap = int(self.tile_size // 4 if overlap is None else overlap)
@@ -452,7 +421,11 @@ class TiledPredictor:
         self.embed, self.refine, self.max_refine_tiles = embed, refine, int(max_refine_tiles)
         # default: one low-res mask cell (masks fade out about that far from where a window cuts them)
         self.edge_tolerance = self.image_size / self.mask_size if edge_tolerance is None else float(edge_tolerance)
-        self.cache = EmbeddingCache(cache_bytes)
+        if cache_bytes < 0:
+            raise ValueError(f"cache_bytes must be >= 0, got {cache_bytes}")
+        self.shared_cache = cache is not None
+        self.cache = cache if cache is not None else EmbeddingCache(max_bytes=cache_bytes)
+        self.key = None
         self.fingerprint = self.predictor.engine.fingerprint()
         self.source = self.store = None
         self.windows: list[list[Window]] = []
@@ -482,8 +455,11 @@ class TiledPredictor:
 
     # ------------------------------------------------------------------ images
 
-    def set_image(self, image, image_format: str = "RGB", store=None, overwrite_store: bool = False) -> None:
+    def set_image(self, image, image_format: str = "RGB", store=None, overwrite_store: bool = False, key=None) -> None:
         """Use a new image: anything `SamHQPredictor.set_image` takes, or a window source such as `samhq.geo.RasterSource`.
+
+        key: with a shared `cache`, the image's key in it (e.g. a digest of its file): windows of an
+        image set again under the same key are not embedded again; default a key of this call only.
 
         store: a folder for a zarr embedding store (see the module docstring); an existing one is
         reused when it was made by this model, with this tiling, for an image of this size (else
@@ -497,6 +473,7 @@ class TiledPredictor:
         if h < 1 or w < 1 or h * w < 2:
             raise ValueError(f"image is {w}x{h} pixels; nothing to segment")
         self.source = source
+        self.key = key if key is not None else object()
         n_levels = pyramid_levels(h, w, self.tile_size)
         self.windows = [tile_windows(h, w, self.tile_size, self.overlap, k) for k in range(n_levels)]
         if store is not None:
@@ -509,8 +486,9 @@ class TiledPredictor:
     def reset_image(self) -> None:
         self.source = self.store = None
         self.windows = []
-        self.cache.clear()
-        self.last_window = self._current = None
+        if not self.shared_cache:
+            self.cache.clear()
+        self.key = self.last_window = self._current = None
         self.predictor.reset_image()
 
     def precompute(self, levels=None) -> int:
@@ -531,7 +509,7 @@ class TiledPredictor:
 
     def embedding(self, window: Window) -> ImageEmbedding:
         """The window's embedding: from memory, else from the store, else computed (and stored)."""
-        key = (window.level, window.index)
+        key = (self.key, window.level, window.index)
         emb = self.cache.get(key)
         if emb is not None:
             return emb
@@ -560,7 +538,7 @@ class TiledPredictor:
         return emb
 
     def _use(self, window: Window) -> None:
-        key = (window.level, window.index)
+        key = (self.key, window.level, window.index)
         if self._current != key:
             self.predictor.set_image_embedding(self.embedding(window))
             self._current = key
@@ -1055,8 +1033,11 @@ class TiledMaskGenerator:
         progress: optional wrapper for the window loop (e.g. tqdm). Records are sorted by predicted IoU.
         """
         source = as_source(image)
-        h, w = source.shape
-        objects = self.objects(source, multimask_output, hq_token_only, progress)
+        return self.records(self.objects(source, multimask_output, hq_token_only, progress), *source.shape)
+
+    def records(self, objects: list[dict], height: int, width: int) -> list[dict]:
+        """`objects`' merged crops as `generate`'s records for a (height, width) image (segmentation per output_mode)."""
+        h, w = height, width
         records = []
         for o in objects:
             x0, y0, x1, y1 = o["box"]

@@ -23,14 +23,15 @@ from test_automatic import tiny_256_model
 from test_predictor import make_image
 
 from samhq.automatic import SamHQAutomaticMaskGenerator
+from samhq.cli import _outputs as O
 from samhq.cli import main
-from samhq.cli import everything as E
 from samhq.masks import coco_to_mask
 
 NO_GRAD = True
 AMG = dict(points_per_side=4, pred_iou_thresh=0.1, stability_score_thresh=0.3, box_nms_thresh=1.0)
 AMG_ARGS = ["--points-per-side", "4", "--pred-iou-thresh", "0.1", "--stability-thresh", "0.3", "--box-nms-thresh", "1.0"]
 NAMES = ["a", "b", "c", "d"]
+JOURNAL = ".samhq-everything.done"
 
 
 @pytest.fixture(scope="module")
@@ -67,21 +68,21 @@ def check_outputs(out: Path, refs: dict, names=NAMES, fmt="both"):
             for p, r in zip(pngs, refs[name]):
                 np.testing.assert_array_equal(np.asarray(Image.open(p)) > 0, r)
             assert (out / f"{name}_overlay.png").is_file()
-    assert not list(out.glob(E.TMP_PREFIX + "*")) and not (out / E.LOCK_FILE).exists()
+    assert not list(out.glob(O.TMP_PREFIX + "*")) and not (out / O.LOCK_FILE).exists()
     assert not [p for p in out.rglob("*") if p.name.endswith(".tmp")]
-    assert set(names) <= set(E.read_done(out))
+    assert set(names) <= set(O.read_done(out, JOURNAL))
 
 
 def test_a_held_lock_stops_a_second_run(setup, tmp_path, capsys):
     root, refs = setup
     out = tmp_path / "out"
     out.mkdir()
-    with E.OutputLock(out):
+    with O.OutputLock(out):
         assert main(everything(root, out)) == 2
         err = capsys.readouterr().err.strip()
         assert err == f"samhq everything: error: another run (pid {os.getpid()}) is writing to {out}; " \
                       "wait for it to finish, or give another --out"
-        assert list(out.iterdir()) == [out / E.LOCK_FILE]  # nothing written
+        assert list(out.iterdir()) == [out / O.LOCK_FILE]  # nothing written
     assert main(everything(root, out, "--format", "both")) == 0
     capsys.readouterr()
     check_outputs(out, refs)
@@ -181,9 +182,9 @@ def test_full_disk_real(setup, tmpfs, capsys):
     code = main(everything(root, out, "--format", "both"))
     err = capsys.readouterr().err.strip()
     assert code == 2 and "No space left on device" in err and "a rerun redoes it" in err
-    done = E.read_done(out)
+    done = O.read_done(out, JOURNAL)
     assert 0 < len(done) < len(NAMES)
-    assert not list(out.glob(E.TMP_PREFIX + "*"))  # the failed image's temporary files are gone
+    assert not list(out.glob(O.TMP_PREFIX + "*"))  # the failed image's temporary files are gone
     check = subprocess.run(["mount", "-o", "remount,size=16m", str(out)], capture_output=True)
     assert check.returncode == 0, check.stderr
     assert main(everything(root, out, "--format", "both")) == 0
@@ -194,7 +195,7 @@ def test_full_disk_real(setup, tmpfs, capsys):
 def test_failed_write_is_cleaned_up_and_redone(setup, tmp_path, monkeypatch, capsys):
     root, refs = setup
     out = tmp_path / "out"
-    real, calls = E._write_file, []
+    real, calls = O.write_file, []
 
     def fail_on_fifth(path, write):
         calls.append(path)
@@ -202,14 +203,14 @@ def test_failed_write_is_cleaned_up_and_redone(setup, tmp_path, monkeypatch, cap
             raise OSError(errno.ENOSPC, "No space left on device")
         real(path, write)
 
-    monkeypatch.setattr(E, "_write_file", fail_on_fifth)
+    monkeypatch.setattr(O, "write_file", fail_on_fifth)
     assert main(everything(root, out, "--format", "both")) == 2
     assert "No space left on device" in capsys.readouterr().err
     failed_in = calls[-1].relative_to(out).parts[1]  # .samhq-tmp-PID/NAME...
-    assert not list(out.glob(E.TMP_PREFIX + "*"))
-    done = E.read_done(out)
+    assert not list(out.glob(O.TMP_PREFIX + "*"))
+    done = O.read_done(out, JOURNAL)
     assert all(not failed_in.startswith(n) for n in done)
-    monkeypatch.setattr(E, "_write_file", real)
+    monkeypatch.setattr(O, "write_file", real)
     assert main(everything(root, out, "--format", "both")) == 0
     capsys.readouterr()
     check_outputs(out, refs)
@@ -221,11 +222,11 @@ def test_killed_run_resumes(setup, tmp_path):
     cmd = [sys.executable, "-m", "samhq.cli", *everything(root, out, "--format", "both")]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     deadline = time.monotonic() + 600
-    while proc.poll() is None and not E.read_done(out) and time.monotonic() < deadline:
+    while proc.poll() is None and not O.read_done(out, JOURNAL) and time.monotonic() < deadline:
         time.sleep(0.02)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    before = E.read_done(out)
+    before = O.read_done(out, JOURNAL)
     r = subprocess.run(cmd, capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     assert f"{len(NAMES) - len(before)} images done, {len(before)} skipped" in r.stdout
@@ -237,8 +238,8 @@ def test_outputs_not_recorded_as_done_are_redone(setup, tmp_path, capsys):
     root, refs = setup
     out = tmp_path / "out"
     assert main(everything(root, out, "--format", "both")) == 0
-    lines = (out / E.DONE_FILE).read_text().splitlines()
-    (out / E.DONE_FILE).write_text("".join(ln + "\n" for ln in lines if json.loads(ln)["name"] not in "bc")
+    lines = (out / JOURNAL).read_text().splitlines()
+    (out / JOURNAL).write_text("".join(ln + "\n" for ln in lines if json.loads(ln)["name"] not in "bc")
                                    + '{"name": "c", "fi')  # c's record torn, b's missing
     (out / "b.json").write_text('{"images": [], "annot')  # as if cut short
     (out / "b_masks" / "000.png").unlink()

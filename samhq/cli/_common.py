@@ -65,6 +65,98 @@ def add_image_args(parser: argparse.ArgumentParser, prompts: bool = False, bit_d
                             help=f"refuse more than N points + boxes at once (default {Limits.max_prompts})")
 
 
+def add_format_args(parser: argparse.ArgumentParser, default: str | None, what: str) -> None:
+    """--format LIST (the command's own files and the annotation formats), --category(ies), polygon options."""
+    parser.add_argument(
+        "--format", "-f", default=default, metavar="LIST",
+        help=f"comma-separated outputs: json ({what}), png (mask PNGs and an overlay), both (= json,png); "
+             "coco, yolo, labelme, labelstudio, geojson (samhq export masks' layout); geotiff, gpkg (with --tiles, for "
+             "georeferenced rasters; geojson is then in WGS 84)" + (f" (default {default})" if default else ""))
+    parser.add_argument("--category", metavar="NAME",
+                        help='the class name of every mask in coco, yolo, labelme, labelstudio, geojson (default "object")')
+    parser.add_argument("--categories", metavar="ID=NAME,...|FILE",
+                        help="class names by category_id (prompt files' category_id): '1=cat,2=dog', or a JSON file "
+                             "mapping ids to names or holding COCO categories (default: the prompt file's own categories)")
+    parser.add_argument("--tolerance", type=float, default=0.0, metavar="PX",
+                        help="polygon simplification in pixels for yolo, labelme, geojson, gpkg (default 0: exact)")
+    parser.add_argument("--min-area", type=float, default=0.0, metavar="PX2",
+                        help="drop polygon parts and holes smaller than this many square pixels (default 0)")
+
+
+def add_tile_args(parser: argparse.ArgumentParser, store: bool = False, refine: bool = False, server: bool = False) -> None:
+    """--tiles and its options: huge images at native resolution (samhq.tiles)."""
+    from ..limits import Limits
+
+    if server:
+        g = parser.add_argument_group("large uploads in tiles (samhq.tiles)")
+        g.add_argument("--tiles", action="store_true",
+                       help="segment uploads larger than a tile in overlapping tiles at their own resolution (tiles are "
+                            "embedded as clicks need them) instead of shrinking them to the model input")
+    else:
+        g = parser.add_argument_group("huge images in tiles (samhq.tiles; GeoTIFF / BigTIFF read in windows with samhq.geo)")
+        g.add_argument("--tiles", action="store_true",
+                       help="embed the image in overlapping tiles at its own resolution instead of shrinking it to the "
+                            "model input; .tif/.tiff/.vrt rasters are read window by window (the geo extra)")
+    g.add_argument("--tile-size", type=int, metavar="N", help="tile side in image pixels (default: the model's input size)")
+    g.add_argument("--overlap", type=int, metavar="N", help="pixels shared by neighbouring tiles (default: a quarter tile)")
+    if store:
+        g.add_argument("--tile-store", metavar="DIR",
+                       help="keep the tile embeddings on disk, DIR/NAME.zarr per image (the tiles extra): a later run "
+                            "prompts the image without embedding it again")
+    if refine:
+        g.add_argument("--refine", choices=["box", "box+mask", "none"], default="box",
+                       help="refine masks found on a coarse pyramid level at native resolution (default box)")
+    g.add_argument("--max-tiled-pixels", type=int, metavar="N",
+                   help=f"refuse images over N pixels that must be decoded whole in tiled mode (default "
+                        f"{Limits.max_tiled_pixels:,}; rasters read in windows are not bounded)")
+
+
+def tile_options(args) -> dict | None:
+    """The TiledPredictor / TiledMaskGenerator options of --tiles (None without it); ValueError for bad sizes."""
+    if not getattr(args, "tiles", False):
+        for option in ("tile_size", "overlap", "tile_store"):
+            if getattr(args, option, None) is not None:
+                raise ValueError(f"--{option.replace('_', '-')} needs --tiles")
+        return None
+    options = {}
+    if args.tile_size is not None:
+        if args.tile_size < 32:
+            raise ValueError(f"--tile-size must be at least 32 pixels, got {args.tile_size}")
+        options["tile_size"] = args.tile_size
+    if args.overlap is not None:
+        options["overlap"] = args.overlap
+    return options
+
+
+def add_ray_args(parser: argparse.ArgumentParser) -> None:
+    """--ray [ADDRESS], --num-workers, --gpus-per-worker: the run as a Ray Data job (samhq.distributed)."""
+    g = parser.add_argument_group("many images on a Ray cluster (samhq.distributed; the ray extra)")
+    g.add_argument("--ray", nargs="?", const="local", metavar="ADDRESS",
+                   help="run on Ray: without ADDRESS a local Ray is started; 'auto' or HOST:PORT joins a running cluster "
+                        "(ray start --head). Workers read the images by path, so every node must see them; this "
+                        "process alone writes --out")
+    g.add_argument("--num-workers", type=int, default=1, metavar="N", help="Ray actors, each loading the model once (default 1)")
+    g.add_argument("--gpus-per-worker", type=float, default=0, metavar="G", help="GPUs per actor (default 0: CPU)")
+
+
+def ray_options(args) -> dict | None:
+    """run_ray's cluster options from --ray (None without it)."""
+    if args.ray is None:
+        for option, default in (("num_workers", 1), ("gpus_per_worker", 0)):
+            if getattr(args, option) != default:
+                raise ValueError(f"--{option.replace('_', '-')} needs --ray")
+        return None
+    if args.num_workers < 1 or args.gpus_per_worker < 0:
+        raise ValueError("--num-workers must be at least 1 and --gpus-per-worker at least 0")
+    try:
+        import ray  # noqa: F401
+        import ray.data  # noqa: F401
+    except ImportError:
+        raise ImportError("--ray needs Ray Data: pip install 'samhq[ray]'") from None
+    return {"address": None if args.ray == "local" else args.ray, "num_workers": args.num_workers,
+            "gpus_per_worker": args.gpus_per_worker}
+
+
 @contextlib.contextmanager
 def command_setup(args):
     """Apply a run's shared options (threads, limits) and print warnings as one line each; undone afterwards."""
@@ -72,12 +164,12 @@ def command_setup(args):
 
     from .. import limits
 
-    for option in ("threads", "max_pixels", "max_prompts"):
+    for option in ("threads", "max_pixels", "max_prompts", "max_tiled_pixels"):
         value = getattr(args, option, None)
         if value is not None and value < 1:
             raise ValueError(f"--{option.replace('_', '-')} must be at least 1, got {value}")
     threads = torch.get_num_threads()
-    previous = limits.configure(**{k: getattr(args, k, None) for k in ("max_pixels", "max_prompts")})
+    previous = limits.configure(**{k: getattr(args, k, None) for k in ("max_pixels", "max_prompts", "max_tiled_pixels")})
     show = warnings.showwarning
     warnings.showwarning = lambda message, *a, **k: print(f"samhq {args.command}: warning: {message}", file=sys.stderr)
     try:
@@ -96,3 +188,46 @@ def refuse_overwrite(paths, force: bool) -> None:
     for p in paths:
         if p is not None and Path(p).exists():
             raise FileExistsError(f"{p} already exists; pass --force to overwrite it")
+
+
+RASTER_SUFFIXES = (".tif", ".tiff", ".vrt", ".jp2", ".img")
+
+
+def open_tiled_source(path, bit_depth: str = "dtype"):
+    """An image for tiled mode: a raster (.tif, .tiff, .vrt, ...) as a `samhq.geo.RasterSource` read window by
+    window when rasterio is installed (16-bit bands scaled by their type's range), anything else decoded
+    whole by `samhq.image_io` under `max_tiled_pixels` as a `samhq.tiles.ArraySource`."""
+    from pathlib import Path
+
+    from ..image_io import to_rgb_array
+    from ..limits import LimitError, as_tiled_error, tiled_limits
+    from ..tiles import ArraySource
+
+    if Path(path).suffix.lower() in RASTER_SUFFIXES:
+        try:
+            import rasterio  # noqa: F401
+        except ImportError:
+            pass
+        else:
+            from ..geo import RasterSource
+
+            return RasterSource(path)
+    try:
+        return ArraySource(to_rgb_array(path, bit_depth=bit_depth, limits=tiled_limits()))
+    except LimitError as e:
+        raise as_tiled_error(e) from None
+
+
+def whole_image(source):
+    """A tiled-mode image whole, (H, W, 3) uint8 (for an overlay): a raster read in windows is read whole,
+    under `max_tiled_pixels`."""
+    from ..limits import LimitError, as_tiled_error, check_pixels, tiled_limits
+
+    if getattr(source, "rgb", None) is not None:
+        return source.rgb
+    h, w = source.shape
+    try:
+        check_pixels(w, h, tiled_limits())
+    except LimitError as e:
+        raise as_tiled_error(e) from None
+    return source.read((0, 0, w, h))

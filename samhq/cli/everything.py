@@ -1,50 +1,74 @@
 """`samhq everything INPUT --out DIR`: automatic masks for one image, a folder of images or a list of paths.
 
-Per image NAME (its path relative to the input folder, without the suffix) it writes
-  DIR/NAME.json           COCO-style: image info and one annotation per mask (COCO RLE, bbox, area, scores)
-  DIR/NAME_masks/NNN.png  one 0/255 PNG per mask            (--format png or both)
-  DIR/NAME_overlay.png    the image with every mask in its own colour  (--format png or both)
+Per image NAME (its path relative to the input folder, without the suffix), by --format (default json):
+  json      DIR/NAME.json           COCO-style: image info and one annotation per mask (COCO RLE, bbox, area, scores)
+  png       DIR/NAME_masks/NNN.png  one 0/255 PNG per mask, and DIR/NAME_overlay.png, the image with every mask
+  yolo      DIR/yolo/labels/NAME.txt (+ yolo/data.yaml, yolo/images/ links)
+  labelme   DIR/labelme/NAME.json
+  geojson   DIR/geojson/NAME.geojson   pixel coordinates; WGS 84 for a georeferenced raster with --tiles
+  geotiff   DIR/geotiff/NAME.tif       label raster with the source's georeferencing (--tiles, rasters with a CRS)
+  gpkg      DIR/gpkg/NAME.gpkg         polygons in the source's CRS (--tiles, rasters with a CRS)
+  coco      DIR/coco/instances.json    every image of DIR (written at the end of each run)
+  labelstudio DIR/label_studio/tasks.json, config.xml (every image of DIR, at the end of each run)
+`both` is json,png. With any of the annotation formats NAME.json is written too: the whole-run files
+are made from it.
 
-The run owns DIR while it works: a second run on the same DIR stops at once with "another run is
-writing to DIR" (a lock on DIR/.samhq-everything.lock, released by the system even when the run is
-killed). DIR is checked to be writable before the model is loaded, and it is never read as input:
-DIR equal to the input folder is refused, DIR inside it is left out of the search. An image's
-outputs are written under a temporary folder, flushed to disk (fsync), moved into place, and only
-then is the image recorded as done in DIR/.samhq-everything.done; a rerun skips the images recorded
-there whose outputs all exist and redoes everything else, so a killed run, a full disk or a
-read-only folder never leaves an image half done. A failed write removes its temporary files and
-stops the run (exit 2). Existing outputs are only replaced with --force. Unreadable or too-large
-images are reported ("skipped: reason") and the run goes on; the exit code is 1 when any failed.
+The run owns DIR while it works (`samhq.cli._outputs`): a second run on the same DIR stops at once
+with "another run is writing to DIR" (a lock on DIR/.samhq.lock, released by the system even when
+the run is killed). DIR is checked to be writable before the model is loaded, and it is never read
+as input: DIR equal to the input folder is refused, DIR inside it is left out of the search. All of
+an image's files (every format) are written under a temporary folder, flushed to disk (fsync),
+moved into place, and only then is the image recorded as done in DIR/.samhq-everything.done; a
+rerun skips the images recorded there whose outputs all exist and redoes everything else, so a
+killed run, a full disk or a read-only folder never leaves an image half done. A failed write
+removes its temporary files and stops the run (exit 2). Existing outputs are only replaced with
+--force. Unreadable or too-large images are reported ("skipped: reason") and the run goes on; the
+exit code is 1 when any failed.
+
+--tiles segments each image in overlapping tiles at its own resolution (`samhq.tiles.TiledMaskGenerator`);
+rasters (.tif, .tiff, .vrt) are then read window by window (`samhq.geo.RasterSource`). --ray runs
+the images on a Ray cluster (`samhq.distributed.run_ray`): the workers return records, this process
+alone writes DIR, the same files as a local run.
 """
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
 
-from ._common import add_image_args, add_model_arg, new_command
+from . import _outputs as O
+from ._common import (
+    add_format_args,
+    add_image_args,
+    add_model_arg,
+    add_ray_args,
+    add_tile_args,
+    new_command,
+    open_tiled_source,
+    ray_options,
+    tile_options,
+    whole_image,
+)
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".gif", ".ppm", ".pgm"}
-LOCK_FILE = ".samhq-everything.lock"
-DONE_FILE = ".samhq-everything.done"
-TMP_PREFIX = ".samhq-tmp-"
+COMMAND = "everything"
+JOURNAL = f".samhq-{COMMAND}.done"
 
 
 def register(sub) -> None:
     p = new_command(
         sub, "everything", "Segment everything: automatic masks for an image, a folder (recursive) or a list of paths.",
-        "samhq everything photos/ --out masks/ --format both --points-per-side 32",
+        "samhq everything photos/ --out masks/ --format both,coco,yolo --points-per-side 32\n"
+        "  samhq everything scene.tif --out scene/ --tiles --format json,geotiff,gpkg,geojson\n"
+        "  samhq everything photos/ --out masks/ --ray --num-workers 4",
     )
     p.add_argument("input", help="an image, a folder (searched recursively) or a .txt file with one image path per line")
     p.add_argument("--out", "-o", required=True, help="output folder")
     add_model_arg(p)
-    p.add_argument("--format", choices=["json", "png", "both"], default="json",
-                   help="json: COCO-style masks; png: mask PNGs and an overlay; both (default: json)")
+    add_format_args(p, "json", "COCO-style masks per image")
     p.add_argument("--points-per-side", type=int, default=32, help="prompt grid size (default 32)")
     p.add_argument("--points-per-batch", type=int, default=64, help="prompts per decoder call (default 64)")
     p.add_argument("--pred-iou-thresh", type=float, default=None,
@@ -60,6 +84,8 @@ def register(sub) -> None:
                    "with its own low-res logits as the mask input")
     p.add_argument("--force", action="store_true", help="recompute and overwrite existing outputs")
     add_image_args(p)
+    add_tile_args(p)
+    add_ray_args(p)
     p.set_defaults(func=run)
 
 
@@ -113,16 +139,6 @@ def list_images(src, out_dir=None) -> list[tuple[Path, str]]:
     return pairs
 
 
-def outputs(out_dir: Path, name: str, fmt: str) -> dict[str, Path]:
-    files = {}
-    if fmt in ("json", "both"):
-        files["json"] = out_dir / f"{name}.json"
-    if fmt in ("png", "both"):
-        files["masks"] = out_dir / f"{name}_masks"
-        files["overlay"] = out_dir / f"{name}_overlay.png"
-    return files
-
-
 def _coco_bbox(segmentation: dict) -> list[int]:
     """COCO's bbox of a COCO RLE, by pycocotools' own `toBbox`: [x, y, w, h] with w = x_max - x_min + 1."""
     from ..masks import _coco_mask_api
@@ -131,13 +147,13 @@ def _coco_bbox(segmentation: dict) -> list[int]:
     return [int(v) for v in _coco_mask_api().toBbox(rle)]
 
 
-def coco_json(image_path: Path, height: int, width: int, records: list[dict], settings: dict) -> dict:
-    """COCO-style document: one image and its mask annotations (segmentation as COCO RLE, bbox as COCO's)."""
-    from ..masks import rle_to_coco
+def coco_json(image_path: Path, height: int, width: int, records: list[dict], settings: dict, category: str = "object") -> dict:
+    """COCO-style document: one image and its mask annotations (segmentation as COCO RLE, bbox as COCO's).
 
+    records: the generator's, with uncompressed RLE or COCO RLE segmentations (what Ray workers send)."""
     anns = []
     for i, r in enumerate(records):
-        segmentation = rle_to_coco(r["segmentation"])
+        segmentation = O.coco_rle(r["segmentation"])
         anns.append({
             "id": i + 1, "image_id": 1, "category_id": 1, "iscrowd": 0,
             "segmentation": segmentation, "area": r["area"], "bbox": _coco_bbox(segmentation),
@@ -146,273 +162,23 @@ def coco_json(image_path: Path, height: int, width: int, records: list[dict], se
         })
     return {
         "images": [{"id": 1, "file_name": str(image_path), "height": height, "width": width}],
-        "categories": [{"id": 1, "name": "object"}],
+        "categories": [{"id": 1, "name": category}],
         "annotations": anns,
         "info": {"description": "samhq everything", **settings},
     }
 
 
-# ---------------------------------------------------------------------------------------------
-# Owning the output folder: a lock, a journal of finished images, staged and synced writes
-
-
-class OutputLock:
-    """An exclusive lock on DIR/.samhq-everything.lock (flock: the system drops it when the process dies)."""
-
-    def __init__(self, folder: Path):
-        self.folder, self.path, self.fd = folder, folder / LOCK_FILE, None
-
-    def __enter__(self):
-        while True:
-            try:
-                fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-            except OSError as e:
-                raise ValueError(f"cannot write to --out {self.folder}: {e.strerror or e}") from None
-            if not _try_lock(fd):
-                owner = os.read(fd, 64).decode("ascii", "replace").strip()
-                os.close(fd)
-                raise ValueError(f"another run{f' (pid {owner})' if owner.isdigit() else ''} is writing to "
-                                 f"{self.folder}; wait for it to finish, or give another --out")
-            try:
-                same = os.stat(self.path).st_ino == os.fstat(fd).st_ino
-            except FileNotFoundError:  # the previous owner removed it between our open and our lock
-                same = False
-            if same:
-                break
-            os.close(fd)
-        os.ftruncate(fd, 0)
-        os.write(fd, f"{os.getpid()}\n".encode())
-        self.fd = fd
-        return self
-
-    def __exit__(self, *exc):
-        try:
-            os.unlink(self.path)  # while still holding the lock, so no one locks a file about to vanish
-        except OSError:
-            pass
-        os.close(self.fd)
-
-
-def _try_lock(fd: int) -> bool:
-    try:
-        import fcntl
-    except ImportError:  # Windows
-        import msvcrt
-
-        try:
-            msvcrt.locking(fd, msvcrt.LK_NBLCK, 1)
-            return True
-        except OSError:
-            return False
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        return True
-    except BlockingIOError:
-        return False
-
-
-def read_done(out_dir: Path) -> dict[str, set[str]]:
-    """Image name -> its output files (relative to DIR) recorded as complete; a torn last line is ignored."""
-    done: dict[str, set[str]] = {}
-    try:
-        lines = (out_dir / DONE_FILE).read_text(encoding="utf-8").splitlines()
-    except (OSError, UnicodeDecodeError):
-        return done
-    for line in lines:
-        try:
-            entry = json.loads(line)
-            done[entry["name"]] = set(entry["files"])
-        except (ValueError, KeyError, TypeError):
-            continue
-    return done
-
-
-def _mark_done(out_dir: Path, name: str, files) -> None:
-    with open(out_dir / DONE_FILE, "a", encoding="utf-8") as f:
-        f.write(json.dumps({"name": name, "files": sorted(files)}) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
-
-
-def _compact_done(out_dir: Path, done: dict[str, set[str]]) -> None:
-    """Rewrite the journal with one line per image (reruns with --force append duplicates)."""
-    tmp = out_dir / (DONE_FILE + f".{os.getpid()}.tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.writelines(json.dumps({"name": n, "files": sorted(fs)}) + "\n" for n, fs in sorted(done.items()))
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, out_dir / DONE_FILE)
-    _fsync_dir(out_dir)
-
-
-def _fsync_dir(folder: Path) -> None:
-    if os.name == "nt":  # directories cannot be opened for fsync on Windows
-        return
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _write_file(path: Path, write) -> None:
-    """write(binary file object) into path, flushed to disk."""
-    with open(path, "wb") as f:
-        write(f)
-        f.flush()
-        os.fsync(f.fileno())
-
-
-def _remove(path: Path) -> None:
-    if path.is_dir() and not path.is_symlink():
-        shutil.rmtree(path, ignore_errors=True)
-    elif path.exists() or path.is_symlink():
-        path.unlink()
-
-
-def write_outputs(out_dir: Path, staging: Path, files: dict[str, Path], writers: dict) -> None:
-    """Write every output of one image under `staging`, fsync, then move each into place.
-
-    writers: kind -> function(staged path). On any error the staged files are removed and the error
-    is raised; the image is not marked done, so a rerun redoes it.
-    """
-    staged = []
-    try:
-        for kind, final in files.items():
-            tmp = staging / final.relative_to(out_dir)
-            tmp.parent.mkdir(parents=True, exist_ok=True)
-            _remove(tmp)
-            staged.append((tmp, final))
-            writers[kind](tmp)
-        for tmp, final in staged:
-            final.parent.mkdir(parents=True, exist_ok=True)
-            if final.is_dir() and not final.is_symlink():
-                shutil.rmtree(final)  # a mask folder is replaced as a whole
-            os.replace(tmp, final)
-        for parent in {final.parent for _, final in staged}:
-            _fsync_dir(parent)
-    finally:
-        for tmp, _ in staged:
-            _remove(tmp)
-
-
-def _progress(items):
+def _progress(items, total=None):
     try:
         from tqdm import tqdm
     except ImportError:
         return items
-    return tqdm(items, unit="image", desc="samhq everything", disable=None)  # None: no bar when stderr is not a terminal
+    return tqdm(items, unit="image", desc="samhq everything", disable=None, total=total)  # no bar unless a terminal
 
 
-# ---------------------------------------------------------------------------------------------
-
-
-def run(args) -> int:
-    src, out_dir = Path(args.input), Path(args.out)
-    if out_dir.exists() and not out_dir.is_dir():
-        raise ValueError(f"--out {out_dir} is a file; give a folder")
-    if src.is_dir() and out_dir.resolve() == src.resolve():
-        raise ValueError(f"--out {out_dir} is the input folder: its outputs would be read as images by the next run; "
-                         f"give another folder, e.g. --out {out_dir / 'samhq'} (left out of the input)")
-    images = list_images(src, out_dir)
-    try:
-        out_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise ValueError(f"cannot create --out {out_dir}: {e.strerror or e}") from None
-    with OutputLock(out_dir):  # also the check that DIR is writable, before any work
-        for stale in out_dir.glob(TMP_PREFIX + "*"):  # left by a killed run; we own DIR now
-            _remove(stale)
-        return _run_locked(args, images, out_dir)
-
-
-def _run_locked(args, images, out_dir: Path) -> int:
-    from PIL import Image
-
-    from ..automatic import SamHQAutomaticMaskGenerator
-    from ..image_io import to_rgb_array
-    from ..masks import rle_to_mask
-    from ..pipelines import load_for_inference
-    from ..visualize import draw_masks
-
-    done_files = read_done(out_dir)
-    todo, skipped, failed = [], 0, 0
-    for path, name in images:
-        files = outputs(out_dir, name, args.format)
-        rel = {p.relative_to(out_dir).as_posix() for p in files.values()}
-        if _inside(path, out_dir):
-            failed += 1
-            print(f"samhq everything: skipped {path}: it is inside the output folder {out_dir}", file=sys.stderr)
-        elif not args.force and rel <= done_files.get(name, set()) and all(p.exists() for p in files.values()):
-            skipped += 1
-        else:
-            todo.append((path, name, files))
-    settings = {
-        "model": str(args.model), "points_per_side": args.points_per_side, "pred_iou_thresh": args.pred_iou_thresh,
-        "stability_score_thresh": args.stability_thresh, "box_nms_thresh": args.box_nms_thresh,
-        "crop_n_layers": args.crop_layers, "min_mask_region_area": args.min_region_area, "hq_token_only": args.hq_token_only,
-        "use_m2m": args.use_m2m,
-    }
-    done = n_masks = 0
-    start = time.time()
-    staging = out_dir / f"{TMP_PREFIX}{os.getpid()}"
-
-    def summary():
-        print(f"samhq everything: {done} images done, {skipped} skipped (already done), {failed} failed, "
-              f"{n_masks} masks written to {out_dir} in {time.time() - start:.1f}s")
-
-    try:
-        if todo:
-            model = load_for_inference(args.model, args.device, args.dtype)
-            generator = SamHQAutomaticMaskGenerator(
-                model, points_per_side=args.points_per_side, points_per_batch=args.points_per_batch,
-                pred_iou_thresh=args.pred_iou_thresh, stability_score_thresh=args.stability_thresh,
-                box_nms_thresh=args.box_nms_thresh, crop_n_layers=args.crop_layers,
-                min_mask_region_area=args.min_region_area, output_mode="uncompressed_rle", use_m2m=args.use_m2m,
-            )
-            settings["pred_iou_thresh"] = generator.pred_iou_thresh  # the model family's default when not given
-        for path, name, files in _progress(todo):
-            try:
-                image = to_rgb_array(path, bit_depth=args.bit_depth)
-                records = generator.generate(image, hq_token_only=args.hq_token_only)
-                text = None
-                if "json" in files:
-                    try:
-                        text = json.dumps(coco_json(path, image.shape[0], image.shape[1], records, settings), allow_nan=False)
-                    except ValueError:
-                        raise ValueError("the model produced NaN or infinite scores (damaged weights, or a dtype that "
-                                         "overflows)") from None
-            except (ValueError, TypeError, OSError) as e:
-                failed += 1
-                print(f"samhq everything: skipped {path}: {e}", file=sys.stderr)
-                continue
-            masks = [rle_to_mask(r["segmentation"]) for r in records] if "masks" in files or "overlay" in files else []
-            writers = {
-                "json": lambda t: _write_file(t, lambda f: f.write(text.encode("utf-8"))),
-                "masks": lambda t: _write_mask_pngs(t, masks),
-                # larger masks first, so the small ones stay visible on top
-                "overlay": lambda t: _write_file(t, lambda f: Image.fromarray(
-                    draw_masks(image, sorted(masks, key=lambda m: -int(m.sum())))).save(f, format="PNG")),
-            }
-            complete = done_files.get(name, set()) | {p.relative_to(out_dir).as_posix() for p in files.values()}
-            try:
-                write_outputs(out_dir, staging, files, writers)
-                _mark_done(out_dir, name, complete)
-            except OSError as e:
-                summary()
-                raise ValueError(f"cannot write the outputs of {path} to {out_dir} ({e.strerror or e}); "
-                                 "nothing of that image was kept, and a rerun redoes it") from None
-            done_files[name] = complete
-            done += 1
-            n_masks += len(records)
-    finally:
-        _remove(staging)
-    if done:
-        try:
-            _compact_done(out_dir, done_files)
-        except OSError:
-            pass  # the appended journal stays valid
-    summary()
-    return 1 if failed else 0
+def _model_source(model) -> str:
+    """The --model for Ray workers: a local path made absolute (workers run elsewhere), a name or hub id as it is."""
+    return str(Path(model).resolve()) if Path(str(model)).exists() else str(model)
 
 
 def _write_mask_pngs(folder: Path, masks: list[np.ndarray]) -> None:
@@ -420,5 +186,239 @@ def _write_mask_pngs(folder: Path, masks: list[np.ndarray]) -> None:
 
     folder.mkdir(parents=True)
     for i, m in enumerate(masks):
-        _write_file(folder / f"{i:03d}.png", lambda f: Image.fromarray(m.astype(np.uint8) * 255).save(f, format="PNG"))
-    _fsync_dir(folder)
+        O.write_file(folder / f"{i:03d}.png", lambda f, m=m: Image.fromarray(m.astype(np.uint8) * 255).save(f, format="PNG"))
+    O.fsync_dir(folder)
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def run(args) -> int:
+    own, formats, geo = O.parse_output_formats(args.format)
+    if args.categories is not None:
+        raise ValueError("--categories names prompt files' category ids; automatic masks have none: give --category NAME")
+    if args.tolerance < 0 or args.min_area < 0:
+        raise ValueError("--tolerance and --min-area must be >= 0")
+    if formats and "json" not in own:
+        own = ["json", *own]  # NAME.json is the per-image record the whole-run files are made from
+    tiles = tile_options(args)
+    if geo and tiles is None:
+        raise ValueError(f"--format {','.join(geo)} needs --tiles (georeferenced rasters are read in windows in tiled mode)")
+    ray = ray_options(args)
+    if ray is not None and geo:
+        raise ValueError(f"--format {','.join(geo)} is written by local runs only (it reads the raster's georeferencing); "
+                         "leave out --ray, or write json with --ray and convert afterwards")
+    src, out_dir = Path(args.input), Path(args.out)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ValueError(f"--out {out_dir} is a file; give a folder")
+    if src.is_dir() and out_dir.resolve() == src.resolve():
+        raise ValueError(f"--out {out_dir} is the input folder: its outputs would be read as images by the next run; "
+                         f"give another folder, e.g. --out {out_dir / 'samhq'} (left out of the input)")
+    images = list_images(src, out_dir)
+    with O.OutputFolder(out_dir, COMMAND) as out:  # also the check that DIR is writable, before any work
+        return _Run(args, out, own, formats, geo, tiles).run(images, ray)
+
+
+class _Run:
+    """One run's state: what to write, counters, and the per-image writer shared by the local and the Ray paths."""
+
+    def __init__(self, args, out: O.OutputFolder, own, formats, geo, tiles):
+        self.args, self.out, self.own, self.formats, self.geo, self.tiles = args, out, own, formats, geo, tiles
+        self.category = args.category or "object"
+        self.settings = {
+            "model": str(args.model), "points_per_side": args.points_per_side, "pred_iou_thresh": args.pred_iou_thresh,
+            "stability_score_thresh": args.stability_thresh, "box_nms_thresh": args.box_nms_thresh,
+            "crop_n_layers": args.crop_layers, "min_mask_region_area": args.min_region_area,
+            "hq_token_only": args.hq_token_only, "use_m2m": args.use_m2m,
+        }
+        if tiles is not None:
+            self.settings["tiles"] = dict(tiles)
+        self.done = self.skipped = self.failed = self.n_masks = 0
+        self.start = time.time()
+
+    def generator_options(self) -> dict:
+        a = self.args
+        return dict(points_per_side=a.points_per_side, points_per_batch=a.points_per_batch, pred_iou_thresh=a.pred_iou_thresh,
+                    stability_score_thresh=a.stability_thresh, box_nms_thresh=a.box_nms_thresh, crop_n_layers=a.crop_layers,
+                    min_mask_region_area=a.min_region_area, use_m2m=a.use_m2m)
+
+    def summary(self) -> None:
+        print(f"samhq everything: {self.done} images done, {self.skipped} skipped (already done), {self.failed} failed, "
+              f"{self.n_masks} masks written to {self.out.folder} in {time.time() - self.start:.1f}s")
+
+    def fail(self, path, reason) -> None:
+        self.failed += 1
+        print(f"samhq everything: skipped {path}: {reason}", file=sys.stderr)
+
+    def run(self, images, ray) -> int:
+        todo = []
+        for path, name in images:
+            if _inside(path, self.out.folder):
+                self.fail(path, f"it is inside the output folder {self.out.folder}")
+            elif not self.args.force and self.out.is_done(name, self.paths(name)):
+                self.skipped += 1
+            else:
+                todo.append((path, name))
+        if ray is not None:
+            self.run_ray(todo, ray)
+        else:
+            self.run_local(todo)
+        if set(self.formats) & {"coco", "labelstudio", "yolo"}:
+            self.write_dataset()
+        self.summary()
+        return 1 if self.failed else 0
+
+    # ---------------------------------------------------------------- one image's files
+
+    def paths(self, name: str) -> list[Path]:
+        return O.image_paths(self.out.folder, name, self.own, self.formats, self.geo)
+
+    def outputs(self, path: Path, name: str, height: int, width: int, records: list[dict], rgb=None, raster=None,
+                crops=None) -> dict:
+        """{final path: writer} for one image; ValueError when its masks cannot be written (NaN scores, no CRS)."""
+        from PIL import Image
+
+        from ..visualize import draw_masks
+
+        files = {}
+        folder = self.out.folder
+        if "json" in self.own:
+            try:
+                text = json.dumps(coco_json(path, height, width, records, self.settings, self.category), allow_nan=False)
+            except ValueError:
+                raise ValueError(O.NAN_MESSAGE) from None
+            files[folder / f"{name}.json"] = O.data_writer(text)
+        if "png" in self.own:
+            masks = [O.segmentation_mask(r["segmentation"]) for r in records]
+            files[folder / f"{name}_masks"] = lambda t: _write_mask_pngs(t, masks)
+            if rgb is not None:  # larger masks first, so the small ones stay visible on top (rgb: png needs it)
+                overlay = draw_masks(rgb, sorted(masks, key=lambda m: -int(m.sum())))
+                files[folder / f"{name}_overlay.png"] = lambda t: O.write_file(
+                    t, lambda f: Image.fromarray(overlay).save(f, format="PNG"))
+        if self.formats or self.geo:
+            polygons = None
+            if crops is not None and set(self.formats) & {"yolo", "labelme", "geojson"}:
+                polygons = O.polygons_on_crops(crops, self.args.tolerance, self.args.min_area)
+            objects = [{"segmentation": r["segmentation"], "score": r["predicted_iou"], "category_id": 1,
+                        **({"polygons": polygons[i]} if polygons is not None else {})} for i, r in enumerate(records)]
+            image = {"file_name": str(path), "name": name, "height": height, "width": width, "objects": objects}
+            files.update(O.format_outputs(self.out, image, [f for f in self.formats if f not in O.DATASET_FORMATS],
+                                          self.geo, self.category, tolerance=self.args.tolerance,
+                                          min_area=self.args.min_area, raster=raster, crops=crops))
+        return files
+
+    def write(self, path, name: str, files: dict, n_masks: int) -> None:
+        try:
+            self.out.write(name, files)
+        except OSError as e:
+            self.summary()
+            raise ValueError(f"cannot write the outputs of {path} to {self.out.folder} ({e.strerror or e}); "
+                             "nothing of that image was kept, and a rerun redoes it") from None
+        except ValueError as e:  # a writer refused this image's masks (e.g. a geo writer): nothing of it was kept
+            self.fail(path, e)
+            return
+        self.done += 1
+        self.n_masks += n_masks
+
+    def write_dataset(self) -> None:
+        """coco/instances.json, label_studio/, yolo/data.yaml: from every image of DIR recorded as done."""
+        from ..formats import image_from_samhq_doc
+
+        images = []
+        for name in sorted(self.out.done):
+            try:
+                doc = json.loads((self.out.folder / f"{name}.json").read_text(encoding="utf-8"))
+                image, _ = image_from_samhq_doc(doc, name)
+            except (OSError, ValueError):
+                continue  # journaled by a run without json
+            if image is not None:
+                images.append(image)
+        try:
+            O.write_dataset(self.out, images, self.formats, self.category, tolerance=self.args.tolerance,
+                            min_area=self.args.min_area)
+        except OSError as e:
+            self.summary()
+            raise ValueError(f"cannot write the whole-run files ({', '.join(self.formats)}) to {self.out.folder} "
+                             f"({e.strerror or e}); the images are done, a rerun writes them") from None
+
+    # ---------------------------------------------------------------- local
+
+    def run_local(self, todo) -> None:
+        from ..image_io import to_rgb_array
+        from ..pipelines import load_for_inference
+
+        if not todo:
+            return
+        a = self.args
+        model = load_for_inference(a.model, a.device, a.dtype)
+        if self.tiles is not None:
+            from ..tiles import TiledMaskGenerator
+
+            generator = TiledMaskGenerator(model, **self.tiles, output_mode="uncompressed_rle", **self.generator_options())
+        else:
+            from ..automatic import SamHQAutomaticMaskGenerator
+
+            generator = SamHQAutomaticMaskGenerator(model, output_mode="uncompressed_rle", **self.generator_options())
+        gen = getattr(generator, "generator", generator)
+        self.settings["pred_iou_thresh"] = gen.pred_iou_thresh  # the model family's default when not given
+        for path, name in _progress(todo):
+            source = None
+            try:
+                try:
+                    crops = None
+                    if self.tiles is not None:
+                        source = open_tiled_source(path, a.bit_depth)
+                        crops = generator.objects(source, hq_token_only=a.hq_token_only)
+                        height, width = source.shape
+                        records = generator.records(crops, height, width)
+                        rgb = whole_image(source) if "png" in self.own else None
+                    else:
+                        rgb = to_rgb_array(path, bit_depth=a.bit_depth)
+                        height, width = rgb.shape[:2]
+                        records = generator.generate(rgb, hq_token_only=a.hq_token_only)
+                    raster = source if hasattr(source, "crs") else None
+                    files = self.outputs(path, name, height, width, records, rgb, raster, crops)
+                except (ValueError, TypeError, OSError) as e:
+                    self.fail(path, e)
+                    continue
+                self.write(path, name, files, len(records))
+            finally:
+                if hasattr(source, "close"):
+                    source.close()
+
+    # ---------------------------------------------------------------- Ray
+
+    def run_ray(self, todo, ray: dict) -> None:
+        import torch
+
+        from .. import distributed
+        from ..image_io import to_rgb_array
+        from ..limits import get_limits
+
+        a = self.args
+        paths = {name: path for path, name in todo}
+        limits = get_limits()
+
+        def writer(key: str, result: dict) -> None:
+            path = paths[key]
+            records = result["records"]
+            try:
+                rgb = None
+                if "png" in self.own:  # the overlay: this process reads the image too
+                    lim = limits.replace(max_pixels=limits.max_tiled_pixels) if self.tiles is not None else limits
+                    rgb = to_rgb_array(path, bit_depth=a.bit_depth, limits=lim)
+                files = self.outputs(path, key, result["height"], result["width"], records, rgb)
+            except (ValueError, TypeError, OSError) as e:
+                self.fail(path, e)
+                return
+            self.write(path, key, files, len(records))
+
+        summary = distributed.run_ray(
+            [(name, str(Path(path).resolve())) for path, name in todo], writer,
+            on_error=lambda key, message: self.fail(paths[key], message), mode="everything", model=_model_source(a.model),
+            generator_options=self.generator_options(), tiles=self.tiles, threads=torch.get_num_threads(),
+            device=None if ray["gpus_per_worker"] else a.device, dtype=a.dtype, hq_token_only=a.hq_token_only,
+            bit_depth=a.bit_depth, limits={"max_pixels": limits.max_pixels, "max_tiled_pixels": limits.max_tiled_pixels},
+            predictor_cls=distributed.SamHQBatchPredictor, **ray)
+        for key in summary.lost:
+            self.fail(paths[key], "it never came back from the Ray workers; a rerun redoes it")

@@ -5,12 +5,15 @@ Core layer: numpy and PIL at import time; rasterio / shapely (the `formats` extr
 """
 from .ls_rle import ls_rle_to_mask, mask_to_ls_rle
 from .polygons import mask_to_polygons, polygons_to_mask
-from .readers import read_labelme, read_samhq_outputs, read_yolo
+from .readers import image_from_samhq_doc, read_labelme, read_samhq_outputs, read_yolo
 from .writers import (
     FORMATS,
+    dataset_files,
+    image_files,
     keyhole,
     label_studio_config,
     label_studio_result,
+    link_yolo_images,
     normalize_categories,
     parse_formats,
     split_output_formats,
@@ -19,12 +22,15 @@ from .writers import (
     to_label_studio,
     to_labelme,
     to_yolo,
+    write_file_data,
     write_formats,
     yolo_data_yaml,
 )
 
 __all__ = [
-    "FORMATS", "keyhole", "ls_rle_to_mask", "label_studio_config", "label_studio_result", "mask_to_ls_rle", "mask_to_polygons",
-    "normalize_categories", "parse_formats", "polygons_to_mask", "read_labelme", "read_samhq_outputs", "read_yolo", "split_output_formats",
-    "to_coco", "to_geojson", "to_label_studio", "to_labelme", "to_yolo", "write_formats", "yolo_data_yaml",
+    "FORMATS", "dataset_files", "image_files", "image_from_samhq_doc", "keyhole", "label_studio_config",
+    "label_studio_result", "link_yolo_images", "ls_rle_to_mask", "mask_to_ls_rle", "mask_to_polygons",
+    "normalize_categories", "parse_formats", "polygons_to_mask", "read_labelme", "read_samhq_outputs", "read_yolo",
+    "split_output_formats", "to_coco", "to_geojson", "to_label_studio", "to_labelme", "to_yolo", "write_file_data",
+    "write_formats", "yolo_data_yaml",
 ]

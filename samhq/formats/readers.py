@@ -27,6 +27,29 @@ def _samhq_doc(doc) -> str | None:
     return None
 
 
+def image_from_samhq_doc(doc, name: str) -> tuple[dict | None, dict[int, str]]:
+    """One JSON document samhq wrote -> (the `samhq.formats.writers` image dict named `name`, its categories),
+    or (None, {}) for a document samhq did not write. `samhq everything`'s NAME.json: masks as COCO RLE,
+    score = predicted_iou; `samhq segment --json` / `segment --prompts`' NAME.json: its masks with their
+    score and category_id. ValueError for a segment document without segmentations."""
+    kind = _samhq_doc(doc)
+    if kind == "everything":
+        info = doc["images"][0]
+        objects = [{"segmentation": a["segmentation"], "category_id": a.get("category_id", 1),
+                    "score": a.get("predicted_iou", a.get("score"))} for a in doc["annotations"]]
+        cats = {int(c["id"]): str(c["name"]) for c in doc.get("categories", [])}
+        return {"file_name": info["file_name"], "height": int(info["height"]), "width": int(info["width"]),
+                "name": name, "objects": objects}, cats
+    if kind == "segment":
+        if any("segmentation" not in m for m in doc["masks"]):
+            raise ValueError("no masks' segmentation (an older samhq segment --json); rerun samhq segment")
+        objects = [{"segmentation": m["segmentation"], "score": m.get("score"),
+                    **({"category_id": m["category_id"]} if "category_id" in m else {})} for m in doc["masks"]]
+        return {"file_name": doc["image"], "height": int(doc["height"]), "width": int(doc["width"]),
+                "name": name, "objects": objects}, {}
+    return None, {}
+
+
 def _find_image(images_dir, name: str) -> Path | None:
     if images_dir is None:
         return None
@@ -64,23 +87,15 @@ def read_samhq_outputs(src_dir, images_dir=None) -> tuple[list[dict], dict[int, 
             doc = json.loads(path.read_text(encoding="utf-8"))
         except (OSError, UnicodeDecodeError, json.JSONDecodeError):
             continue
-        kind, name = _samhq_doc(doc), rel.with_suffix("").as_posix()
-        if kind == "everything":
-            info = doc["images"][0]
-            objects = [{"segmentation": a["segmentation"], "category_id": a.get("category_id", 1),
-                        "score": a.get("predicted_iou", a.get("score"))} for a in doc["annotations"]]
-            categories.update({int(c["id"]): str(c["name"]) for c in doc.get("categories", [])})
-            images.append({"file_name": info["file_name"], "height": int(info["height"]), "width": int(info["width"]),
-                           "name": name, "objects": objects})
-        elif kind == "segment":
-            if any("segmentation" not in m for m in doc["masks"]):
-                raise ValueError(f"{path} has no masks' segmentation (an older samhq segment --json); rerun samhq segment")
-            objects = [{"segmentation": m["segmentation"], "score": m.get("score"),
-                        **({"category_id": m["category_id"]} if "category_id" in m else {})} for m in doc["masks"]]
-            images.append({"file_name": doc["image"], "height": int(doc["height"]), "width": int(doc["width"]),
-                           "name": name, "objects": objects})
-        else:
+        name = rel.with_suffix("").as_posix()
+        try:
+            image, cats = image_from_samhq_doc(doc, name)
+        except ValueError as e:
+            raise ValueError(f"{path}: {e}") from None
+        if image is None:
             continue
+        categories.update(cats)
+        images.append(image)
         names.add(name)
     for folder in sorted(src.rglob("*_masks")):
         name = folder.relative_to(src).as_posix()[: -len("_masks")]

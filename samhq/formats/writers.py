@@ -101,8 +101,9 @@ def object_mask(obj: dict, height: int, width: int) -> np.ndarray:
 
 
 def object_polygons(obj: dict, height: int, width: int, tolerance: float = 0.0, min_area: float = 0.0):
-    """An object's polygons (`mask_to_polygons` layout); given polygons are used as they are."""
-    if obj.get("segmentation") is None and "polygons" in obj:
+    """An object's polygons (`mask_to_polygons` layout); given polygons are used as they are (also when the
+    object has a segmentation too: a caller that traced crops of a huge image passes both)."""
+    if obj.get("polygons") is not None:
         return [[np.asarray(r, dtype=np.float64) for r in p] for p in obj["polygons"]]
     return mask_to_polygons(object_mask(obj, height, width), tolerance, min_area)
 
@@ -478,36 +479,14 @@ def split_output_formats(text) -> tuple[list[str], list[str]]:
     return own, (parse_formats(rest) if rest else [])
 
 
-def format_paths(images: list[dict], out_dir, formats) -> dict[str, list[Path]]:
-    """The files `write_formats` writes, per format (folders for png)."""
-    out = Path(out_dir)
-    stems = [_stem(im) for im in images]
-    paths = {
-        "coco": [out / "coco" / "instances.json"],
-        "yolo": [out / "yolo" / "data.yaml"] + [out / "yolo" / "labels" / f"{s}.txt" for s in stems],
-        "labelme": [out / "labelme" / f"{s}.json" for s in stems],
-        "labelstudio": [out / "label_studio" / "tasks.json", out / "label_studio" / "config.xml"],
-        "geojson": [out / "geojson" / f"{s}.geojson" for s in stems],
-        "png": [out / f"{s}_masks" for s in stems],
-    }
-    return {f: paths[f] for f in parse_formats(formats)}
+def _png_bytes(mask: np.ndarray) -> bytes:
+    import io
 
+    from PIL import Image
 
-def _atomic_write(path: Path, data) -> None:
-    """Write text/bytes (or, for a callable, call it with a temporary path) and rename into place."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    if tmp.is_dir():
-        shutil.rmtree(tmp)
-    if callable(data):
-        data(tmp)
-    elif isinstance(data, bytes):
-        tmp.write_bytes(data)
-    else:
-        tmp.write_text(data, encoding="utf-8")
-    if path.is_dir():
-        shutil.rmtree(path)
-    os.replace(tmp, path)
+    buf = io.BytesIO()
+    Image.fromarray(np.asarray(mask).astype(np.uint8) * 255).save(buf, format="PNG")
+    return buf.getvalue()
 
 
 def _image_file(image: dict, image_root) -> Path | None:
@@ -528,12 +507,120 @@ def _relative_to(path: Path, root) -> Path:
         return path
 
 
-def _write_pngs(folder: Path, masks) -> None:
-    from PIL import Image
+# A file's contents: str (UTF-8 text), bytes, or a dict {name: bytes} for a folder of files (replaced as a whole).
+FileData = "str | bytes | dict[str, bytes]"
 
-    folder.mkdir(parents=True)
-    for i, m in enumerate(masks):
-        Image.fromarray(m.astype(np.uint8) * 255).save(folder / f"{i:03d}.png")
+
+def image_files(image: dict, formats, categories="object", *, out_dir=None, tolerance: float = 0.0, min_area: float = 0.0,
+                image_root=None, embed_images: bool = False) -> dict[str, FileData]:
+    """One image's own files of `formats` (relative path -> contents; the layout of `write_formats`):
+    yolo/labels/NAME.txt, labelme/NAME.json, geojson/NAME.geojson, NAME_masks/ (png). Formats made of
+    all images together (coco, labelstudio, yolo's data.yaml) are `dataset_files`'. out_dir: where the
+    files will be written (LabelMe's imagePath is made relative to it when the image is found), or None.
+    """
+    fmts = parse_formats(formats)
+    cats = normalize_categories(categories)
+    stem = _stem(image)
+    out: dict[str, FileData] = {}
+    if "yolo" in fmts:
+        out[f"yolo/labels/{stem}.txt"] = to_yolo(image, cats, tolerance, min_area)
+    if "labelme" in fmts:
+        src = _image_file(image, image_root)
+        rel = str(image["file_name"])
+        if src is not None and out_dir is not None:
+            rel = os.path.relpath(src.resolve(), (Path(out_dir) / "labelme" / stem).parent.resolve())
+        data = src.read_bytes() if (embed_images and src is not None) else None
+        doc = to_labelme(image, cats, tolerance, min_area, image_path=rel, image_data=data)
+        out[f"labelme/{stem}.json"] = json.dumps(doc, indent=1)
+    if "geojson" in fmts:
+        out[f"geojson/{stem}.geojson"] = json.dumps(to_geojson(image, cats, tolerance=tolerance, min_area=min_area))
+    if "png" in fmts:
+        h, w = image_size(image)
+        out[f"{stem}_masks"] = {f"{i:03d}.png": _png_bytes(object_mask(o, h, w)) for i, o in enumerate(image.get("objects", []))}
+    return out
+
+
+def dataset_files(images: list[dict], formats, categories="object", *, out_dir=None, tolerance: float = 0.0,
+                  min_area: float = 0.0, coco_segmentation: str = "rle", label_studio_kind: str = "brush",
+                  image_url_prefix: str | None = None, image_root=None) -> dict[str, FileData]:
+    """The files of `formats` made of all images together (relative path -> contents): coco/instances.json,
+    yolo/data.yaml (its `path` is out_dir resolved, or "." when None), label_studio/tasks.json and config.xml."""
+    fmts = parse_formats(formats)
+    cats = normalize_categories(categories)
+    out: dict[str, FileData] = {}
+    if "coco" in fmts:
+        out["coco/instances.json"] = json.dumps(to_coco(images, cats, coco_segmentation, tolerance, min_area))
+    if "yolo" in fmts:
+        out["yolo/data.yaml"] = yolo_data_yaml(cats, (Path(out_dir) / "yolo").resolve() if out_dir is not None else ".")
+    if "labelstudio" in fmts:
+        urls = None
+        if image_url_prefix is not None:
+            urls = [image_url_prefix + _relative_to(Path(str(im["file_name"])), image_root).as_posix() for im in images]
+        tasks = to_label_studio(images, cats, label_studio_kind, image_urls=urls, tolerance=tolerance, min_area=min_area)
+        out["label_studio/tasks.json"] = json.dumps(tasks)
+        out["label_studio/config.xml"] = label_studio_config(cats, label_studio_kind)
+    return out
+
+
+def format_paths(images: list[dict], out_dir, formats) -> dict[str, list[Path]]:
+    """The files `write_formats` writes, per format (folders for png)."""
+    out = Path(out_dir)
+    stems = [_stem(im) for im in images]
+    paths = {
+        "coco": [out / "coco" / "instances.json"],
+        "yolo": [out / "yolo" / "data.yaml"] + [out / "yolo" / "labels" / f"{s}.txt" for s in stems],
+        "labelme": [out / "labelme" / f"{s}.json" for s in stems],
+        "labelstudio": [out / "label_studio" / "tasks.json", out / "label_studio" / "config.xml"],
+        "geojson": [out / "geojson" / f"{s}.geojson" for s in stems],
+        "png": [out / f"{s}_masks" for s in stems],
+    }
+    return {f: paths[f] for f in parse_formats(formats)}
+
+
+def write_file_data(path: Path, data) -> None:
+    """Write one `FileData` (text, bytes, or a folder's {name: bytes}) at path, which must not exist."""
+    if isinstance(data, dict):
+        path.mkdir(parents=True)
+        for name, blob in data.items():
+            (path / name).write_bytes(blob)
+    elif isinstance(data, bytes):
+        path.write_bytes(data)
+    else:
+        path.write_text(data, encoding="utf-8")
+
+
+def _atomic_write(path: Path, data) -> None:
+    """Write `FileData` under a temporary name and rename it into place (a folder is replaced as a whole)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    if tmp.is_dir():
+        shutil.rmtree(tmp)
+    elif tmp.exists():
+        tmp.unlink()
+    write_file_data(tmp, data)
+    if path.is_dir():
+        shutil.rmtree(path)
+    os.replace(tmp, path)
+
+
+def link_yolo_images(images: list[dict], out_dir, image_root=None) -> None:
+    """yolo/images/NAME.ext links to the images that exist (a copy where links fail; files already there are
+    kept), so a YOLO folder trains as it is."""
+    ydir = Path(out_dir) / "yolo"
+    for image in images:
+        src = _image_file(image, image_root)
+        if src is None:
+            continue
+        link = ydir / "images" / f"{_stem(image)}{src.suffix}"
+        link.parent.mkdir(parents=True, exist_ok=True)
+        if link.exists() and not link.is_symlink():
+            continue  # a copy of the user's: kept
+        if link.is_symlink():
+            link.unlink()
+        try:
+            link.symlink_to(os.path.relpath(src.resolve(), link.parent.resolve()))
+        except OSError:  # no symlinks here (some Windows set-ups): copy
+            shutil.copyfile(src, link)
 
 
 def write_formats(images: list[dict], out_dir, formats, categories="object", *, tolerance: float = 0.0,
@@ -552,6 +639,8 @@ def write_formats(images: list[dict], out_dir, formats, categories="object", *, 
         label_studio/tasks.json, config.xml (`to_label_studio` with `label_studio_kind`, its config)
         geojson/NAME.geojson                pixel coordinates (`to_geojson`)
         NAME_masks/NNN.png                  one 0/255 PNG per object, as `samhq everything` writes
+    (`dataset_files` and `image_files` give the same files as data, for callers that write them their
+    own way: the commands' staged writes, the server's downloads.)
     image_root: the folder images with relative file_names are looked for in (as root / file_name,
         then root / its base name, then file_name from the current folder).
     image_url_prefix: Label Studio image URLs are prefix + file_name (relative to image_root),
@@ -573,51 +662,14 @@ def write_formats(images: list[dict], out_dir, formats, categories="object", *, 
                 raise FileExistsError(f"{p} already exists; pass --force (overwrite=True) to replace it")
     out = Path(out_dir)
     written: list[Path] = []
-
-    def put(path: Path, data):
-        _atomic_write(path, data)
-        written.append(path)
-
-    if "coco" in fmts:
-        doc = to_coco(images, cats, coco_segmentation, tolerance, min_area)
-        put(paths["coco"][0], json.dumps(doc))
+    options = dict(out_dir=out, tolerance=tolerance, min_area=min_area, image_root=image_root)
+    files = dataset_files(images, fmts, cats, coco_segmentation=coco_segmentation, label_studio_kind=label_studio_kind,
+                          image_url_prefix=image_url_prefix, **options)
+    for image in images:
+        files.update(image_files(image, fmts, cats, embed_images=embed_images, **options))
+    for rel, data in files.items():
+        _atomic_write(out / rel, data)
+        written.append(out / rel)
     if "yolo" in fmts:
-        ydir = out / "yolo"
-        put(ydir / "data.yaml", yolo_data_yaml(cats, ydir.resolve()))
-        for image, stem in zip(images, stems):
-            put(ydir / "labels" / f"{stem}.txt", to_yolo(image, cats, tolerance, min_area))
-            src = _image_file(image, image_root)
-            if src is not None:
-                link = ydir / "images" / f"{stem}{src.suffix}"
-                link.parent.mkdir(parents=True, exist_ok=True)
-                if link.exists() and not link.is_symlink():
-                    continue  # a copy of the user's: kept
-                if link.is_symlink():
-                    link.unlink()
-                try:
-                    link.symlink_to(os.path.relpath(src.resolve(), link.parent.resolve()))
-                except OSError:  # no symlinks here (some Windows set-ups): copy
-                    shutil.copyfile(src, link)
-    if "labelme" in fmts:
-        for image, stem, path in zip(images, stems, paths["labelme"]):
-            src = _image_file(image, image_root)
-            rel = os.path.relpath(src.resolve(), path.parent.resolve()) if src is not None else str(image["file_name"])
-            data = src.read_bytes() if (embed_images and src is not None) else None
-            doc = to_labelme(image, cats, tolerance, min_area, image_path=rel, image_data=data)
-            put(path, json.dumps(doc, indent=1))
-    if "labelstudio" in fmts:
-        urls = None
-        if image_url_prefix is not None:
-            urls = [image_url_prefix + _relative_to(Path(str(im["file_name"])), image_root).as_posix() for im in images]
-        tasks = to_label_studio(images, cats, label_studio_kind, image_urls=urls, tolerance=tolerance, min_area=min_area)
-        put(paths["labelstudio"][0], json.dumps(tasks))
-        put(paths["labelstudio"][1], label_studio_config(cats, label_studio_kind))
-    if "geojson" in fmts:
-        for image, path in zip(images, paths["geojson"]):
-            put(path, json.dumps(to_geojson(image, cats, tolerance=tolerance, min_area=min_area)))
-    if "png" in fmts:
-        for image, path in zip(images, paths["png"]):
-            h, w = image_size(image)
-            masks = [object_mask(o, h, w) for o in image.get("objects", [])]
-            put(path, lambda t, masks=masks: _write_pngs(t, masks))
+        link_yolo_images(images, out, image_root)
     return written
