@@ -294,10 +294,11 @@ def _sam2_reference(spec):
     SysCV's HQ decoder computation (the tests' stand-in), and the HQ tensors."""
     import _refs  # noqa: F401 - puts tests/ (sam2_ref, its torchvision stand-ins) on the path
     import torch
-    from sam2_ref import build_sam2_image_model, hq_decoder_stand_in, load_sam2
 
     from samhq.checkpoints_sam2 import is_video_key
     from samhq.config_sam2 import SAM2_VARIANTS
+
+    from sam2_ref import build_sam2_image_model, hq_decoder_stand_in, load_sam2
 
     if load_sam2() is None:
         raise ImportError("sam2 is not installed (scripts/install_references.sh)")
@@ -403,8 +404,7 @@ def prepare(variant: str, work: Path, onnx: bool) -> dict:
     import torch
     from _refs import perturb_
 
-    from samhq import SamHQConfig, SamHQModel
-    from samhq import save_official
+    from samhq import SamHQConfig, SamHQModel, save_official
     from samhq.predictor import SamHQPredictor
 
     torch.set_grad_enabled(False)

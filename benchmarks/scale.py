@@ -38,7 +38,7 @@ sys.path.insert(0, str(ROOT))
 
 from samhq import SamHQModel, SamHQPredictor  # noqa: E402
 from samhq.data.synthetic import SyntheticShapes  # noqa: E402
-from samhq.eval.metrics import boundary_iou, mask_iou  # noqa: E402
+from samhq.eval.metrics import boundary_iou  # noqa: E402
 from samhq.tiles import TiledPredictor  # noqa: E402
 
 MODEL = "samhq-tiny-shapes"

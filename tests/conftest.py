@@ -6,9 +6,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from official_ref import perturb_  # noqa: E402
-
 from samhq import SamHQConfig, SamHQMaskDecoderConfig, SamHQModel, SamHQPromptEncoderConfig, SamHQVisionConfig  # noqa: E402
+
+from official_ref import perturb_  # noqa: E402
 
 
 def small_config(**vision) -> SamHQConfig:

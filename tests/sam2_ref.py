@@ -289,9 +289,9 @@ def meta_state(config_name: str) -> dict:
 def small_model(variant: str = "hiera_t", hq: bool = True, image_size: int = SMALL_IMAGE_SIZE, seed: int = 1, **decoder):
     """Our `SamHQ2Model` at a small config (`small_hiera(variant)`, `image_size` px), every weight perturbed, in eval
     mode; `hq=False` turns the HQ parts off as a plain SAM 2 checkpoint does. Needs no `sam2`."""
-    from official_ref import perturb_
-
     from samhq.modeling.sam2 import SamHQ2Model
+
+    from official_ref import perturb_
 
     model = perturb_(SamHQ2Model(our_config(small_hiera(variant), image_size, **decoder)), seed=seed).eval()
     model.hq_enabled = hq
@@ -318,9 +318,9 @@ def meta_pair(tmp, variant: str = "hiera_t", image_size: int = SMALL_IMAGE_SIZE,
     """Meta's `SAM2Base` at a small config with perturbed weights, and our model loaded from its official `.pt`
     (in `tmp`). hq: add random HQ-SAM 2 tensors to the file and give Meta's decoder SysCV's HQ computation
     (`hq_decoder_stand_in`). edit(ref): change Meta's weights before saving. Returns (ref, ours, path)."""
-    from official_ref import perturb_
-
     from samhq.modeling.sam2 import load_sam2_model
+
+    from official_ref import perturb_
 
     hiera = small_hiera(variant)
     torch.manual_seed(0)

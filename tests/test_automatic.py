@@ -9,12 +9,13 @@ import functools
 
 import numpy as np
 import pytest
-from conftest import random_model
-from official_ref import load_official, official_like
 
 from samhq import SamHQModel
 from samhq import masks as M
 from samhq.automatic import SamHQAutomaticMaskGenerator
+
+from conftest import random_model
+from official_ref import load_official, official_like
 
 sah = load_official()
 needs_official = pytest.mark.skipif(sah is None, reason="segment-anything-hq is not installed")

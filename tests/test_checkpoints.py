@@ -6,11 +6,12 @@ import sys
 
 import pytest
 import torch
-from conftest import perturb_
-from official_ref import load_official
 
 from samhq import CheckpointError, SamHQConfig, SamHQModel, SamHQVisionModel, convert, save_official
 from samhq.checkpoints import infer_config, official_to_ours, ours_to_official
+
+from conftest import perturb_
+from official_ref import load_official
 
 sah = load_official()
 needs_official = pytest.mark.skipif(sah is None, reason="segment-anything-hq is not installed")

@@ -5,10 +5,11 @@ import sys
 
 import pytest
 import torch
-from conftest import small_config
 
 from samhq import SamHQModel
 from samhq.checkpoints import read_checkpoint
+
+from conftest import small_config
 
 
 def samhq(*args):

@@ -7,11 +7,12 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from video_ref import save_tiny_checkpoint
 
 from samhq.cli import main
 from samhq.data.synthetic_video import moving_shapes
 from samhq.masks import coco_to_mask
+
+from video_ref import save_tiny_checkpoint
 
 NO_GRAD = True
 
@@ -96,9 +97,9 @@ def test_bad_input_is_one_line_and_writes_nothing(setup, capsys, args, message):
 
 def test_unsuitable_checkpoints(setup, tmp_path, capsys):
     _, folder, _ = setup
-    from video_ref import tiny_video_config
-
     from samhq.modeling.sam2 import SamHQ2Model
+
+    from video_ref import tiny_video_config
 
     config = tiny_video_config()
     config.video_config = None

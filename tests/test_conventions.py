@@ -14,11 +14,11 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import random_model
-
 from samhq import SamHQProcessor, pipeline
 from samhq.pipelines import load_for_inference
 from samhq.predictor import SamHQPredictor
+
+from conftest import random_model
 
 NO_GRAD = True
 

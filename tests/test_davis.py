@@ -12,7 +12,6 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from video_ref import save_tiny_checkpoint
 
 from samhq.data.synthetic_video import moving_shapes
 from samhq.eval.davis import (
@@ -23,6 +22,8 @@ from samhq.eval.davis import (
     is_davis_folder,
     region_similarity,
 )
+
+from video_ref import save_tiny_checkpoint
 
 NO_GRAD = True
 

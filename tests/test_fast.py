@@ -14,12 +14,13 @@ import warnings
 import numpy as np
 import pytest
 import torch
-from conftest import random_model
 from torch import nn
 
 from samhq import SamHQModel
 from samhq.fast import bf16_supported, compile_encoder, optimize, quantize_int8
 from samhq.predictor import SamHQPredictor
+
+from conftest import random_model
 
 with warnings.catch_warnings():
     warnings.simplefilter("ignore", DeprecationWarning)

@@ -12,12 +12,13 @@ fast path (eval mode, `set_fast_path(True)`) and once plain (`set_fast_path(Fals
 import numpy as np
 import pytest
 import torch
-from conftest import random_model
 
 from samhq import SamHQConfig, SamHQModel
 from samhq.modeling import fast_paths
 from samhq.modeling.two_way_transformer import Attention
 from samhq.predictor import SamHQPredictor
+
+from conftest import random_model
 
 NO_GRAD = True
 

@@ -8,6 +8,7 @@ import warnings
 import numpy as np
 import pytest
 import torch
+
 from label_studio_env import run_in_ls
 
 pytest.importorskip("rasterio")

@@ -10,10 +10,10 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import random_model
-
 from samhq.engines import OnnxEngine, TorchEngine
 from samhq.predictor import SamHQPredictor
+
+from conftest import random_model
 
 pytest.importorskip("onnx")
 pytest.importorskip("onnxruntime")

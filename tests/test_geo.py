@@ -17,8 +17,7 @@ pyogrio = pytest.importorskip("pyogrio")
 from rasterio.transform import Affine, from_origin  # noqa: E402
 from rasterio.windows import Window  # noqa: E402
 
-from samhq.geo import (RasterSource, pixel_to_map, prompts_from_geojson, to_wgs84_geojson, write_label_geotiff,  # noqa: E402
-                       write_vector)
+from samhq.geo import RasterSource, pixel_to_map, prompts_from_geojson, to_wgs84_geojson, write_label_geotiff, write_vector  # noqa: E402
 
 UTM = "EPSG:32633"
 UTM_T = Affine(2.0, 0.0, 500000.0, 0.0, -2.0, 5400000.0)  # 2 m pixels, top-left corner at (500000, 5400000)

@@ -10,7 +10,6 @@ import json
 
 import pytest
 import torch
-from conftest import random_model
 from PIL import Image
 from safetensors.torch import load_file, save_file
 from test_automatic import tiny_256_model
@@ -21,6 +20,8 @@ from samhq import checkpoints as C
 from samhq.checkpoints import CheckpointError
 from samhq.cli import main
 from samhq.config import SamHQTinyViTConfig
+
+from conftest import random_model
 
 NO_GRAD = True
 TENSOR = "mask_decoder.iou_token.weight"

@@ -12,7 +12,6 @@ import warnings
 import numpy as np
 import pytest
 import torch
-from hostile import jpeg_with_orientation, png_bytes, stored_pixels, upright
 from PIL import Image
 from test_automatic import tiny_256_model
 from test_predictor import make_image
@@ -23,6 +22,8 @@ from samhq.cli import main
 from samhq.image_io import image_size, open_image, to_rgb_array
 from samhq.masks import coco_to_mask
 from samhq.predictor import SamHQPredictor
+
+from hostile import jpeg_with_orientation, png_bytes, stored_pixels, upright
 
 NO_GRAD = True
 STORED = make_image(60, 100, seed=5)  # stored 100 wide, 60 tall; orientations 5-8 show it 60 wide, 100 tall

@@ -13,7 +13,6 @@ import json
 import numpy as np
 import pytest
 import torch
-from hostile import png_bomb, png_bytes
 from PIL import Image, ImageFile
 from test_automatic import tiny_256_model
 from test_predictor import make_image
@@ -24,6 +23,8 @@ from samhq.cli import main
 from samhq.image_io import image_size, open_image, to_rgb_array
 from samhq.limits import LimitError, Limits
 from samhq.predictor import SamHQPredictor
+
+from hostile import png_bomb, png_bytes
 
 NO_GRAD = True
 BOMB = png_bomb(12000, 12000)           # 144 MP of 1-bit pixels in ~17 KB

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
 from label_studio_env import ls_venv, run_in_ls
 
 httpx = pytest.importorskip("httpx")

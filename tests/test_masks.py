@@ -2,9 +2,10 @@
 import numpy as np
 import pytest
 import torch
-from official_ref import _batched_nms, load_official
 
 from samhq import masks as M
+
+from official_ref import _batched_nms, load_official
 
 sah = load_official()
 needs_official = pytest.mark.skipif(sah is None, reason="segment-anything-hq is not installed")

@@ -3,9 +3,10 @@ loaded from an official-format checkpoint give the same embeddings, intermediate
 logits and IoU predictions. Max relative error (max |diff| / max |ref|) <= 1e-4 in fp32."""
 import pytest
 import torch
-from official_ref import load_official, perturb_
 
 from samhq import SamHQModel
+
+from official_ref import load_official, perturb_
 
 sah = load_official()
 pytestmark = pytest.mark.skipif(sah is None, reason="segment-anything-hq is not installed")

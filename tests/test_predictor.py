@@ -5,12 +5,13 @@ import warnings
 import numpy as np
 import pytest
 import torch
-from conftest import random_model
-from official_ref import load_official, official_from_ours, perturb_
 from PIL import Image
 
 from samhq import SamHQConfig, SamHQModel
 from samhq.predictor import SamHQPredictor, model_fingerprint
+
+from conftest import random_model
+from official_ref import load_official, official_from_ours, perturb_
 
 sah = load_official()
 needs_official = pytest.mark.skipif(sah is None, reason="segment-anything-hq is not installed")

@@ -112,9 +112,9 @@ def test_bad_images():
 
 
 def test_from_pretrained_takes_the_input_size_from_the_checkpoint(tmp_path):
-    from conftest import small_config
-
     from samhq import SamHQModel, SamHQProcessor, save_official
+
+    from conftest import small_config
 
     model = SamHQModel(small_config(image_size=256))
     model.save_pretrained(tmp_path / "seed")

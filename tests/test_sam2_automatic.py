@@ -9,11 +9,12 @@ lower the thresholds to keep many masks; one keeps Meta's defaults except the tw
 import numpy as np
 import pytest
 import torch
-from sam2_ref import connected_components, load_sam2, meta_pair, small_model
 
 import samhq
 from samhq.automatic import FAMILY_DEFAULTS, SamHQAutomaticMaskGenerator
 from samhq.predictor import SamHQPredictor
+
+from sam2_ref import connected_components, load_sam2, meta_pair, small_model
 
 sam2 = load_sam2()
 pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated")

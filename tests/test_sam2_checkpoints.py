@@ -5,14 +5,26 @@ import json
 
 import pytest
 import torch
-from official_ref import perturb_
-from sam2_ref import (SMALL_IMAGE_SIZE, TOL, build_sam2_image_model, load_sam2, meta_state, official_hq_tensors, our_config,
-                      prompts, rel_err, save_official, small_hiera)
 
 from samhq import checkpoints_sam2 as ckpt
 from samhq.checkpoints import CheckpointError
 from samhq.config_sam2 import SAM2_VARIANTS, SamHQ2Config, SamHQ2HieraConfig
 from samhq.modeling.sam2 import SamHQ2Model, load_sam2_model
+
+from official_ref import perturb_
+from sam2_ref import (
+    SMALL_IMAGE_SIZE,
+    TOL,
+    build_sam2_image_model,
+    load_sam2,
+    meta_state,
+    official_hq_tensors,
+    our_config,
+    prompts,
+    rel_err,
+    save_official,
+    small_hiera,
+)
 
 sam2 = load_sam2()
 needs_sam2 = pytest.mark.skipif(sam2 is None, reason="sam2 (and hydra-core) are not installed")

@@ -10,11 +10,24 @@ official `SAM2HQBase` and its image predictor. With the HQ parts off, the model 
 import numpy as np
 import pytest
 import torch
-from official_ref import perturb_
-from sam2_ref import (SMALL_IMAGE_SIZE, TOL, build_sam2_image_model, load_official_hq, load_sam2, official_hq_tensors, our_config,
-                      our_pixels, prompts, rel_err, save_official, small_hiera)
 
 from samhq.modeling.sam2 import load_sam2_model
+
+from official_ref import perturb_
+from sam2_ref import (
+    SMALL_IMAGE_SIZE,
+    TOL,
+    build_sam2_image_model,
+    load_official_hq,
+    load_sam2,
+    official_hq_tensors,
+    our_config,
+    our_pixels,
+    prompts,
+    rel_err,
+    save_official,
+    small_hiera,
+)
 
 sam2 = load_sam2()
 pytestmark = [pytest.mark.skipif(sam2 is None, reason="sam2 (and hydra-core) are not installed"),

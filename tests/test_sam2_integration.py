@@ -14,6 +14,14 @@ import zipfile
 import numpy as np
 import pytest
 import torch
+
+import samhq
+from samhq.checkpoints import CheckpointError, checkpoint_family
+from samhq.cli import main
+from samhq.modeling.sam2 import SamHQ2Model
+from samhq.predictor import SamHQPredictor
+from samhq.processing import fill_holes_and_sprinkles
+
 from conftest import random_model
 from sam2_ref import (
     SMALL_IMAGE_SIZE,
@@ -26,13 +34,6 @@ from sam2_ref import (
     rel_err,
     small_model,
 )
-
-import samhq
-from samhq.checkpoints import CheckpointError, checkpoint_family
-from samhq.cli import main
-from samhq.modeling.sam2 import SamHQ2Model
-from samhq.predictor import SamHQPredictor
-from samhq.processing import fill_holes_and_sprinkles
 
 sam2 = load_sam2()
 needs_sam2 = pytest.mark.skipif(sam2 is None, reason="sam2 (and hydra-core) are not installed")

@@ -4,11 +4,12 @@ import math
 
 import pytest
 import torch
-from official_ref import perturb_
-from sam2_ref import our_config, small_hiera
 
 from samhq.config_sam2 import SAM2_VARIANTS, SamHQ2Config
 from samhq.modeling.sam2 import SamHQ2Model
+
+from official_ref import perturb_
+from sam2_ref import our_config, small_hiera
 
 NO_GRAD = True
 

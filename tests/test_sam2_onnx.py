@@ -10,6 +10,7 @@ import json
 import numpy as np
 import pytest
 import torch
+
 from sam2_ref import random_image, small_model
 
 pytest.importorskip("onnx")

@@ -12,13 +12,25 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from official_ref import perturb_
-from sam2_ref import (SMALL_IMAGE_SIZE, TOL, build_sam2_image_model, load_sam2, our_config, our_pixels, prompts,
-                      random_image, rel_err, save_official, small_hiera)
 
 from samhq.config_sam2 import SAM2_VARIANTS, SamHQ2Config
 from samhq.modeling.mask_selection import select_masks
 from samhq.modeling.sam2 import load_sam2_model
+
+from official_ref import perturb_
+from sam2_ref import (
+    SMALL_IMAGE_SIZE,
+    TOL,
+    build_sam2_image_model,
+    load_sam2,
+    our_config,
+    our_pixels,
+    prompts,
+    random_image,
+    rel_err,
+    save_official,
+    small_hiera,
+)
 
 sam2 = load_sam2()
 pytestmark = [pytest.mark.skipif(sam2 is None, reason="sam2 (and hydra-core) are not installed"),

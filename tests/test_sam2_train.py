@@ -7,7 +7,6 @@ convolution, official hf_token / hf_mlp / embedding_maskfeature) change, and gra
 import numpy as np
 import pytest
 import torch
-from sam2_ref import small_model
 
 import samhq
 from samhq.checkpoints import is_hq_parameter
@@ -16,6 +15,8 @@ from samhq.data import SyntheticShapes
 from samhq.modeling.losses import segmentation_loss
 from samhq.modeling.sam2 import SamHQ2Model
 from samhq.train import TrainConfig, Trainer, set_trainable
+
+from sam2_ref import small_model
 
 HQ = {"mask_decoder.hq_token.weight", "mask_decoder.mask_conv1.weight", "mask_decoder.mask_conv1.bias",
       "mask_decoder.mask_norm.weight", "mask_decoder.mask_norm.bias", "mask_decoder.mask_conv2.weight",

@@ -15,7 +15,6 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from video_ref import tiny_video_config, tiny_video_model
 
 from samhq import checkpoints_sam2 as ckpt
 from samhq.config_sam2 import SAM2_VARIANTS, SamHQ2Config, SamHQ2VideoConfig
@@ -23,6 +22,8 @@ from samhq.data.synthetic_video import moving_shapes
 from samhq.modeling.sam2 import SamHQ2Model, load_sam2_model
 from samhq.processing import fill_holes_and_sprinkles
 from samhq.video import FeatureCache, SamHQ2VideoPredictor, masks_to_label_map, natural_key, open_video
+
+from video_ref import tiny_video_config, tiny_video_model
 
 NO_GRAD = True
 YAML = {"hiera_t": "t", "hiera_s": "s", "hiera_b+": "b+", "hiera_l": "l"}

@@ -30,15 +30,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from official_ref import perturb_
 from PIL import Image
-from sam2_ref import load_sam2, official_hq_tensors, our_config, save_official, small_hiera
 from torch import nn
 
 from samhq.data.synthetic_video import moving_shapes
 from samhq.modeling.sam2 import load_sam2_model
 from samhq.processing import ResizeSquare
 from samhq.video import SamHQ2VideoPredictor
+
+from official_ref import perturb_
+from sam2_ref import load_sam2, official_hq_tensors, our_config, save_official, small_hiera
 
 sam2 = load_sam2()
 pytestmark = [pytest.mark.skipif(sam2 is None, reason="sam2 (and hydra-core) are not installed"),

@@ -12,8 +12,17 @@ from torch.nn import functional as F
 from samhq import SamHQModel, SamHQPredictor
 from samhq.checkpoints import BUNDLED
 from samhq.masks import crop_to_rle, mask_to_rle
-from samhq.tiles import (TiledMaskGenerator, TiledPredictor, TilePiece, Window, as_source, merge_tile_masks,
-                         pyramid_levels, resize_region, tile_windows)
+from samhq.tiles import (
+    TiledMaskGenerator,
+    TiledPredictor,
+    TilePiece,
+    Window,
+    as_source,
+    merge_tile_masks,
+    pyramid_levels,
+    resize_region,
+    tile_windows,
+)
 
 NO_GRAD = True
 NAME = "samhq-tiny-shapes"

@@ -122,8 +122,9 @@ def test_unpatched_transformers_masks_differ(pair):
 
 
 def test_transformers_saved_directory_loads_and_matches(tmp_path):
-    from conftest import perturb_, small_config
     from transformers import SamHQConfig as HFConfig
+
+    from conftest import perturb_, small_config
 
     torch.manual_seed(1)
     cfg = small_config().to_dict()

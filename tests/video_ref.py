@@ -7,8 +7,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from official_ref import perturb_
-
 from samhq.config_sam2 import (
     SamHQ2Config,
     SamHQ2HieraConfig,
@@ -16,6 +14,8 @@ from samhq.config_sam2 import (
     SamHQ2PromptEncoderConfig,
     SamHQ2VideoConfig,
 )
+
+from official_ref import perturb_
 
 
 def tiny_video_config(image_size: int = 64) -> SamHQ2Config:

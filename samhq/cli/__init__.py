@@ -38,7 +38,6 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 1
     from ..checkpoints import CheckpointError
-
     from ._common import command_setup
 
     try:

@@ -21,9 +21,9 @@ METRICS = ("AP", "AP50", "AP75", "APs", "APm", "APl")
 
 def _coco_api():
     try:
+        from pycocotools import mask as mask_utils
         from pycocotools.coco import COCO
         from pycocotools.cocoeval import COCOeval
-        from pycocotools import mask as mask_utils
     except ImportError:
         raise ImportError("COCO AP needs pycocotools: pip install 'samhq[amg]' (or pip install pycocotools)") from None
     return COCO, COCOeval, mask_utils
