@@ -23,6 +23,7 @@ from .pipelines import pipeline
 from .predictor import ImageEmbedding, OnnxPredictor, SamHQPredictor, model_fingerprint
 from .processing import BatchFeature, SamHQImageProcessor, SamHQProcessor
 from .train import TrainConfig, Trainer, set_trainable
+from .video import SamHQ2VideoPredictor
 from .visualize import draw_masks
 
 __version__ = "0.1.0"
@@ -35,5 +36,5 @@ __all__ = [
     "SamHQImageProcessor", "BatchFeature", "SamHQAutomaticMaskGenerator", "pipeline", "load_image", "to_rgb_array",
     "draw_masks", "export_onnx", "optimize", "quantize_int8", "bf16_supported",
     "SyntheticShapes", "MaskFolder", "CocoInstances", "evaluate", "EvalResult", "mask_iou", "boundary_iou",
-    "Trainer", "TrainConfig", "set_trainable",
+    "Trainer", "TrainConfig", "set_trainable", "SamHQ2VideoPredictor",
 ]
