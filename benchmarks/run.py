@@ -50,12 +50,15 @@ def cases(quick: bool) -> list[dict]:
         ]
     out += [
         dict(name="vit_tiny encoder 1024x1024", kind="encoder", variant="vit_tiny", reps=enc, impls=SAMHQ + ["official"]),
-        dict(name="vit_tiny one prompt", kind="prompt", variant="vit_tiny", reps=prompt, impls=SAMHQ[:2] + SAMHQ[3:] + ["official"]),
+        dict(name="vit_tiny one prompt", kind="prompt", variant="vit_tiny", reps=prompt,
+             impls=SAMHQ[:2] + SAMHQ[3:] + ["official"]),
     ]
     if quick:
         out += [
-            dict(name="vit_tiny 64 boxes", kind="boxes", variant="vit_tiny", reps=boxes, impls=["samhq fp32", "samhq onnxruntime", "official"]),
-            dict(name="vit_tiny automatic masks 8x8", kind="amg", variant="vit_tiny", reps=amg, side=8, impls=["samhq fp32", "official"]),
+            dict(name="vit_tiny 64 boxes", kind="boxes", variant="vit_tiny", reps=boxes,
+                 impls=["samhq fp32", "samhq onnxruntime", "official"]),
+            dict(name="vit_tiny automatic masks 8x8", kind="amg", variant="vit_tiny", reps=amg, side=8,
+                 impls=["samhq fp32", "official"]),
         ]
     else:
         out.append(dict(name="vit_h embed one image (memory)", kind="memory", variant="vit_h", reps=(0, 1),
@@ -224,7 +227,8 @@ def setup_prompt(impl, spec, kind):
     if kind == "prompt":
         return lambda: p.predict(point_coords=np.array(POINT), point_labels=np.array([1])), None
     boxes = torch.as_tensor(_boxes(64), dtype=torch.float)
-    return lambda: p.predict_torch(None, None, p.transform.apply_boxes_torch(boxes, p.original_size), multimask_output=False), None
+    return lambda: p.predict_torch(None, None, p.transform.apply_boxes_torch(boxes, p.original_size),
+                                   multimask_output=False), None
 
 
 def setup_amg(impl, spec):
@@ -595,7 +599,8 @@ def summarize(results: dict, info: dict) -> tuple[list[dict], dict]:
         "vit_b encoder fp32 <= 0.85x transformers": (ratio("vit_b encoder 1024x1024", "samhq fp32", "vs_transformers"), 0.85),
         "vit_tiny encoder fp32 <= 0.85x official (transformers has no TinyViT)":
             (ratio("vit_tiny encoder 1024x1024", "samhq fp32", "vs_official"), 0.85),
-        "vit_b encoder bf16 <= 0.30x transformers fp32": (ratio("vit_b encoder 1024x1024", "samhq bf16", "vs_transformers"), 0.30),
+        "vit_b encoder bf16 <= 0.30x transformers fp32":
+            (ratio("vit_b encoder 1024x1024", "samhq bf16", "vs_transformers"), 0.30),
         "one prompt <= 0.25x the faster reference (best samhq mode)": (best_prompt, 0.25),
         "automatic masks <= 0.35x official": (ratio(amg_case, "samhq fp32", "vs_official"), 0.35),
         "vit_h peak memory <= 0.70x official": (ratio("vit_h embed one image (memory)", "samhq fp32", "peak_vs_official"), 0.70),
@@ -634,7 +639,7 @@ def markdown(info: dict, rows: list[dict], targets: dict, quality: dict, quick: 
     if quality:
         lines += ["", "Mask agreement with samhq fp32 (64 boxes, each mode's own embedding; random weights):", "",
                   "| case | mode | min IoU | mean IoU |", "|---|---|---|---|"]
-        for key, q in quality.items():
+        for _key, q in quality.items():
             lines.append(f"| {q['case']} | {q['impl']} | {q['min_iou']:.4f} | {q['mean_iou']:.4f} |")
     if not quick:
         lines += ["", "| target | value | met |", "|---|---|---|"]

@@ -13,8 +13,8 @@
    GRID*256 px square. Every object is prompted with its tight box, (a) downsized: `SamHQPredictor`
    on the whole mosaic (what SAM does: long side to 256), (b) tiled: `TiledPredictor` with 256-px
    tiles, with each refinement mode, (c) each object on its own 256-px sub-image (the ideal tiling,
-   aligned with the mosaic: what the demo model does at its own scale). Scores: mIoU and boundary IoU (band 0.02 x the diagonal of the
-   object's own 256-px sub-image), per kind.
+   aligned with the mosaic: what the demo model does at its own scale). Scores: mIoU and boundary
+   IoU (band 0.02 x the diagonal of the object's own 256-px sub-image), per kind.
 
 Numbers drift between runs on a shared machine; the machine line says where they were measured.
 """
@@ -93,7 +93,7 @@ def bench_ray(n_images: int, workers: list[int]) -> dict:
     for n in workers:
         arrivals, got = [], {}
 
-        def writer(key, result):
+        def writer(key, result, arrivals=arrivals, got=got):
             arrivals.append(time.perf_counter())
             got[key] = result["records"]
 
@@ -186,7 +186,8 @@ def bench_tiles(grid: int) -> dict:
             "by_kind": {k: {"mIoU": float(np.mean([v[0] for v in vs])), "mBIoU": float(np.mean([v[1] for v in vs])),
                             "n": len(vs)} for k, vs in sorted(by_kind.items())},
         }
-        print(f"{name:24s} mIoU {np.mean(ious):.3f}  mBIoU {np.mean(bious):.3f}  {seconds:.1f} s, {embeds} encoder runs", flush=True)
+        print(f"{name:24s} mIoU {np.mean(ious):.3f}  mBIoU {np.mean(bious):.3f}  {seconds:.1f} s, {embeds} encoder runs",
+              flush=True)
     return out
 
 

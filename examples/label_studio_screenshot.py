@@ -48,8 +48,8 @@ def main() -> None:
         time.sleep(0.1)
 
     c = httpx.Client(base_url=url, headers={"Authorization": f"Token {args.token}"}, timeout=600)
-    pid = c.post("/api/projects", json={"title": "samhq pre-annotation",
-                                        "label_config": label_studio_config({1: "shape"}, "brush")}).raise_for_status().json()["id"]
+    project = {"title": "samhq pre-annotation", "label_config": label_studio_config({1: "shape"}, "brush")}
+    pid = c.post("/api/projects", json=project).raise_for_status().json()["id"]
     try:
         c.post("/api/ml", json={"url": f"http://127.0.0.1:{port}", "project": pid, "title": "samhq",
                                 "is_interactive": True}).raise_for_status()

@@ -56,8 +56,8 @@ def main(argv=None) -> None:
         truth = draw_masks(frames[t], [labels[t] == 1, labels[t] == 2], colors=colours)
         differ = (meta[t] != mine[t]).any(axis=0)
         diff = np.where(differ[..., None], np.array([255, 0, 255], np.uint8), (frames[t] * 0.35).astype(np.uint8))
-        tiles = [truth, draw_masks(frames[t], list(meta[t]), colors=colours), draw_masks(frames[t], list(mine[t]), colors=colours),
-                 diff]
+        tiles = [truth, draw_masks(frames[t], list(meta[t]), colors=colours),
+                 draw_masks(frames[t], list(mine[t]), colors=colours), diff]
         rows.append(np.concatenate([np.pad(x, ((2, 2), (2, 2), (0, 0)), constant_values=255) for x in tiles], axis=1))
     grid = np.concatenate(rows, axis=0)
     header = Image.new("RGB", (grid.shape[1], 16), "white")

@@ -395,7 +395,8 @@ def _config_vs_tensors(state, config: SamHQConfig):
             block = f"vision_encoder.layers.{i}.blocks.0.attn."
             out += pinned(f"vision_config.embed_dims[{i}]", v.embed_dims[i], shape(block + "qkv.weight", 1))
             out += pinned(f"vision_config.num_heads[{i}]", v.num_heads[i], shape(block + "attention_biases", 0))
-            out += pinned(f"vision_config.window_sizes[{i}] squared", v.window_sizes[i] ** 2, shape(block + "attention_biases", 1))
+            out += pinned(f"vision_config.window_sizes[{i}] squared", v.window_sizes[i] ** 2,
+                          shape(block + "attention_biases", 1))
     elif "vision_encoder.patch_embed.projection.weight" in state:
         proj = "vision_encoder.patch_embed.projection.weight"
         out += pinned("vision_config.num_hidden_layers", v.num_hidden_layers, count(r"vision_encoder\.layers\.(\d+)\."))

@@ -118,7 +118,7 @@ def _compile(rules, reverse: bool):
         src, dst = (b, a) if reverse else (a, b)
         pattern = "^" + re.escape(src).replace("\\#", "#").replace("#", r"(\d+)")
         groups = iter(range(1, 10))
-        out.append((re.compile(pattern), re.sub("#", lambda _: f"\\{next(groups)}", dst)))
+        out.append((re.compile(pattern), re.sub("#", lambda _, groups=groups: f"\\{next(groups)}", dst)))
     return out
 
 

@@ -202,7 +202,8 @@ def run_ray(images, writer: Callable[[str, dict], None], *, done: Callable[[str]
     subclass of `SamHQBatchPredictor` to run instead (extra pre- or post-processing).
     A worker that dies is restarted and its batch retried (Ray Data's defaults for actor pools:
     unlimited restarts and retries), so an image whose decoding kills the process would be retried
-    for ever; one that raises is reported and skipped. Returns a `RayRunSummary`; `lost` lists images that never came back (none unless Ray gave up).
+    for ever; one that raises is reported and skipped. Returns a `RayRunSummary`; `lost` lists images
+    that never came back (none unless Ray gave up).
     """
     ray = _ray()
     if mode not in MODES:

@@ -1,13 +1,16 @@
 """What one input may cost, checked before the expensive work, and how many CPU threads to use.
 
-| limit              | default          | Python                                   | command line                     |
-|--------------------|------------------|------------------------------------------|----------------------------------|
-| `max_pixels`       | 64,000,000 (64 MP) | `samhq.limits.configure(max_pixels=N)` | `--max-pixels N` (segment, everything, serve, evaluate, train) |
-| `max_prompts`      | 256 points + boxes per call | `configure(max_prompts=N)`    | `--max-prompts N` (segment, serve) |
-| `max_upload_bytes` | 100 MiB per upload | `create_app(limits=Limits(...))`       | `samhq serve --max-upload-mb N`  |
-| `max_request_bytes`| 1 MiB per JSON request | `create_app(limits=Limits(...))`   | `samhq serve --max-request-kb N` |
-| `max_config_value` | 16384            | `configure(max_config_value=N)`          | -                                |
-| `max_tiled_pixels` | 4,000,000,000    | `configure(max_tiled_pixels=N)`          | `--max-tiled-pixels N` (with --tiles) |
+| limit               | default                     | Python                                 | command line                     |
+|---------------------|-----------------------------|----------------------------------------|----------------------------------|
+| `max_pixels`        | 64,000,000 (64 MP)          | `samhq.limits.configure(max_pixels=N)` | `--max-pixels N`                 |
+| `max_prompts`       | 256 points + boxes per call | `configure(max_prompts=N)`             | `--max-prompts N`                |
+| `max_upload_bytes`  | 100 MiB per upload          | `create_app(limits=Limits(...))`       | `samhq serve --max-upload-mb N`  |
+| `max_request_bytes` | 1 MiB per JSON request      | `create_app(limits=Limits(...))`       | `samhq serve --max-request-kb N` |
+| `max_config_value`  | 16384                       | `configure(max_config_value=N)`        | -                                |
+| `max_tiled_pixels`  | 4,000,000,000               | `configure(max_tiled_pixels=N)`        | `--max-tiled-pixels N`           |
+
+Command line: `--max-pixels N` in segment, everything, serve, evaluate and train; `--max-prompts N` in
+segment and serve; `--max-tiled-pixels N` with --tiles.
 
 - `max_pixels` (width x height of one image) is checked on the size an encoded file *declares*,
   before a pixel is decoded, so a 20 KB PNG that declares 30000x30000 pixels costs nothing. It
@@ -61,7 +64,8 @@ class Limits:
     def replace(self, **changes) -> "Limits":
         unknown = set(changes) - {f.name for f in dataclasses.fields(self)}
         if unknown:
-            raise TypeError(f"unknown limit(s) {', '.join(sorted(unknown))}; known: {', '.join(f.name for f in dataclasses.fields(self))}")
+            known = ", ".join(f.name for f in dataclasses.fields(self))
+            raise TypeError(f"unknown limit(s) {', '.join(sorted(unknown))}; known: {known}")
         return dataclasses.replace(self, **{k: v for k, v in changes.items() if v is not None})
 
 

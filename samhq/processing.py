@@ -292,13 +292,15 @@ class SamHQImageProcessor:
         return out if return_tensors == "pt" else BatchFeature({k: v.numpy() for k, v in out.items()})
 
     def _label(self, seg, image_size) -> torch.Tensor:
-        arr = np.asarray(seg.convert("I") if isinstance(seg, Image.Image) else _nested(seg) if isinstance(seg, torch.Tensor) else seg)
+        arr = np.asarray(seg.convert("I") if isinstance(seg, Image.Image)
+                         else _nested(seg) if isinstance(seg, torch.Tensor) else seg)
         if arr.ndim == 3 and 1 in (arr.shape[0], arr.shape[-1]):
             arr = arr.squeeze(0 if arr.shape[0] == 1 else -1)
         if arr.ndim != 2:
             raise ValueError(f"a segmentation map must be (H, W), got shape {arr.shape}")
         if tuple(arr.shape) != tuple(image_size):
-            raise ValueError(f"segmentation map is {arr.shape[1]}x{arr.shape[0]} but its image is {image_size[1]}x{image_size[0]}")
+            raise ValueError(f"segmentation map is {arr.shape[1]}x{arr.shape[0]} "
+                             f"but its image is {image_size[1]}x{image_size[0]}")
         m = self.mask_size["longest_edge"]
         h, w = preprocess_shape(arr.shape[0], arr.shape[1], m)
         small = np.asarray(Image.fromarray(arr.astype(np.int32)).resize((w, h), Image.NEAREST)).astype(np.int64)

@@ -149,7 +149,8 @@ def parse_prompt(p, where: str) -> FilePrompt:
     """One per-image prompt dict ({"box": [x0, y0, x1, y1]} and/or {"points": [[x, y], ...], "labels": [...]},
     optional "score", "category_id", "id") -> FilePrompt; PromptFileError naming `where` when malformed."""
     if not isinstance(p, dict) or not ({"box", "points"} & p.keys()):
-        raise PromptFileError(f"{where}: a prompt is {{\"box\": [x0, y0, x1, y1]}} and/or {{\"points\": [[x, y], ...], \"labels\": [...]}}")
+        raise PromptFileError(f"{where}: a prompt is {{\"box\": [x0, y0, x1, y1]}} "
+                              "and/or {\"points\": [[x, y], ...], \"labels\": [...]}")
     box = pts = labels = None
     if "box" in p:
         box = _numbers(p["box"], 4, where, "box must be [x0, y0, x1, y1] (4 numbers)")
@@ -202,7 +203,8 @@ def read_prompts(path, images=None, image_dir=None) -> list[ImageEntry]:
         for i, det in enumerate(data):
             where = f"{path}: entry {i}"
             if not isinstance(det, dict) or "image_id" not in det:
-                raise PromptFileError(f"{where}: a detection is {{\"image_id\", \"bbox\": [x, y, w, h], \"score\", \"category_id\"}}")
+                raise PromptFileError(f"{where}: a detection is "
+                                      "{\"image_id\", \"bbox\": [x, y, w, h], \"score\", \"category_id\"}")
             where += f" (image_id {det['image_id']})"
             image_for(det["image_id"], where).prompts.append(_box_prompt(det, where, score_required=True))
     elif isinstance(data, dict) and "annotations" in data:  # a COCO annotation file: its boxes

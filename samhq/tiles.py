@@ -584,7 +584,7 @@ class TiledPredictor:
         _, scores, low_res = p.predict_torch(pts, labels, boxes, masks, multimask, True, hq_only)
         stage1 = p.transform.postprocess_masks(low_res[:, 0], (in_h, in_w), (in_h, in_w))  # (B, in_h, in_w)
         out = []
-        for i, q in enumerate(prompts):
+        for i, _q in enumerate(prompts):
             out.append(self._region(window, stage1[i], scores[i, 0].item(), low_res[i, 0], full))
         return out
 
@@ -720,7 +720,8 @@ class TiledPredictor:
             mk = mk[None] if mk.shape == tuple(self.source.shape) else mk
         region = self.predict_regions(pts, labels, bx, mk, multimask_output, hq_token_only, full_logits=return_logits)[0]
         h, w = self.source.shape
-        return region.to_full(h, w, return_logits)[None], np.array([region.score], np.float32), region.low_res_logits.numpy()[None]
+        return (region.to_full(h, w, return_logits)[None], np.array([region.score], np.float32),
+                region.low_res_logits.numpy()[None])
 
     def predict_torch(self, point_coords=None, point_labels=None, boxes=None, mask_input=None, multimask_output: bool = True,
                       return_logits: bool = False, hq_token_only: bool = False):

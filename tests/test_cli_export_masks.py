@@ -39,7 +39,8 @@ def outputs(tmp_path_factory):
     Image.fromarray(np.kron(g.integers(0, 255, (6, 8, 3)), np.ones((12, 12, 1))).astype(np.uint8)).save(photos / "a.png")
     Image.fromarray(np.kron(g.integers(0, 255, (5, 4, 3)), np.ones((14, 14, 1))).astype(np.uint8)).save(photos / "sub" / "b.jpg")
     out = root / "out"
-    assert main(["everything", str(photos), "--out", str(out), "--model", str(root / "model"), "--format", "json", *EVERYTHING]) == 0
+    assert main(["everything", str(photos), "--out", str(out), "--model", str(root / "model"), "--format", "json",
+                 *EVERYTHING]) == 0
     assert main(["segment", str(photos / "a.png"), "--model", str(root / "model"), "--point", "30,20",
                  "--box", "5,5,60,50", "--json", str(out / "seg_a.json"), "--out", str(root / "seg_a.png")]) == 0
     return root, photos, out

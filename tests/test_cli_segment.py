@@ -59,8 +59,8 @@ def test_files_match_the_predictor(setup, tmp_path):
 def test_several_boxes_write_one_mask_each(setup, tmp_path):
     root, predictor = setup
     boxes = [[5, 5, 60, 70], [40, 20, 130, 85]]
-    r = samhq("segment", root / "img.png", "--model", root / "model", *[a for b in boxes for a in ("--box", ",".join(map(str, b)))],
-              "--multimask", "--out", tmp_path / "m.png")
+    r = samhq("segment", root / "img.png", "--model", root / "model",
+              *[a for b in boxes for a in ("--box", ",".join(map(str, b)))], "--multimask", "--out", tmp_path / "m.png")
     assert r.returncode == 0, r.stderr
     tb = predictor.transform.apply_boxes_torch(torch.tensor(boxes, dtype=torch.float), predictor.original_size)
     masks, _, _ = predictor.predict_torch(None, None, tb, multimask_output=True)

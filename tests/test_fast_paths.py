@@ -148,7 +148,7 @@ def test_decoder(model, p, hq):
     emb, inter = model.get_image_embeddings(torch.randn(1, 3, 1024, 1024, generator=g))
     hq_features = model.compute_hq_features(emb, inter) if hq else None
     for prompts in _prompts(g, p):
-        def run():
+        def run(prompts=prompts):
             return model.predict_all(emb, hq_features, **prompts, context=model.decoder_context(emb))
         (masks, iou), (masks0, iou0) = both(model, run)
         assert masks.shape[2] == (5 if hq else 4)

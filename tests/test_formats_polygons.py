@@ -92,7 +92,8 @@ def test_pycocotools_reads_edge_polygons_and_not_centre_contours():
     def coco_decode(rings):
         with warnings.catch_warnings():  # pycocotools' NumPy-2 copy-keyword notice
             warnings.simplefilter("ignore", DeprecationWarning)
-            return mask_utils.decode(mask_utils.merge(mask_utils.frPyObjects([r.ravel().tolist() for r in rings], h, w))).astype(bool)
+            rles = mask_utils.frPyObjects([r.ravel().tolist() for r in rings], h, w)
+            return mask_utils.decode(mask_utils.merge(rles)).astype(bool)
 
     ours = coco_decode([p[0] for p in mask_to_polygons(mask)])
     assert np.array_equal(ours, mask)

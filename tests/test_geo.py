@@ -43,7 +43,8 @@ def test_windows_are_read_exactly(tmp_path):
             assert np.array_equal(src.read(box), rgb[y0:y1, x0:x1])
         assert src.read((0, 0, 200, 130), (65, 100)).shape == (65, 100, 3)  # GDAL's decimated read
     with RasterSource(write_tif(tmp_path / "big.tif", rgb, BIGTIFF="YES")) as src:  # BigTIFF (64-bit offsets)
-        assert open(tmp_path / "big.tif", "rb").read(4) == b"II+\x00" and np.array_equal(src.read((3, 4, 150, 100)), rgb[4:100, 3:150])
+        assert open(tmp_path / "big.tif", "rb").read(4) == b"II+\x00"
+        assert np.array_equal(src.read((3, 4, 150, 100)), rgb[4:100, 3:150])
     grey = rng.integers(0, 4096, (40, 50), dtype=np.uint16)  # 12-bit single band
     with RasterSource(write_tif(tmp_path / "grey.tif", grey), value_range=(0, 4095)) as src:
         got = src.read((0, 0, 50, 40))
@@ -153,7 +154,8 @@ def test_prompts_in_map_coordinates_become_pixels():
     np.testing.assert_allclose(p3.points, [[30, 30]], atol=1e-6)
     # in the raster's own CRS, named by a GeoJSON 2008 crs member
     own = {"type": "FeatureCollection", "crs": {"type": "name", "properties": {"name": "urn:ogc:def:crs:EPSG::32633"}},
-           "features": [{"type": "Feature", "geometry": {"type": "Point", "coordinates": [500001.0, 5399999.0]}, "properties": {}}]}
+           "features": [{"type": "Feature", "geometry": {"type": "Point", "coordinates": [500001.0, 5399999.0]},
+                         "properties": {}}]}
     np.testing.assert_allclose(prompts_from_geojson(own, like)[0].points, [[0.5, 0.5]], atol=1e-9)
     line = {"type": "FeatureCollection", "features": [
         {"type": "Feature", "geometry": {"type": "LineString", "coordinates": [lonlat(0, 0), lonlat(1, 1)]}, "properties": {}}]}

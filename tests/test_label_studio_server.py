@@ -9,8 +9,9 @@ Label Studio: $SAMHQ_LABEL_STUDIO_URL with $SAMHQ_LABEL_STUDIO_TOKEN (a legacy A
 starts one instance per CI run), else one this module starts from the environment in
 tests/label_studio_env.py (about 3 minutes on two busy cores, mostly its database migrations). Skips
 when neither is there, or when Label Studio could not be installed or started ($SAMHQ_LABEL_STUDIO=off,
-or the file $SAMHQ_LABEL_STUDIO_STATUS, which .ci/run writes when its Label Studio fails). Label Studio must allow backends on loopback: ML_BLOCK_LOCAL_IP=false and
-SSRF_PROTECTION_ENABLED=false (the latter for the webhook it registers for every backend)."""
+or the file $SAMHQ_LABEL_STUDIO_STATUS, which .ci/run writes when its Label Studio fails). Label
+Studio must allow backends on loopback: ML_BLOCK_LOCAL_IP=false and SSRF_PROTECTION_ENABLED=false
+(the latter for the webhook it registers for every backend)."""
 import os
 import socket
 import subprocess

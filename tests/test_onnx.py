@@ -212,10 +212,11 @@ def test_decoder_runs_in_onnxruntime_web(exported, tmp_path):
 
     model, out, _, _ = exported
     inputs = {n: t.numpy().astype(np.float32) for n, t in zip(DECODER_INPUTS, decoder_example_inputs(model, 3, 2))}
-    (tmp_path / "in.json").write_text(json.dumps({n: {"dims": list(a.shape), "data": a.ravel().tolist()} for n, a in inputs.items()}))
+    (tmp_path / "in.json").write_text(json.dumps({n: {"dims": list(a.shape), "data": a.ravel().tolist()}
+                                                  for n, a in inputs.items()}))
     script = Path(__file__).with_name("ort_web_run.mjs")
-    r = subprocess.run(["node", str(script), str(web), str(out / DECODER_FILE), str(tmp_path / "in.json"), str(tmp_path / "out.json")],
-                       capture_output=True, text=True, timeout=300)
+    r = subprocess.run(["node", str(script), str(web), str(out / DECODER_FILE), str(tmp_path / "in.json"),
+                        str(tmp_path / "out.json")], capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
     got = json.loads((tmp_path / "out.json").read_text())
     ref = ort.InferenceSession(str(out / DECODER_FILE), providers=["CPUExecutionProvider"]).run(None, inputs)

@@ -44,7 +44,8 @@ def test_detections_map_to_a_coco_image_list_and_to_a_folder(tmp_path):
     # a COCO images list with other file names
     images = coco_list(tmp_path / "list.json", [(7, "img/cat.png", 20, 30), (9, "img/000000000009.png", 20, 30)])
     entries = read_prompts(tmp_path / "dets.json", images)
-    assert [(e.image_id, e.path.name, e.height, e.width) for e in entries] == [(7, "cat.png", 20, 30), (9, "000000000009.png", 20, 30)]
+    assert [(e.image_id, e.path.name, e.height, e.width) for e in entries] == [(7, "cat.png", 20, 30),
+                                                                                (9, "000000000009.png", 20, 30)]
 
 
 def test_a_coco_annotation_file_gives_its_boxes(tmp_path):
@@ -71,7 +72,8 @@ def test_per_image_points_and_boxes(tmp_path):
 
 
 @pytest.mark.parametrize("content, message", [
-    ([{"image_id": 7, "bbox": [1, 2, 3], "score": 1, "category_id": 1}], "entry 0 (image_id 7): bbox must be [x, y, width, height]"),
+    ([{"image_id": 7, "bbox": [1, 2, 3], "score": 1, "category_id": 1}],
+     "entry 0 (image_id 7): bbox must be [x, y, width, height]"),
     ([{"image_id": 7, "bbox": [1, 2, 3, 4], "category_id": 1}], "entry 0 (image_id 7): a detection needs a \"score\""),
     ([{"image_id": 7, "bbox": [1, 2, 3, 4], "score": 1, "category_id": 1},
       {"image_id": 8, "bbox": [1, 2, 3, 4], "score": 1, "category_id": 1}], "entry 1 (image_id 8): image 8 is not among"),
@@ -167,7 +169,7 @@ def test_detections_in_coco_results_out(demo, tmp_path):
     entries = read_prompts(tmp_path / "dets.json", tmp_path / "gt.json", image_dir=tmp_path / "img")
     predictor = SamHQPredictor(demo)
     results = []
-    for entry, records, error in iter_prompt_results(predictor, entries):
+    for _entry, records, error in iter_prompt_results(predictor, entries):
         assert error is None
         results += records
     assert len(results) == len(dets)
@@ -202,7 +204,8 @@ def test_unreadable_and_mis_sized_images_are_reported(demo, tmp_path):
                                                             {"id": 2, "file_name": "b.png"}]}))
     (tmp_path / "p.json").write_text(json.dumps({"1": [{"box": [1, 1, 5, 5]}], "2": [{"box": [1, 1, 5, 5]}]}))
     out = list(iter_prompt_results(SamHQPredictor(demo), read_prompts(tmp_path / "p.json", tmp_path / "l.json")))
-    assert [(e.image_id, r, "21" in err if e.image_id == 1 else "b.png" in err) for e, r, err in out] == [(1, None, True), (2, None, True)]
+    assert [(e.image_id, r, "21" in err if e.image_id == 1 else "b.png" in err)
+            for e, r, err in out] == [(1, None, True), (2, None, True)]
 
 
 def test_the_tiled_predictor_takes_prompt_files(demo, tmp_path):

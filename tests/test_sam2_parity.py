@@ -160,7 +160,8 @@ def test_dynamic_multimask_fallback_matches_sam2(small):
 
 
 def test_stability_selection_matches_sam2_on_mixed_logits(small):
-    """`select_masks` with SAM 2's stability setting against sam2's `_dynamic_multimask_via_stability` where some masks are stable and some not."""
+    """`select_masks` with SAM 2's stability setting against sam2's `_dynamic_multimask_via_stability`
+    where some masks are stable and some not."""
     dec = small.ref.sam_mask_decoder
     g = torch.Generator().manual_seed(3)
     logits = torch.randn(16, 4, 32, 32, generator=g) * torch.logspace(-2, 1, 16).view(16, 1, 1, 1)

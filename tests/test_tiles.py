@@ -26,7 +26,8 @@ from samhq.tiles import (
 
 NO_GRAD = True
 NAME = "samhq-tiny-shapes"
-needs_demo = pytest.mark.skipif(not (BUNDLED[NAME] / "model.safetensors").exists(), reason="the demo model is not in this checkout")
+needs_demo = pytest.mark.skipif(not (BUNDLED[NAME] / "model.safetensors").exists(),
+                                reason="the demo model is not in this checkout")
 
 
 def scene(height, width, shapes, seed=0):
@@ -91,7 +92,8 @@ class CountingEncoder:
 # Geometry, no model
 
 
-@pytest.mark.parametrize("h,w,tile,overlap", [(640, 640, 256, 64), (300, 1000, 256, 0), (200, 150, 256, 64), (1000, 777, 128, 64)])
+@pytest.mark.parametrize("h,w,tile,overlap",
+                         [(640, 640, 256, 64), (300, 1000, 256, 0), (200, 150, 256, 64), (1000, 777, 128, 64)])
 def test_windows_cover_the_image_and_cores_partition_it(h, w, tile, overlap):
     for level in range(pyramid_levels(h, w, tile)):
         wins = tile_windows(h, w, tile, overlap, level)
@@ -175,7 +177,8 @@ def test_objects_inside_one_tile_get_the_tile_alone_mask(demo):
     plain = SamHQPredictor(demo)
     for gt in masks:
         box, pt = tight_box(gt), centre(gt)
-        win = next(w for w in tp.windows[0] if w.box[0] <= box[0] and w.box[1] <= box[1] and box[2] <= w.box[2] and box[3] <= w.box[3])
+        win = next(w for w in tp.windows[0]
+                   if w.box[0] <= box[0] and w.box[1] <= box[1] and box[2] <= w.box[2] and box[3] <= w.box[3])
         x0, y0, x1, y1 = win.box
         plain.set_image(image[y0:y1, x0:x1])
         off = np.array([x0, y0])

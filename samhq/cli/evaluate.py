@@ -103,7 +103,8 @@ def run_coco_ap(args) -> int:
     from ..eval.coco_ap import coco_ap, format_ap
 
     if args.src is not None or args.dataset is not None:
-        raise ValueError("--coco-ap scores a results file: give no model or dataset (samhq evaluate --coco-ap GT.json RESULTS.json)")
+        raise ValueError("--coco-ap scores a results file: give no model or dataset "
+                         "(samhq evaluate --coco-ap GT.json RESULTS.json)")
     refuse_overwrite([args.json, args.csv], args.force)
     if args.csv:
         raise ValueError("--csv is for per-object scores of a model on a dataset; with --coco-ap use --json")

@@ -38,9 +38,11 @@ def register(sub) -> None:
     m.add_argument("--format", "-f", required=True, metavar="LIST",
                    help="comma-separated: coco, yolo, labelme, labelstudio, geojson, png")
     m.add_argument("--out", "-o", required=True, help="output folder (may be SRC_DIR itself)")
-    m.add_argument("--category", metavar="NAME", help='the class name of every mask (default: the files\' categories, else "object")')
+    m.add_argument("--category", metavar="NAME",
+                   help='the class name of every mask (default: the files\' categories, else "object")')
     m.add_argument("--categories", metavar="ID=NAME,...|FILE",
-                   help="class names by category_id: '1=cat,2=dog', or a JSON file mapping ids to names or holding COCO categories")
+                   help="class names by category_id: '1=cat,2=dog', or a JSON file mapping ids to names "
+                        "or holding COCO categories")
     m.add_argument("--tolerance", type=float, default=0.0, metavar="PX",
                    help="polygon simplification in pixels (default 0: exact, every pixel corner)")
     m.add_argument("--min-area", type=float, default=0.0, metavar="PX2",

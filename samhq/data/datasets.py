@@ -150,7 +150,8 @@ class CocoInstances(_SkippingDataset):
             raise ValueError(f"COCO annotation file not found: {path}") from None
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise ValueError(f"{path} is not valid JSON: {e}") from None
-        if not isinstance(data, dict) or not isinstance(data.get("images"), list) or not isinstance(data.get("annotations"), list):
+        if (not isinstance(data, dict) or not isinstance(data.get("images"), list)
+                or not isinstance(data.get("annotations"), list)):
             raise ValueError(f"{path} is not a COCO instance file: it needs 'images' and 'annotations' lists")
         self.image_dir = Path(image_dir) if image_dir is not None else path.parent
         self.min_area, self.skipped = min_area, []

@@ -131,7 +131,8 @@ def _branch(d, rng, cx, cy, r):
                 grow(x2, y2, angle + rng.uniform(-0.9, 0.9), length * rng.uniform(0.5, 0.8), width * 0.6, depth - 1)
 
     base = rng.uniform(0, 2 * math.pi)
-    grow(cx - 0.5 * r * math.cos(base), cy - 0.5 * r * math.sin(base), base, r * 0.55, rng.uniform(2.5, 4.5), int(rng.integers(2, 4)))
+    grow(cx - 0.5 * r * math.cos(base), cy - 0.5 * r * math.sin(base), base, r * 0.55, rng.uniform(2.5, 4.5),
+         int(rng.integers(2, 4)))
 
 
 _DRAW = {"wire": _wire, "curve": _curve, "ring": _ring, "comb": _comb, "star": _star, "polygon": _polygon,

@@ -112,7 +112,8 @@ def read_samhq_outputs(src_dir, images_dir=None) -> tuple[list[dict], dict[int, 
                        "width": masks[0].shape[1], "name": name, "objects": [{"segmentation": m} for m in masks]})
         names.add(name)
     if not images:
-        raise ValueError(f"no samhq outputs in {src}: expected NAME.json from samhq everything / segment --json, or NAME_masks/ folders")
+        raise ValueError(f"no samhq outputs in {src}: expected NAME.json from samhq everything / segment --json, "
+                         "or NAME_masks/ folders")
     images.sort(key=lambda im: im["name"])
     return images, dict(sorted(categories.items())) or {1: "object"}
 

@@ -360,15 +360,18 @@ def label_studio_config(categories="object", kind: str = "brush", from_name: str
     Each Label carries its category id (`category`), which Label Studio's COCO export uses."""
     from xml.sax.saxutils import quoteattr
 
-    labels = "".join(f'    <Label value={quoteattr(n)} category="{cid}"/>\n' for cid, n in normalize_categories(categories).items())
+    labels = "".join(f'    <Label value={quoteattr(n)} category="{cid}"/>\n'
+                     for cid, n in normalize_categories(categories).items())
     tag = {"brush": "BrushLabels", "polygon": "PolygonLabels"}.get(kind)
     if tag is None:
         raise ValueError(f"Label Studio kind must be 'brush' or 'polygon', got {kind!r}")
     parts = [f'<View>\n  <Image name="{to_name}" value="${data_key}" zoom="true"/>\n',
              f'  <{tag} name="{from_name}" toName="{to_name}">\n{labels}  </{tag}>\n']
     if prompts:
-        parts.append(f'  <KeyPointLabels name="{from_name}_click" toName="{to_name}" smart="true">\n{labels}  </KeyPointLabels>\n')
-        parts.append(f'  <RectangleLabels name="{from_name}_box" toName="{to_name}" smart="true">\n{labels}  </RectangleLabels>\n')
+        parts.append(f'  <KeyPointLabels name="{from_name}_click" toName="{to_name}" smart="true">\n'
+                     f'{labels}  </KeyPointLabels>\n')
+        parts.append(f'  <RectangleLabels name="{from_name}_box" toName="{to_name}" smart="true">\n'
+                     f'{labels}  </RectangleLabels>\n')
     return "".join(parts) + "</View>\n"
 
 
@@ -381,7 +384,8 @@ def _affine(transform):
         return None
     t = [float(v) for v in list(transform)[:6]]
     if len(t) != 6 or not all(math.isfinite(v) for v in t) or t[0] * t[4] - t[1] * t[3] == 0:
-        raise ValueError(f"transform must be an invertible affine (a, b, c, d, e, f) as affine.Affine orders it, got {transform!r}")
+        raise ValueError(f"transform must be an invertible affine (a, b, c, d, e, f) as affine.Affine orders it, "
+                         f"got {transform!r}")
     return t
 
 
@@ -406,8 +410,8 @@ def to_geojson(image: dict, categories="object", transform=None, crs=None, toler
     (rasterio's `dataset.transform`) or its first six numbers. crs: written as the GeoJSON 2008
     `crs` member ("EPSG:32633" becomes urn:ogc:def:crs:EPSG::32633), which GDAL / QGIS read; RFC
     7946 readers (GDAL too) take coordinates without it as WGS 84 longitude/latitude, so a
-    pixel-coordinate file opens in a GIS as degrees, upside down (y points down). tolerance is in pixels, before the
-    transform; decimals rounds the output coordinates (None: full precision).
+    pixel-coordinate file opens in a GIS as degrees, upside down (y points down). tolerance is in
+    pixels, before the transform; decimals rounds the output coordinates (None: full precision).
     """
     from shapely.geometry import MultiPolygon, Polygon, mapping
     from shapely.geometry.polygon import orient
@@ -421,7 +425,8 @@ def to_geojson(image: dict, categories="object", transform=None, crs=None, toler
         for p in object_polygons(obj, h, w, tolerance, min_area):
             rings = [np.asarray(r, dtype=np.float64) for r in p]
             if t is not None:
-                rings = [np.stack([t[0] * r[:, 0] + t[1] * r[:, 1] + t[2], t[3] * r[:, 0] + t[4] * r[:, 1] + t[5]], 1) for r in rings]
+                rings = [np.stack([t[0] * r[:, 0] + t[1] * r[:, 1] + t[2], t[3] * r[:, 0] + t[4] * r[:, 1] + t[5]], 1)
+                         for r in rings]
             if decimals is not None:
                 rings = [np.round(r, decimals) for r in rings]
             polys.append(orient(Polygon(rings[0], rings[1:]), sign=1.0))

@@ -163,7 +163,8 @@ def _two_way_block(block, queries, keys, query_pe, key_pe, shared=None):
         t2i = tokens_to_image(block.cross_attn_token_to_image, queries + query_pe, None, None, (shared["k"], shared["v"]))
     queries = block.layer_norm2(queries + t2i)
     queries = block.layer_norm3(queries + block.mlp(queries))
-    i2t = image_to_tokens(block.cross_attn_image_to_token, k, queries + query_pe, queries, None if shared is None else shared["q"])
+    i2t = image_to_tokens(block.cross_attn_image_to_token, k, queries + query_pe, queries,
+                          None if shared is None else shared["q"])
     return queries, block.layer_norm4(keys + i2t)
 
 

@@ -291,7 +291,8 @@ class SamHQModel(_PretrainedMixin, nn.Module):
         as `SamHQProcessor(images, segmentation_maps=...)` makes them; the loss is BCE + dice of the best
         returned mask. Extra processor keys (`original_sizes`, `reshaped_input_sizes`) are accepted.
         """
-        unknown = set(kwargs) - {"original_sizes", "reshaped_input_sizes", "return_dict", "output_attentions", "output_hidden_states"}
+        unknown = set(kwargs) - {"original_sizes", "reshaped_input_sizes", "return_dict", "output_attentions",
+                                 "output_hidden_states"}
         if unknown:
             raise TypeError(f"SamHQModel.forward got unexpected arguments: {sorted(unknown)}")
         if (pixel_values is None) == (image_embeddings is None):

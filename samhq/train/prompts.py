@@ -91,7 +91,7 @@ def sample_prompts(masks: torch.Tensor, kind: str, rng: np.random.Generator, mas
         k = max(len(c) for c, _ in sampled)
         pts = np.zeros((len(sampled), k, 2), np.float32)
         lab = np.full((len(sampled), k), PAD_LABEL, np.int64)
-        for i, (c, l) in enumerate(sampled):
-            pts[i, :len(c)], lab[i, :len(l)] = c, l
+        for i, (c, lb) in enumerate(sampled):
+            pts[i, :len(c)], lab[i, :len(lb)] = c, lb
         return {"input_points": torch.from_numpy(pts)[None], "input_labels": torch.from_numpy(lab)[None]}
     return {"input_masks": torch.stack([noisy_mask_logits(m, mask_input_size, rng) for m in masks])[None]}

@@ -89,7 +89,8 @@ class TrainConfig:
         if self.targets not in ("fine", "coarse"):
             raise ValueError(f"targets must be 'fine' or 'coarse', got {self.targets!r}")
         if self.coarse_factor < 1 or (self.coarse_radius is not None and self.coarse_radius < 1):
-            raise ValueError(f"coarse_radius and coarse_factor must be at least 1, got {self.coarse_radius} and {self.coarse_factor}")
+            raise ValueError(f"coarse_radius and coarse_factor must be at least 1, "
+                             f"got {self.coarse_radius} and {self.coarse_factor}")
         for name in ("steps", "batch_size", "masks_per_image", "save_every", "log_every", "max_points"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")

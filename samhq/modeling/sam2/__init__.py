@@ -4,4 +4,5 @@ from .mask_decoder import Sam2MaskDecoder
 from .model import PIXEL_MEAN, PIXEL_STD, SamHQ2ImageSegmentationOutput, SamHQ2Model, load_sam2_model
 from .prompt_encoder import Sam2PromptEncoder
 
-__all__ = ["SamHQ2Model", "SamHQ2ImageSegmentationOutput", "load_sam2_model", "Hiera", "Sam2VisionEncoder", "Sam2MaskDecoder", "Sam2PromptEncoder", "PIXEL_MEAN", "PIXEL_STD"]
+__all__ = ["SamHQ2Model", "SamHQ2ImageSegmentationOutput", "load_sam2_model", "Hiera", "Sam2VisionEncoder", "Sam2MaskDecoder",
+           "Sam2PromptEncoder", "PIXEL_MEAN", "PIXEL_STD"]
