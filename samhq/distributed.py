@@ -61,7 +61,8 @@ class SamHQBatchPredictor:
     with `prompt_options`); tiles: None, or `{"tile_size": ..., "overlap": ...}` to segment each image
     in tiles (`samhq.tiles`); threads: torch's thread count in this worker, set explicitly so that
     workers compute exactly what a local run with the same count does; device ("cpu", "cuda") and
-    dtype (the image encoder's precision: "auto", "float32", ...) as `samhq.pipelines.load_for_inference`
+    dtype (the image encoder's precision: None / "float32" (default), "auto", "bfloat16", ...) as
+    `samhq.pipelines.load_for_inference`
     takes them, so a worker loads the model exactly as a local run does; hq_token_only for everything mode
     (prompt mode takes it in prompt_options); bit_depth and limits (a dict of `samhq.limits.Limits`
     fields, e.g. {"max_pixels": N}) for reading images as a local run with the same options does (with
@@ -80,7 +81,7 @@ class SamHQBatchPredictor:
 
     def __init__(self, model="samhq-tiny-shapes", mode: str = "everything", generator_options: dict | None = None,
                  prompt_options: dict | None = None, tiles: dict | None = None, threads: int = 1, device: str | None = None,
-                 dtype="auto", hq_token_only: bool = False, bit_depth: str = "dtype", limits: dict | None = None) -> None:
+                 dtype=None, hq_token_only: bool = False, bit_depth: str = "dtype", limits: dict | None = None) -> None:
         import torch
 
         from .limits import get_limits, tiled_limits
@@ -181,7 +182,7 @@ def run_ray(images, writer: Callable[[str, dict], None], *, done: Callable[[str]
             prompts: dict | None = None, generator_options: dict | None = None, prompt_options: dict | None = None,
             tiles: dict | None = None, num_workers: int = 1, gpus_per_worker: float = 0, cpus_per_worker: float = 1,
             threads: int = 1, address: str | None = None, batch_size: int = 1, progress: bool = False,
-            predictor_cls: type = SamHQBatchPredictor, device: str | None = None, dtype="auto",
+            predictor_cls: type = SamHQBatchPredictor, device: str | None = None, dtype=None,
             hq_token_only: bool = False, bit_depth: str = "dtype", limits: dict | None = None) -> RayRunSummary:
     """Run a whole job as a Ray Data pipeline; the driver alone writes, through `writer`.
 

@@ -15,18 +15,9 @@ import warnings
 import torch
 from torch import nn
 
+from .dtypes import bf16_supported
+
 MODES = ("fp32", "bf16", "int8", "compile")
-
-
-def bf16_supported() -> bool:
-    """True when the CPU has native bfloat16 matrix units (AVX512-BF16 / AMX), as oneDNN reports.
-
-    Without them PyTorch runs bf16 matmuls on a slow reference path, often far slower than fp32.
-    """
-    try:
-        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except (AttributeError, RuntimeError):
-        return False
 
 
 def to_bfloat16(model: nn.Module, warn: bool = True) -> nn.Module:

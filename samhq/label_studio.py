@@ -302,7 +302,7 @@ class SamHQBackend:
     def __init__(self, model, images: LabelStudioImages, *, device: str | None = None, dtype=None, max_images: int = 8,
                  auto: str = "everything", auto_label: str | None = None, multimask: bool = False,
                  hq_token_only: bool = False, polygon_tolerance: float = 1.0, points_per_side: int = 32,
-                 pred_iou_thresh: float = 0.88, stability_thresh: float = 0.95, model_version: str | None = None):
+                 pred_iou_thresh: float | None = None, stability_thresh: float = 0.95, model_version: str | None = None):
         from .automatic import SamHQAutomaticMaskGenerator
         from .pipelines import load_for_inference
 

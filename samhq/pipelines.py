@@ -20,11 +20,8 @@ import torch
 from . import masks as M
 from .automatic import SamHQAutomaticMaskGenerator
 from .checkpoints import DEMO_MODEL, demo_model_available
-from .fast import bf16_supported
+from .dtypes import resolve_dtype
 from .modeling.auto import is_model, load_model
-
-_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-           "float16": torch.float16, "fp16": torch.float16}
 
 # pipeline keyword -> generator argument (transformers' names on the left, where they differ)
 _GENERATOR_ARGS = {
@@ -37,27 +34,6 @@ _GENERATOR_ARGS = {
     "mask_threshold": "mask_threshold", "use_m2m": "use_m2m",
 }
 _GENERATE_ARGS = ("multimask_output", "hq_token_only")
-
-
-def resolve_dtype(dtype, device) -> torch.dtype:
-    """The image encoder's precision. None or "float32": float32 (the default: exact, what the parity tests
-    pin). "auto": bfloat16 where the hardware runs it fast (a CUDA GPU that supports it, a CPU with
-    AVX512-BF16 / AMX units, `samhq.fast.bf16_supported`), else float32. Or a torch dtype / its name
-    (float32, bfloat16, float16)."""
-    if isinstance(dtype, torch.dtype):
-        return dtype
-    if dtype is None:
-        return torch.float32
-    if dtype == "auto":
-        dev = torch.device(device or "cpu")
-        if dev.type == "cuda":
-            fast = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
-        else:
-            fast = dev.type == "cpu" and bf16_supported()
-        return torch.bfloat16 if fast else torch.float32
-    if dtype not in _DTYPES:
-        raise ValueError(f"unknown dtype {dtype!r}; use auto, float32, bfloat16 or float16")
-    return _DTYPES[dtype]
 
 
 def load_for_inference(model=None, device=None, dtype=None):

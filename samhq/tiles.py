@@ -397,7 +397,7 @@ class TiledPredictor:
     window is embedded when a prompt first needs it) or "eager" (every window of every level in `set_image`);
     refine, how a mask from a coarse level is refined at native resolution (module docstring):
     "box" (default: each level-0 window is prompted with the object's box clipped to it), "box+mask"
-    (the coarse mask as well; as good on the thin-structure benchmark, slower: docs/notes/scale.md)
+    (the coarse mask as well; as good on the thin-structure benchmark, slower: docs/huge-images.md)
     or None (keep the coarse mask); max_refine_tiles, the
     most level-0 windows an object may span and still be refined (default 64); edge_tolerance, in
     the window's input pixels: a mask this close to a cut edge is taken to go on beyond it (default:

@@ -15,7 +15,7 @@ ROOT = Path(__file__).resolve().parents[1] / "samhq"
 # Lowest first. A module belongs to the first layer with a prefix that matches its dotted name.
 LAYERS = [
     ("core", ["samhq.config", "samhq.config_sam2", "samhq.image_io", "samhq.masks", "samhq.visualize", "samhq.limits",
-              "samhq.formats"]),
+              "samhq.dtypes", "samhq.formats"]),
     ("checkpoint files", ["samhq.checkpoints", "samhq.checkpoints_sam2"]),
     ("modeling", ["samhq.modeling"]),
     ("processing", ["samhq.processing"]),

@@ -88,7 +88,7 @@ def test_hwc_tensor_is_read_as_hwc(model):
 
 
 def test_dtype_auto_picks_bf16_only_where_the_hardware_runs_it_fast(monkeypatch):
-    import samhq.pipelines as P
+    import samhq.dtypes as P
 
     assert P.resolve_dtype(None, "cpu") == torch.float32  # the default: exact
     monkeypatch.setattr(P, "bf16_supported", lambda: False)
@@ -98,3 +98,15 @@ def test_dtype_auto_picks_bf16_only_where_the_hardware_runs_it_fast(monkeypatch)
     assert P.resolve_dtype("float32", "cpu") == torch.float32 and P.resolve_dtype(torch.float16, "cpu") == torch.float16
     with pytest.raises(ValueError, match="unknown dtype"):
         P.resolve_dtype("int8", "cpu")
+
+
+def test_every_loader_takes_dtype_names(tmp_path):
+    """load_model, from_pretrained and the predictor's from_pretrained resolve names as the pipelines do."""
+    from samhq import SamHQModel, SamHQPredictor, load_model
+    from samhq.checkpoints import DEMO_MODEL
+
+    for load in (load_model, SamHQModel.from_pretrained, lambda s, **kw: SamHQPredictor.from_pretrained(s, **kw).model):
+        assert load(DEMO_MODEL, dtype="bfloat16").encoder_dtype == torch.bfloat16
+        assert load(DEMO_MODEL, dtype="float32").encoder_dtype == torch.float32
+        with pytest.raises(ValueError, match="unknown dtype"):
+            load(DEMO_MODEL, dtype="int8")

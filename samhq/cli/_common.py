@@ -96,7 +96,7 @@ def add_tile_args(parser: argparse.ArgumentParser, store: bool = False, refine: 
         g = parser.add_argument_group("huge images in tiles (samhq.tiles; GeoTIFF / BigTIFF read in windows with samhq.geo)")
         g.add_argument("--tiles", action="store_true",
                        help="embed the image in overlapping tiles at its own resolution instead of shrinking it to the "
-                            "model input; .tif/.tiff/.vrt rasters are read window by window (the geo extra)")
+                            "model input; .tif/.tiff/.vrt/.jp2/.img rasters are read window by window (the geo extra)")
     g.add_argument("--tile-size", type=int, metavar="N", help="tile side in image pixels (default: the model's input size)")
     g.add_argument("--overlap", type=int, metavar="N", help="pixels shared by neighbouring tiles (default: a quarter tile)")
     if store:

@@ -166,8 +166,8 @@ def run(args) -> int:
 
 def run_davis(args, model_src) -> int:
     """J&F of a SAM 2 video model on a DAVIS-style folder (semi-supervised: first-frame masks as prompts)."""
+    from ..dtypes import resolve_dtype
     from ..eval.davis import evaluate_davis
-    from ..pipelines import resolve_dtype
     from ..video import SamHQ2VideoPredictor
 
     if args.results:

@@ -26,7 +26,7 @@ removes its temporary files and stops the run (exit 2). Existing outputs are onl
 exit code is 1 when any failed.
 
 --tiles segments each image in overlapping tiles at its own resolution (`samhq.tiles.TiledMaskGenerator`);
-rasters (.tif, .tiff, .vrt) are then read window by window (`samhq.geo.RasterSource`). --ray runs
+rasters (.tif, .tiff, .vrt, .jp2, .img) are then read window by window (`samhq.geo.RasterSource`). --ray runs
 the images on a Ray cluster (`samhq.distributed.run_ray`): the workers return records, this process
 alone writes DIR, the same files as a local run.
 """

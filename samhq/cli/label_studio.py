@@ -31,7 +31,9 @@ def register(sub) -> None:
     p.add_argument("--polygon-tolerance", type=float, default=1.0, metavar="PX",
                    help="simplification of PolygonLabels answers in pixels (default 1)")
     p.add_argument("--points-per-side", type=int, default=32, help="everything mode's prompt grid (default 32)")
-    p.add_argument("--pred-iou-thresh", type=float, default=0.88, help="everything mode's minimum predicted IoU (default 0.88)")
+    p.add_argument("--pred-iou-thresh", type=float, default=None,
+                   help="everything mode's minimum predicted IoU (default: the official generator's, 0.88 for SAM-HQ, "
+                   "0.8 for SAM 2)")
     p.add_argument("--stability-thresh", type=float, default=0.95, help="everything mode's minimum stability (default 0.95)")
     p.add_argument("--allowed-host", action="append", default=[], metavar="NAME",
                    help="a Host name Label Studio reaches this backend by, besides localhost/127.0.0.1 (repeat)")

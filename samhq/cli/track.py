@@ -42,8 +42,9 @@ def register(sub) -> None:
                    help="a full SAM 2 / SAM 2.1 / HQ-SAM 2 checkpoint with the video modules (official .pt such as "
                         "sam2.1_hq_hiera_large.pt, a transformers Sam2Video folder, or a hub id)")
     p.add_argument("--device", default="cpu", help="torch device (default: cpu)")
-    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
-                   help="the image encoder's precision (default auto: bfloat16 on a GPU that supports it, else float32)")
+    p.add_argument("--dtype", default="float32", choices=["auto", "float32", "bfloat16", "float16"],
+                   help="the image encoder's precision (default float32, exact; auto: bfloat16 on a GPU or a CPU with "
+                   "BF16 units, else float32)")
     p.add_argument("--point", action="append", default=[], metavar="FRAME,X,Y[,LABEL[,OBJ]]",
                    help="a click in pixels on frame FRAME; LABEL 1 = object (default), 0 = background; OBJ the object id "
                         "(default 1). Repeat for more points, frames and objects")
@@ -196,8 +197,8 @@ def write_overlay(path: Path, frames, masks_dir: Path, names: list[str], obj_ids
 
 
 def run(args) -> int:
+    from ..dtypes import resolve_dtype
     from ..masks import mask_bbox, mask_to_coco
-    from ..pipelines import resolve_dtype
     from ..video import SamHQ2VideoPredictor, masks_to_label_map, open_video
 
     if args.stride < 1 or args.start < 0 or (args.end is not None and args.end <= args.start):

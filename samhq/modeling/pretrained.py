@@ -12,16 +12,19 @@ import warnings
 import torch
 
 from ..checkpoints import CheckpointError, infer_config, read_checkpoint, short_list, validate_checkpoint
+from ..dtypes import resolve_dtype
 from .mask_decoder import is_hq_parameter
 
 
 def load_pretrained(model_class, source, device=None, dtype=None, strict_hq: bool = False):
     """A `model_class` (SamHQModel or SamHQVisionModel) in eval mode with the weights of `source`.
 
-    device: where the model goes (default cpu); dtype: the image encoder's dtype (default float32;
-    the prompt encoder and mask decoder always stay float32). A plain SAM checkpoint loads with a
+    device: where the model goes (default cpu); dtype: the image encoder's dtype, a torch dtype or a name
+    `samhq.dtypes.resolve_dtype` takes ("auto", "bfloat16", ...; default float32; the prompt encoder and
+    mask decoder always stay float32). A plain SAM checkpoint loads with a
     warning and `hq_enabled = False`, unless strict_hq.
     """
+    dtype = resolve_dtype(dtype, device)
     state, config, where = read_checkpoint(source)
     where = where.split(":", 1)[1]
     if config is None:

@@ -19,6 +19,7 @@ from torch import nn
 from ... import checkpoints_sam2 as ckpt
 from ...checkpoints import CheckpointError, check_tensors, is_hq_parameter
 from ...config_sam2 import SamHQ2Config
+from ...dtypes import resolve_dtype
 from ..common import set_fast_path
 from ..losses import segmentation_loss
 from ..mask_selection import select_masks
@@ -307,9 +308,11 @@ def load_sam2_model(source, device=None, dtype=None, config: SamHQ2Config | None
     `hq_enabled=False`. A checkpoint with the video modules' tensors (Meta's and SysCV's releases, the
     hub's Sam2VideoModel files) gives a model with those modules (`has_video`, `config.video_config`);
     an incomplete set of them is kept aside in `model.video_state` (under the names of
-    `model.video_layout`) with a warning. dtype (e.g. torch.bfloat16) applies to the image encoder; the prompt
-    encoder and decoder stay fp32. Raises CheckpointError for unreadable or mismatched files.
+    `model.video_layout`) with a warning. dtype (a torch dtype or a name `samhq.dtypes.resolve_dtype` takes,
+    e.g. "auto", "bfloat16") applies to the image encoder; the prompt encoder and decoder stay fp32. Raises
+    CheckpointError for unreadable or mismatched files.
     """
+    dtype = resolve_dtype(dtype, device)
     read = ckpt.read_checkpoint(source)
     config = config or read.config or ckpt.infer_config(read.state, str(read.path))
     state, kept_aside = dict(read.state), read.video_state
