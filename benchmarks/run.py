@@ -4,9 +4,13 @@ transformers' `SamHQModel`, with the same random weights loaded into every imple
 
     python benchmarks/run.py            # the full run (about 10 minutes on a 2-core CPU)
     python benchmarks/run.py --quick    # a smoke run: vit_tiny only, 8x8 AMG grid, one repeat
+    python benchmarks/run.py --busy     # also each measurement again with one core kept busy by another process
+    python benchmarks/run.py --device cuda   # every implementation on the GPU (writes results-cuda.json)
 
 Every (case, implementation) runs in a fresh subprocess, which reports the median of its timed
-repeats and its peak resident memory (ru_maxrss). Writes benchmarks/results.json and
+repeats and its peak resident memory (ru_maxrss; on a GPU, torch.cuda.max_memory_allocated). samhq's workers
+import samhq before torch, as a user's program does (it sets OMP_WAIT_POLICY=PASSIVE); the references run
+with torch's own defaults. Writes benchmarks/results.json and
 benchmarks/results.md and prints the table. The image is a 768x1024 synthetic image.
 """
 from __future__ import annotations
@@ -32,6 +36,11 @@ IMAGE_SIZE = (768, 1024)  # (H, W)
 
 SAMHQ = ["samhq fp32", "samhq bf16", "samhq int8", "samhq onnxruntime"]
 REFS = ["official", "transformers"]
+CPU_ONLY = {"samhq int8": "int8 dynamic quantization runs on the CPU only",
+            "samhq onnxruntime": "the onnxruntime engine runs on the CPU (CPUExecutionProvider)"}
+BUSY_TARGET = 2.5  # busy time / quiet time, every samhq row (issue 17)
+# Another process that keeps one core busy: a plain Python spin loop, saying when it has started.
+SPIN = "print('spinning', flush=True)\nwhile True:\n    pass\n"
 
 
 def cases(quick: bool) -> list[dict]:
@@ -81,6 +90,19 @@ def maxrss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
+def _device(spec):
+    import torch
+
+    return torch.device(spec.get("device", "cpu"))
+
+
+def peak_mb(device) -> float:
+    """Peak memory so far: the GPU's allocations on CUDA, the process's resident memory on the CPU."""
+    import torch
+
+    return torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else maxrss_mb()
+
+
 def _image():
     from samhq.data.synthetic import SyntheticShapes
 
@@ -105,7 +127,8 @@ def _samhq_model(impl: str, spec: dict):
     from samhq import SamHQModel
     from samhq.fast import compile_encoder, quantize_int8
 
-    model = SamHQModel.from_pretrained(spec["seed_dir"], dtype=torch.bfloat16 if impl == "samhq bf16" else None).eval()
+    model = SamHQModel.from_pretrained(spec["seed_dir"], device=_device(spec),
+                                       dtype=torch.bfloat16 if impl == "samhq bf16" else None).eval()
     if impl == "samhq int8":
         model = quantize_int8(model)
     if impl == "samhq compile":
@@ -117,7 +140,8 @@ def _load_embedding(spec, dtype=None):
     import torch
 
     e = torch.load(spec["embedding"], weights_only=True)
-    cast = (lambda t: t.to(dtype)) if dtype is not None else (lambda t: t)
+    dev = _device(spec)
+    cast = (lambda t: t.to(device=dev, dtype=dtype)) if dtype is not None else (lambda t: t.to(dev))
     return cast(e["features"]), [cast(t) for t in e["interm"]], cast(e["hq"]), tuple(e["original_size"]), tuple(e["input_size"])
 
 
@@ -146,7 +170,7 @@ def _official_predictor(spec):
     from _refs import official_model, official_module
 
     sah = official_module()
-    p = sah.SamPredictor(official_model(spec["variant"], spec["official_pth"]))
+    p = sah.SamPredictor(official_model(spec["variant"], spec["official_pth"]).to(_device(spec)))
     feats, inter, _, orig, inp = _load_embedding(spec)
     p.features, p.interm_features, p.original_size, p.input_size, p.is_image_set = feats, inter, orig, inp, True
     return p
@@ -160,17 +184,18 @@ def _transformers_runner(spec, kind):
 
     from samhq.processing import scale_coords
 
-    hf = transformers_model(spec["seed_dir"])
+    dev = _device(spec)
+    hf = transformers_model(spec["seed_dir"]).to(dev)
     proc = SamImageProcessorPil()
     feats, inter, _, orig, inp = _load_embedding(spec)
 
     def run():
         if kind == "prompt":
-            pts = torch.as_tensor(scale_coords(np.array(POINT), orig, 1024), dtype=torch.float)[None, None]
+            pts = torch.as_tensor(scale_coords(np.array(POINT), orig, 1024), dtype=torch.float, device=dev)[None, None]
             out = hf(image_embeddings=feats, intermediate_embeddings=inter, input_points=pts,
-                     input_labels=torch.ones(1, 1, 1, dtype=torch.long), multimask_output=True)
+                     input_labels=torch.ones(1, 1, 1, dtype=torch.long, device=dev), multimask_output=True)
         else:
-            boxes = torch.as_tensor(scale_coords(_boxes(64).reshape(-1, 2, 2), orig, 1024), dtype=torch.float)
+            boxes = torch.as_tensor(scale_coords(_boxes(64).reshape(-1, 2, 2), orig, 1024), dtype=torch.float, device=dev)
             out = hf(image_embeddings=feats, intermediate_embeddings=inter, input_boxes=boxes.reshape(1, -1, 4),
                      multimask_output=False)
         return proc.post_process_masks(out.pred_masks, original_sizes=[orig], reshaped_input_sizes=[inp])
@@ -181,16 +206,16 @@ def _transformers_runner(spec, kind):
 def setup_encoder(impl, spec):
     import torch
 
-    pixels = torch.load(spec["pixels"], weights_only=True)
+    pixels = torch.load(spec["pixels"], weights_only=True).to(_device(spec))
     if impl == "official":
         from _refs import official_model
 
-        enc = official_model(spec["variant"], spec["official_pth"]).image_encoder
+        enc = official_model(spec["variant"], spec["official_pth"]).image_encoder.to(pixels.device)
         return lambda: enc(pixels), None
     if impl == "transformers":
         from _refs import transformers_model
 
-        hf = transformers_model(spec["seed_dir"])
+        hf = transformers_model(spec["seed_dir"]).to(pixels.device)
         return lambda: hf.get_image_embeddings(pixels), None
     e = torch.load(spec["embedding"], weights_only=True)
     orig, inp = tuple(e["original_size"]), tuple(e["input_size"])
@@ -213,7 +238,7 @@ def _box_masks(p, spec, features, orig, inp) -> dict:
     _set_embedding(p, features, orig, inp)
     boxes = p.transform.apply_boxes_torch(torch.as_tensor(_boxes(64), dtype=torch.float), p.original_size)
     masks, _, _ = p.predict_torch(None, None, boxes, multimask_output=False)
-    np.save(spec["masks_out"], np.asarray(masks[:, 0]))
+    np.save(spec["masks_out"], masks[:, 0].cpu().numpy())
     return {"masks_file": spec["masks_out"]}
 
 
@@ -226,7 +251,7 @@ def setup_prompt(impl, spec, kind):
     p = _official_predictor(spec) if impl == "official" else _samhq_predictor(impl, spec)
     if kind == "prompt":
         return lambda: p.predict(point_coords=np.array(POINT), point_labels=np.array([1])), None
-    boxes = torch.as_tensor(_boxes(64), dtype=torch.float)
+    boxes = torch.as_tensor(_boxes(64), dtype=torch.float, device=_device(spec))  # the official predict_torch wants them there
     return lambda: p.predict_torch(None, None, p.transform.apply_boxes_torch(boxes, p.original_size),
                                    multimask_output=False), None
 
@@ -268,23 +293,24 @@ def setup_memory(impl, spec):
     import torch
     from _refs import fill_random_, on_meta
 
-    pixels = torch.load(spec["pixels"], weights_only=True)
+    dev = _device(spec)
+    pixels = torch.load(spec["pixels"], weights_only=True).to(dev)
     if impl == "official":
         from _refs import official_module
 
         sah = official_module()
-        enc = fill_random_(on_meta(lambda: sah.sam_model_registry["vit_h"]())).eval().image_encoder
+        enc = fill_random_(on_meta(lambda: sah.sam_model_registry["vit_h"]())).eval().image_encoder.to(dev)
         return lambda: enc(pixels), None
     if impl == "transformers":
         from transformers import SamHQConfig as HFConfig
         from transformers import SamHQModel as HFModel
 
         cfg = HFConfig.from_pretrained(spec["config_dir"])
-        hf = fill_random_(on_meta(lambda: HFModel(cfg))).eval()
+        hf = fill_random_(on_meta(lambda: HFModel(cfg))).eval().to(dev)
         return lambda: hf.get_image_embeddings(pixels), None
     from samhq import SamHQConfig, SamHQModel
 
-    model = fill_random_(on_meta(lambda: SamHQModel(SamHQConfig.from_variant("vit_h")))).eval()
+    model = fill_random_(on_meta(lambda: SamHQModel(SamHQConfig.from_variant("vit_h")))).eval().to(dev)
     if impl == "samhq bf16":
         model = model.to(torch.bfloat16)
     return lambda: model.get_image_embeddings(pixels), None
@@ -321,10 +347,11 @@ def setup_sam2(impl, spec, kind):
     import numpy as np
     import torch
 
-    pixels = torch.load(spec["pixels"], weights_only=True)
-    e = torch.load(spec["embedding"], weights_only=True)
+    dev = _device(spec)
+    pixels = torch.load(spec["pixels"], weights_only=True).to(dev)
+    e = {k: v.to(dev) for k, v in torch.load(spec["embedding"], weights_only=True).items()}
     if impl == "official":
-        ref = _sam2_reference(spec)
+        ref = _sam2_reference(spec).to(dev)
         from sam2_ref import meta_predictor
 
         if kind == "encoder":  # Meta's forward_image: trunk, neck and the high-res projections, as our embed
@@ -336,7 +363,7 @@ def setup_sam2(impl, spec, kind):
     from samhq import load_model
     from samhq.predictor import SamHQPredictor
 
-    p = SamHQPredictor(load_model(spec["official_pt_dir"], dtype=torch.bfloat16 if impl == "samhq bf16" else None))
+    p = SamHQPredictor(load_model(spec["official_pt_dir"], device=dev, dtype=torch.bfloat16 if impl == "samhq bf16" else None))
     if kind == "encoder":
         return lambda: p.engine.embed(pixels), None
     _set_embedding(p, e, IMAGE_SIZE, (1024, 1024))
@@ -364,11 +391,15 @@ def prepare_sam2(d: Path) -> dict:
 
 
 def worker(spec: dict) -> dict:
+    impl, case = spec["impl"], spec["case"]
+    if impl.startswith("samhq"):
+        import samhq  # noqa: F401 - before torch, as in a user's program: the settings a user gets (OMP_WAIT_POLICY)
     import torch
 
     torch.set_grad_enabled(False)
-    impl, case = spec["impl"], spec["case"]
     kind = case["kind"]
+    dev = _device(spec)
+    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
     if spec["variant"] == "hiera_l_hq":
         fn, after = setup_sam2(impl, spec, kind)
     elif kind == "encoder":
@@ -379,7 +410,7 @@ def worker(spec: dict) -> dict:
         fn, after = setup_amg(impl, spec)
     else:
         fn, after = setup_memory(impl, spec)
-    loaded = maxrss_mb()
+    loaded = peak_mb(dev)
     warmup, repeats = case["reps"]
     times, flops = [], None
     for i in range(warmup + repeats):
@@ -391,11 +422,14 @@ def worker(spec: dict) -> dict:
                 fn()
             flops = counter.get_total_flops()
             continue
+        sync()
         t0 = time.perf_counter()
         fn()
+        sync()
         if i >= warmup:
             times.append(time.perf_counter() - t0)
-    out = {"times": times, "median_s": statistics.median(times), "loaded_mb": loaded, "peak_mb": maxrss_mb()}
+    out = {"times": times, "median_s": statistics.median(times), "loaded_mb": loaded, "peak_mb": peak_mb(dev),
+           "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "unset")}
     if flops:
         out["flops"] = flops
     if after is not None:
@@ -496,40 +530,74 @@ def run_child(args: list[str], timeout: float) -> dict:
     return {"error": tail[:300]}
 
 
-def matmul_gflops(dtype_name: str, n: int = 2048, seconds: float = 1.5) -> float:
+def run_busy(args: list[str], timeout: float) -> dict:
+    """`run_child` while another process keeps one core busy from before the child starts until it ends.
+
+    Adds "spinner_core_share": the spinner's CPU time over that wall time (1.0: it held a whole core).
+    """
+    spin = subprocess.Popen([sys.executable, "-c", SPIN], stdout=subprocess.PIPE, text=True)
+    spin.stdout.readline()
+    t0 = time.perf_counter()
+    try:
+        r = run_child(args, timeout)
+    finally:
+        wall = time.perf_counter() - t0
+        before = resource.getrusage(resource.RUSAGE_CHILDREN)
+        spin.kill()
+        spin.wait()
+        spin.stdout.close()
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    r["spinner_core_share"] = round((after.ru_utime - before.ru_utime + after.ru_stime - before.ru_stime) / wall, 2)
+    return r
+
+
+def matmul_gflops(dtype_name: str, n: int = 2048, seconds: float = 1.5, device: str = "cpu") -> float:
     import torch
 
     dtype = getattr(torch, dtype_name)
-    a, b = torch.randn(n, n).to(dtype), torch.randn(n, n).to(dtype)
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    a, b = torch.randn(n, n, device=device).to(dtype), torch.randn(n, n, device=device).to(dtype)
     a @ b
+    sync()
     count, t0 = 0, time.perf_counter()
     while time.perf_counter() - t0 < seconds:
         a @ b
+        sync()
         count += 1
         if dtype != torch.float32 and count == 1 and time.perf_counter() - t0 > seconds:
             break
     return 2 * n**3 * count / (time.perf_counter() - t0) / 1e9
 
 
-def machine_info() -> dict:
+def machine_info(device: str = "cpu") -> dict:
     import torch
 
     from samhq.fast import bf16_supported
 
-    cpu = platform.processor() or "unknown CPU"
+    cpu, flags = platform.processor() or "unknown CPU", set()
     try:
         for line in open("/proc/cpuinfo"):
             if line.startswith("model name"):
                 cpu = line.split(":", 1)[1].strip()
+            elif line.startswith("flags"):
+                flags = set(line.split(":", 1)[1].split())
+            if flags and cpu:
                 break
     except OSError:
         pass
     info = {
         "cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
         "python": platform.python_version(), "cpu_capability": torch.backends.cpu.get_cpu_capability(),
-        "bf16_units": bf16_supported(), "fp32_matmul_gflops": round(matmul_gflops("float32"), 1),
+        "cpu_flags": [f for f in ("avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile", "amx_bf16", "amx_int8")
+                      if f in flags],
+        "device": device, "bf16_units": bf16_supported(),
     }
-    info["bf16_matmul_gflops"] = round(matmul_gflops("bfloat16", n=2048 if info["bf16_units"] else 512), 1)
+    if device == "cuda":
+        if not torch.cuda.is_available():
+            return dict(info, gpu=None)
+        info.update(gpu=torch.cuda.get_device_name(0), cuda=torch.version.cuda, bf16_units=torch.cuda.is_bf16_supported())
+    info["fp32_matmul_gflops"] = round(matmul_gflops("float32", device=device), 1)
+    info["bf16_matmul_gflops"] = round(matmul_gflops("bfloat16", n=2048 if info["bf16_units"] else 512, device=device), 1)
     for name in ("transformers", "onnxruntime", "onnx"):
         try:
             info[name] = __import__(name).__version__
@@ -539,6 +607,10 @@ def machine_info() -> dict:
 
 
 def skip_reason(impl: str, case: dict, info: dict, prep: dict) -> str | None:
+    if info["device"] == "cuda" and impl in CPU_ONLY:
+        return CPU_ONLY[impl]
+    if impl == "samhq bf16" and info["device"] == "cuda" and not info["bf16_units"]:
+        return f"{info['gpu']} does not support bfloat16"
     if impl == "samhq bf16" and not info["bf16_units"]:
         return (f"no BF16 units on this CPU (bf16 matmul {info['bf16_matmul_gflops']} GFLOP/s vs fp32 "
                 f"{info['fp32_matmul_gflops']}); bf16 would be far slower than fp32 here")
@@ -551,10 +623,11 @@ def skip_reason(impl: str, case: dict, info: dict, prep: dict) -> str | None:
             return "Meta's sam2 is not installed (scripts/install_references.sh)"
     if impl == "transformers" and info["transformers"] is None:
         return "transformers not installed"
-    if case["kind"] == "amg":
-        try:
-            import samhq.automatic  # noqa: F401
-        except ImportError:
+    if case["kind"] == "amg":  # found without importing samhq: the parent stays free of torch and of samhq's OMP setting
+        import importlib.util
+
+        found = importlib.util.find_spec("samhq")
+        if found is None or not (Path(found.origin).parent / "automatic.py").is_file():
             return "samhq.automatic is not available in this build"
     return None
 
@@ -592,6 +665,8 @@ def summarize(results: dict, info: dict) -> tuple[list[dict], dict]:
         r = get.get((case, impl))
         return r.get(key) if r else None
 
+    busy = [r for r in rows if r.get("busy_ratio") is not None and r["impl"].startswith("samhq")]
+    worst_busy = max(r["busy_ratio"] for r in busy) if busy else None
     best_prompt = min([x for x in (ratio("vit_b one prompt", i, "vs_faster_ref") for i in SAMHQ) if x] or [None]) \
         if any(ratio("vit_b one prompt", i, "vs_faster_ref") for i in SAMHQ) else None
     amg_case = next((c for c in results if c.startswith("vit_b automatic masks")), None)
@@ -604,6 +679,7 @@ def summarize(results: dict, info: dict) -> tuple[list[dict], dict]:
         "one prompt <= 0.25x the faster reference (best samhq mode)": (best_prompt, 0.25),
         "automatic masks <= 0.35x official": (ratio(amg_case, "samhq fp32", "vs_official"), 0.35),
         "vit_h peak memory <= 0.70x official": (ratio("vit_h embed one image (memory)", "samhq fp32", "peak_vs_official"), 0.70),
+        f"busy CPU <= {BUSY_TARGET}x quiet, every samhq row (the worst)": (worst_busy, BUSY_TARGET),
     }
     return rows, {k: {"value": v, "target": t, "met": (v <= t) if v is not None else None} for k, (v, t) in targets.items()}
 
@@ -612,15 +688,37 @@ def fmt(x, digits=3):
     return "–" if x is None else f"{x:.{digits}g}" if isinstance(x, float) else str(x)
 
 
+def busy_summary(rows: list[dict]) -> list[str]:
+    """The busy column's worst rows (samhq and the references) and how much of a core the spinner held."""
+    busy = [r for r in rows if r.get("busy_ratio") is not None]
+    if not busy:
+        return []
+    out = []
+    for label, group in (("samhq", [r for r in busy if r["impl"].startswith("samhq")]),
+                         ("references", [r for r in busy if not r["impl"].startswith("samhq")])):
+        if group:
+            w = max(group, key=lambda r: r["busy_ratio"])
+            out.append(f"worst {label} row {w['busy_ratio']:.2f}x ({w['case']}, {w['impl']})")
+    shares = [r["spinner_core_share"] for r in busy if r.get("spinner_core_share") is not None]
+    policies = sorted({f"{r['impl'].split()[0]}: {r['omp_wait_policy']}" for r in busy if r.get("omp_wait_policy")})
+    return ["", f"Busy CPU (another process spins on one core for the whole measurement): busy/quiet {'; '.join(out)} "
+                f"(target for samhq: <= {BUSY_TARGET}x). The spinner held {min(shares):.0%}–{max(shares):.0%} of a core. "
+                f"OMP_WAIT_POLICY {', '.join(policies)}."]
+
+
 def markdown(info: dict, rows: list[dict], targets: dict, quality: dict, quick: bool) -> str:
+    where = (f"GPU {info['gpu']} (CUDA {info['cuda']}); host " if info.get("gpu") else "")
     lines = [
-        f"Machine: {info['cpu']}, {info['cores']} cores ({info['torch_threads']} torch threads, {info['cpu_capability']}), "
+        f"Machine: {where}{info['cpu']}, {info['cores']} cores ({info['torch_threads']} torch threads, {info['cpu_capability']}; "
+        f"flags {' '.join(info.get('cpu_flags', [])) or 'none listed'}), "
         f"torch {info['torch']}; measured matmul fp32 {info['fp32_matmul_gflops']} GFLOP/s, "
         f"bf16 {info['bf16_matmul_gflops']} GFLOP/s (BF16 units: {'yes' if info['bf16_units'] else 'no'})"
+        + ("; peak MB is torch.cuda.max_memory_allocated" if info.get("gpu") else "")
         + (" — quick smoke run, not the benchmark" if quick else ""),
         "",
-        "| case | implementation | median s | × official | × transformers | × faster ref | peak MB | note |",
-        "|---|---|---|---|---|---|---|---|",
+        "| case | implementation | median s | × official | × transformers | × faster ref | peak MB | busy s | busy/quiet "
+        "| note |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         if "median_s" in r:
@@ -633,9 +731,10 @@ def markdown(info: dict, rows: list[dict], targets: dict, quality: dict, quick: 
                 note.append(f"peak {r['peak_vs_official']}× official")
             lines.append(f"| {r['case']} | {r['impl']} | {r['median_s']:.3f} | {fmt(r.get('vs_official'))} | "
                          f"{fmt(r.get('vs_transformers'))} | {fmt(r.get('vs_faster_ref'))} | {r['peak_mb']:.0f} | "
-                         f"{'; '.join(note)} |")
+                         f"{fmt(r.get('busy_median_s'))} | {fmt(r.get('busy_ratio'))} | {'; '.join(note)} |")
         else:
-            lines.append(f"| {r['case']} | {r['impl']} | – | – | – | – | – | {r.get('skipped') or r.get('error')} |")
+            lines.append(f"| {r['case']} | {r['impl']} | – | – | – | – | – | – | – | {r.get('skipped') or r.get('error')} |")
+    lines += busy_summary(rows)
     if quality:
         lines += ["", "Mask agreement with samhq fp32 (64 boxes, each mode's own embedding; random weights):", "",
                   "| case | mode | min IoU | mean IoU |", "|---|---|---|---|"]
@@ -659,6 +758,10 @@ def main(argv=None) -> int:
     ap.add_argument("--no-onnx", action="store_true", help="skip the onnxruntime engine")
     ap.add_argument("--timeout", type=float, default=900, help="seconds allowed per measurement")
     ap.add_argument("--amg-side", type=int, default=None, help="points per side of the AMG grid (default 32, 8 with --quick)")
+    ap.add_argument("--busy", action="store_true",
+                    help="measure everything a second time while another process keeps one core busy (the busy column)")
+    ap.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                    help="where every implementation runs (cuda: the GPU; int8 and onnxruntime are skipped there)")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     ap.add_argument("--machine", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--prepare", help=argparse.SUPPRESS)
@@ -668,7 +771,7 @@ def main(argv=None) -> int:
         print(MARK + json.dumps(worker(json.loads(args.worker))), flush=True)
         return 0
     if args.machine:
-        print(MARK + json.dumps(machine_info()), flush=True)
+        print(MARK + json.dumps(machine_info(args.device)), flush=True)
         return 0
     if args.prepare:
         spec = json.loads(args.prepare)
@@ -677,9 +780,12 @@ def main(argv=None) -> int:
 
     # The parent stays small (no torch): a child's ru_maxrss starts from the RSS of the process that spawned it.
     start = time.time()
-    info = run_child(["--machine"], args.timeout)
+    info = run_child(["--machine", "--device", args.device], args.timeout)
     if "error" in info:
         raise SystemExit(f"measuring the machine failed: {info['error']}")
+    if args.device == "cuda" and not info.get("gpu"):
+        raise SystemExit(f"--device cuda: torch {info['torch']} sees no CUDA GPU here (torch.cuda.is_available() is False); "
+                         "run it on a machine with an NVIDIA GPU and a CUDA build of torch, or leave out --device")
     print(f"machine: {info}", flush=True)
     have_onnx = not args.no_onnx and info["onnxruntime"] is not None and info["onnx"] is not None
     plan = [c for c in cases(args.quick) if args.cases in c["name"]]
@@ -713,10 +819,21 @@ def main(argv=None) -> int:
                     print(f"{case['name']:32s} {impl:18s} skipped: {reason}", flush=True)
                     continue
                 masks_out = str(work / f"masks-{len(results)}-{impl.replace(' ', '_')}.npy")
-                spec = dict(prep[case["variant"]], impl=impl, case=case, variant=case["variant"], masks_out=masks_out)
+                spec = dict(prep[case["variant"]], impl=impl, case=case, variant=case["variant"], masks_out=masks_out,
+                            device=args.device)
                 r = run_child(["--worker", json.dumps(spec)], args.timeout)
                 results[case["name"]][impl] = r
                 shown = f"{r['median_s']:.3f} s, peak {r['peak_mb']:.0f} MB" if "median_s" in r else f"ERROR {r['error']}"
+                if args.busy and "median_s" in r:
+                    b = run_busy(["--worker", json.dumps(spec)], args.timeout)
+                    if "median_s" in b:
+                        r.update(busy_median_s=b["median_s"], busy_ratio=round(b["median_s"] / r["median_s"], 3),
+                                 busy_times=b["times"], spinner_core_share=b["spinner_core_share"])
+                        shown += (f"; busy {b['median_s']:.3f} s ({r['busy_ratio']:.2f}x, "
+                                  f"spinner {b['spinner_core_share']:.0%} of a core)")
+                    else:
+                        r["busy_error"] = b["error"]
+                        shown += f"; busy ERROR {b['error']}"
                 print(f"{case['name']:32s} {impl:18s} {shown}", flush=True)
         import numpy as np
 
@@ -733,7 +850,8 @@ def main(argv=None) -> int:
     report = {"machine": info, "amg_thresholds": {v: prep[v].get("amg") for v in prep}, "quick": args.quick,
               "image_size": list(IMAGE_SIZE), "results": results, "rows": rows,
               "quality": quality, "targets": targets, "wall_s": round(time.time() - start, 1)}
-    out = Path(args.out) if args.out else HERE / ("results-quick.json" if args.quick else "results.json")
+    name = "results" + ("-quick" if args.quick else "") + ("-cuda" if args.device == "cuda" else "")
+    out = Path(args.out) if args.out else HERE / f"{name}.json"
     out.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
     md = markdown(info, rows, targets, quality, args.quick)
     md_path = Path(args.markdown) if args.markdown else out.with_suffix(".md")

@@ -360,11 +360,11 @@ def _validation_message(errors) -> str:
 # ---------------------------------------------------------------------------------------------
 
 
-def create_app(model="samhq-tiny-shapes", device: str = "cpu", max_images: int = 8, limits: Limits | None = None,
+def create_app(model="samhq-tiny-shapes", device: str | None = None, max_images: int = 8, limits: Limits | None = None,
                host: str = "127.0.0.1", allowed_hosts=None, allowed_origins=(), bit_depth: str = "dtype",
                name: str | None = None, tiles: dict | None = None, tile_cache_bytes: int = 2**30):
     """A FastAPI app serving `model` (any source `samhq.load_model` takes, or a SamHQModel / SamHQ2Model; `name` for
-    /api/info).
+    /api/info). device: a torch device ("cuda"); None: a model object's own device, the CPU for a checkpoint.
 
     limits: `samhq.limits.Limits` (default: the process-wide ones). host: the address the server
     listens on; bound to a loopback address only loopback Host headers are answered unless
@@ -391,7 +391,9 @@ def create_app(model="samhq-tiny-shapes", device: str = "cpu", max_images: int =
     if isinstance(model, (str, bytes)) or hasattr(model, "__fspath__"):
         predictor, name = SamHQPredictor.from_pretrained(model, device=device), str(model)
     else:
-        predictor, name = SamHQPredictor(model), name or type(model).__name__
+        from .pipelines import load_for_inference  # a copy on `device` when the object is elsewhere; eval mode
+
+        predictor, name = SamHQPredictor(load_for_inference(model, device)), name or type(model).__name__
     session = SegmentSession(predictor, max_images, limits, bit_depth, tiles, tile_cache_bytes)
 
     class SegmentRequest(BaseModel):

@@ -31,7 +31,7 @@ def _nms(boxes, scores, thresh):
     order = torch.argsort(scores, descending=True, stable=True)
     boxes = boxes.double()
     keep = []
-    suppressed = torch.zeros(len(boxes), dtype=torch.bool)
+    suppressed = torch.zeros(len(boxes), dtype=torch.bool, device=boxes.device)
     area = _box_area(boxes)
     for i in order.tolist():
         if suppressed[i]:
@@ -42,13 +42,13 @@ def _nms(boxes, scores, thresh):
         inter = (rb - lt).clamp(min=0).prod(dim=1)
         iou = inter / (area[i] + area - inter)
         suppressed |= iou > thresh
-    return torch.tensor(keep, dtype=torch.long)
+    return torch.tensor(keep, dtype=torch.long, device=boxes.device)  # on the boxes' device, as torchvision's
 
 
 def _batched_nms(boxes, scores, idxs, iou_threshold):
     # same signature as torchvision.ops.boxes.batched_nms (the official generator passes iou_threshold=)
     if boxes.numel() == 0:
-        return torch.empty(0, dtype=torch.long)
+        return torch.empty(0, dtype=torch.long, device=boxes.device)
     offsets = idxs.to(boxes) * (boxes.max() + 1)
     return _nms(boxes + offsets[:, None], scores, iou_threshold)
 

@@ -98,6 +98,18 @@ def test_int8_matches_fp32_within_its_cost(fp32):
     assert any(isinstance(x, QLinear) for x in both.mask_decoder.modules())
 
 
+def test_int8_embeddings_are_saved_and_checked(fp32, tmp_path):
+    """The int8 model's encoder fingerprint (its quantized layers' state holds weight pairs and dtypes) guards its
+    embedding files: another int8 copy of the same weights takes them, the fp32 model refuses them."""
+    model, _, _ = fp32
+    p = SamHQPredictor(quantize_int8(model))
+    p.set_image(IMAGE)
+    path = p.save_image_embedding(tmp_path / "int8.safetensors")
+    SamHQPredictor(quantize_int8(model)).load_image_embedding(path)
+    with pytest.raises(ValueError, match="another model"):
+        SamHQPredictor(model).load_image_embedding(path)
+
+
 def test_bad_modes(fp32):
     model, path, _ = fp32
     with pytest.raises(ValueError, match="unknown fast mode"):

@@ -335,14 +335,21 @@ def model_fingerprint(model, hq_fusion: bool = False) -> str:
         prefixes += ("mask_decoder.encoder_", "mask_decoder.compress_vit_")
     if prefixes:
         state.update({k: v for k, v in model.state_dict().items() if k.startswith(prefixes)})
-    for name, t in state.items():
-        flat = t.detach().flatten()
-        flat = flat[:: max(1, flat.numel() // 256)][:256].cpu()
-        if flat.is_floating_point():
-            flat = flat.to(torch.bfloat16).view(torch.int16)
-        h.update(name.removeprefix("vision_encoder.").encode())
-        h.update(flat.numpy().tobytes())
+    for name, value in state.items():
+        # a dynamically quantized (int8) layer keeps a (weight, bias) pair and its dtype in the state dict
+        tensors = [v for v in (value if isinstance(value, tuple) else (value,)) if isinstance(v, torch.Tensor)]
+        for t in tensors:
+            _hash_sample(h, name, t.dequantize() if t.is_quantized else t)
     return h.hexdigest()[:16]
+
+
+def _hash_sample(h, name: str, t: torch.Tensor) -> None:
+    flat = t.detach().flatten()
+    flat = flat[:: max(1, flat.numel() // 256)][:256].cpu()
+    if flat.is_floating_point():
+        flat = flat.to(torch.bfloat16).view(torch.int16)
+    h.update(name.removeprefix("vision_encoder.").encode())
+    h.update(flat.numpy().tobytes())
 
 
 

@@ -147,16 +147,17 @@ class RotaryAttention(nn.Module):
         self.k_proj = nn.Linear(kv_dim, inner)
         self.v_proj = nn.Linear(kv_dim, inner)
         self.o_proj = nn.Linear(inner, dim)
-        self._angles: dict[int, torch.Tensor] = {}
+        self._angles: dict[tuple[int, torch.device], torch.Tensor] = {}
 
     def angles(self, length: int, device) -> torch.Tensor:
-        if length not in self._angles:
+        key = (length, torch.device(device))
+        if key not in self._angles:  # kept per device: no host-to-GPU copy per attention call
             side = math.isqrt(length)
             if side * side != length:
                 raise ValueError(f"RoPE needs a square grid of queries, got {length} tokens")
             head_dim = self.q_proj.out_features // self.num_heads
-            self._angles[length] = axial_rope_angles(head_dim, side, self.theta)
-        return self._angles[length].to(device)
+            self._angles[key] = axial_rope_angles(head_dim, side, self.theta).to(device)
+        return self._angles[key]
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, num_k_exclude_rope: int = 0) -> torch.Tensor:
         def heads(x):
