@@ -67,6 +67,7 @@ import numpy as np
 
 from .formats.writers import label_studio_result
 from .image_io import to_rgb_array
+from .limits import LimitError
 from .predictor import EmbeddingCache, SamHQPredictor
 
 MASK_TAGS = ("BrushLabels", "PolygonLabels")
@@ -333,7 +334,9 @@ class SamHQBackend:
         raw = self.images.fetch(data[key])
         try:
             return to_rgb_array(raw)  # the one intake: size checked before decoding, EXIF applied
-        except (UnidentifiedImageError, OSError) as e:
+        except LimitError:
+            raise
+        except (UnidentifiedImageError, OSError, ValueError) as e:  # what Label Studio served is not an image
             raise ImageFetchError(f"the task's image {str(data[key])[:100]!r} is not an image PIL reads ({e})") from None
 
     def _predict(self, image, points, labels, box):

@@ -66,7 +66,7 @@ def test_the_intake_refuses_before_decoding(files, no_decoding):
         with pytest.raises(LimitError):
             image_size(source)
     for source in (GIANT, files / "giant.png"):
-        with pytest.raises(LimitError, match=r"image is 900 MP, over the limit of 64 MP"):
+        with pytest.raises(LimitError, match=r"900 MP\)?, over the limit of 64 MP"):
             to_rgb_array(source)
     # arrays and tensors that already exist are bounded too (these views take no memory)
     with pytest.raises(LimitError, match="8000x9000 pixels"):

@@ -316,6 +316,8 @@ def load_sam2_model(source, device=None, dtype=None, config: SamHQ2Config | None
     read = ckpt.read_checkpoint(source)
     config = config or read.config or ckpt.infer_config(read.state, str(read.path))
     state, kept_aside = dict(read.state), read.video_state
+    if config.video_config is not None and not read.video_state:  # e.g. a Sam2VideoModel config.json over image weights
+        config = SamHQ2Config.from_dict({**config.to_dict(), "video_config": None})
     if read.video_state:
         video = ckpt.video_to_ours(read.video_state, read.layout)
         if config.video_config is None:
