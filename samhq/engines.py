@@ -280,11 +280,12 @@ class OnnxEngine(_OnnxFileEngine):
 class OpenVinoEngine(_OnnxFileEngine):
     """The same ONNX files run with OpenVINO (Intel's CPU runtime), compiled for the CPU.
 
-    precision: OpenVINO's INFERENCE_PRECISION_HINT, "f32" (default: exact, what the parity tests pin) or
+    precision: OpenVINO's INFERENCE_PRECISION_HINT, "f32" (default; equal to the torch engine within 1e-4) or
     "bf16" (on CPUs with BF16 units, AVX512-BF16 / AMX, OpenVINO runs the matrix work in bfloat16; on others it
     keeps f32). `inference_precision` records what the compiled encoder actually runs ("f32" or "bf16").
-    threads: INFERENCE_NUM_THREADS (None: OpenVINO's default, one per core). Raises ImportError without
-    openvino, ValueError for an unknown precision or a folder that is not a complete samhq ONNX export.
+    threads: INFERENCE_NUM_THREADS (None: OpenVINO's default, one per core). One inference request per model:
+    calls from several threads need the caller's lock. Raises ImportError without openvino, ValueError for an
+    unknown precision or a folder that is not a complete samhq ONNX export.
     """
 
     name = "openvino"
@@ -322,5 +323,8 @@ class OpenVinoEngine(_OnnxFileEngine):
         return [name for i in loaded[0].inputs for name in i.get_names()]
 
     def _run(self, loaded, feeds, outputs):
+        unfed = [i.get_any_name() for i in loaded[0].inputs if not i.get_names() & feeds.keys()]
+        if unfed:  # OpenVINO would run with whatever the request's buffer held
+            raise RuntimeError(f"no value for the model inputs {unfed}; re-export the model with this version of samhq")
         results = loaded[1].infer(feeds, share_outputs=False)  # copies: the request's buffers are reused by the next call
         return [results[name] for name in outputs]

@@ -138,6 +138,9 @@ def test_front_end_options_and_errors(exported, tmp_path, monkeypatch):
         SamHQPredictor(model, engine="tensorrt")
     with pytest.raises(ValueError, match="torch engine"):  # the exported decoder has the official selection only
         p.decode(boxes=torch.tensor([[10.0, 10.0, 200.0, 200.0]]), sam_token_only=True)
+    feeds = {"image_embeddings": ref.features.numpy()}  # OpenVINO itself would run with stale buffers
+    with pytest.raises(RuntimeError, match="no value for the model inputs"):
+        p.engine._run(p.engine.decoder, feeds, ["iou_predictions"])
     monkeypatch.setitem(sys.modules, "openvino", None)  # as if it were not installed
     with pytest.raises(ImportError, match=r"pip install 'samhq\[openvino\]'"):
         SamHQPredictor.from_openvino(out)
