@@ -35,9 +35,11 @@ MARK = "@@RESULT@@"
 IMAGE_SIZE = (768, 1024)  # (H, W)
 
 SAMHQ = ["samhq fp32", "samhq bf16", "samhq int8", "samhq onnxruntime"]
+OPENVINO = ["openvino f32", "openvino bf16"]  # samhq's exported ONNX files in OpenVINO (samhq.engines.OpenVinoEngine)
 REFS = ["official", "transformers"]
 CPU_ONLY = {"samhq int8": "int8 dynamic quantization runs on the CPU only",
-            "samhq onnxruntime": "the onnxruntime engine runs on the CPU (CPUExecutionProvider)"}
+            "samhq onnxruntime": "the onnxruntime engine runs on the CPU (CPUExecutionProvider)",
+            "openvino f32": "samhq's OpenVINO engine is compiled for the CPU", "openvino bf16": "samhq's OpenVINO engine is compiled for the CPU"}
 BUSY_TARGET = 2.5  # busy time / quiet time, every samhq row (issue 17)
 # Another process that keeps one core busy: a plain Python spin loop, saying when it has started.
 SPIN = "print('spinning', flush=True)\nwhile True:\n    pass\n"
@@ -51,16 +53,18 @@ def cases(quick: bool) -> list[dict]:
     out = []
     if not quick:
         out += [
-            dict(name="vit_b encoder 1024x1024", kind="encoder", variant="vit_b", reps=enc, impls=SAMHQ + REFS),
-            dict(name="vit_b one prompt", kind="prompt", variant="vit_b", reps=prompt, impls=SAMHQ[:2] + SAMHQ[3:] + REFS),
+            dict(name="vit_b encoder 1024x1024", kind="encoder", variant="vit_b", reps=enc, impls=SAMHQ + OPENVINO + REFS),
+            dict(name="vit_b one prompt", kind="prompt", variant="vit_b", reps=prompt,
+                 impls=SAMHQ[:2] + SAMHQ[3:] + OPENVINO + REFS),
             dict(name="vit_b 64 boxes", kind="boxes", variant="vit_b", reps=boxes, impls=SAMHQ[:2] + SAMHQ[3:] + REFS),
             dict(name="vit_b automatic masks 32x32", kind="amg", variant="vit_b", reps=amg, side=32,
                  impls=["samhq fp32", "samhq bf16", "official"]),
         ]
     out += [
-        dict(name="vit_tiny encoder 1024x1024", kind="encoder", variant="vit_tiny", reps=enc, impls=SAMHQ + ["official"]),
+        dict(name="vit_tiny encoder 1024x1024", kind="encoder", variant="vit_tiny", reps=enc,
+             impls=SAMHQ + OPENVINO + ["official"]),
         dict(name="vit_tiny one prompt", kind="prompt", variant="vit_tiny", reps=prompt,
-             impls=SAMHQ[:2] + SAMHQ[3:] + ["official"]),
+             impls=SAMHQ[:2] + SAMHQ[3:] + OPENVINO + ["official"]),
     ]
     if quick:
         out += [
@@ -153,12 +157,23 @@ def _set_embedding(p, features: dict, orig, inp):
     p.set_image_embedding(ImageEmbedding(tensors, orig, inp, p.image_size, p.engine.fingerprint()))
 
 
-def _samhq_predictor(impl, spec):
+def _onnx_file_predictor(impl, spec):
+    """The predictor over the exported ONNX files for "samhq onnxruntime" and "openvino f32/bf16", else None."""
     from samhq.predictor import OnnxPredictor, SamHQPredictor
 
-    feats, inter, hq, orig, inp = _load_embedding(spec)
     if impl == "samhq onnxruntime":
-        p = OnnxPredictor(spec["onnx_dir"])
+        return OnnxPredictor(spec["onnx_dir"])
+    if impl in OPENVINO:
+        return SamHQPredictor.from_openvino(spec["onnx_dir"], precision=impl.split()[1])
+    return None
+
+
+def _samhq_predictor(impl, spec):
+    from samhq.predictor import SamHQPredictor
+
+    feats, inter, hq, orig, inp = _load_embedding(spec)
+    p = _onnx_file_predictor(impl, spec)
+    if p is not None:
         _set_embedding(p, {"features": feats, "hq_features": hq}, orig, inp)
         return p
     p = SamHQPredictor(_samhq_model(impl, spec))
@@ -219,9 +234,9 @@ def setup_encoder(impl, spec):
         return lambda: hf.get_image_embeddings(pixels), None
     e = torch.load(spec["embedding"], weights_only=True)
     orig, inp = tuple(e["original_size"]), tuple(e["input_size"])
-    from samhq.predictor import OnnxPredictor, SamHQPredictor
+    from samhq.predictor import SamHQPredictor
 
-    p = OnnxPredictor(spec["onnx_dir"]) if impl == "samhq onnxruntime" else SamHQPredictor(_samhq_model(impl, spec))
+    p = _onnx_file_predictor(impl, spec) or SamHQPredictor(_samhq_model(impl, spec))
     last = {}
 
     def run():  # the engine's embedding of the preprocessed image, as set_image computes it
@@ -598,7 +613,7 @@ def machine_info(device: str = "cpu") -> dict:
         info.update(gpu=torch.cuda.get_device_name(0), cuda=torch.version.cuda, bf16_units=torch.cuda.is_bf16_supported())
     info["fp32_matmul_gflops"] = round(matmul_gflops("float32", device=device), 1)
     info["bf16_matmul_gflops"] = round(matmul_gflops("bfloat16", n=2048 if info["bf16_units"] else 512, device=device), 1)
-    for name in ("transformers", "onnxruntime", "onnx"):
+    for name in ("transformers", "onnxruntime", "onnx", "openvino"):
         try:
             info[name] = __import__(name).__version__
         except ImportError:
@@ -614,8 +629,14 @@ def skip_reason(impl: str, case: dict, info: dict, prep: dict) -> str | None:
     if impl == "samhq bf16" and not info["bf16_units"]:
         return (f"no BF16 units on this CPU (bf16 matmul {info['bf16_matmul_gflops']} GFLOP/s vs fp32 "
                 f"{info['fp32_matmul_gflops']}); bf16 would be far slower than fp32 here")
-    if impl == "samhq onnxruntime" and "onnx_dir" not in prep:
+    if impl == "samhq onnxruntime" and ("onnx_dir" not in prep or info["onnxruntime"] is None):
         return "onnx / onnxruntime not installed"
+    if impl in OPENVINO and info["openvino"] is None:
+        return "openvino not installed"
+    if impl in OPENVINO and "onnx_dir" not in prep:
+        return "no ONNX export (onnx not installed, or --no-onnx)"
+    if impl == "openvino bf16" and not info["bf16_units"]:
+        return "no BF16 units on this CPU (OpenVINO would run f32)"
     if case["variant"] == "hiera_l_hq" and impl == "official":
         import importlib.util
 
@@ -755,7 +776,7 @@ def main(argv=None) -> int:
     ap.add_argument("--markdown", default=None, help="markdown table output (default: next to --out, results.md)")
     ap.add_argument("--compile", action="store_true", help="also time samhq with torch.compile (slow to compile)")
     ap.add_argument("--cases", default="", help="run only the cases whose name contains this text")
-    ap.add_argument("--no-onnx", action="store_true", help="skip the onnxruntime engine")
+    ap.add_argument("--no-onnx", action="store_true", help="skip the onnxruntime and openvino engines")
     ap.add_argument("--timeout", type=float, default=900, help="seconds allowed per measurement")
     ap.add_argument("--amg-side", type=int, default=None, help="points per side of the AMG grid (default 32, 8 with --quick)")
     ap.add_argument("--busy", action="store_true",
@@ -787,7 +808,7 @@ def main(argv=None) -> int:
         raise SystemExit(f"--device cuda: torch {info['torch']} sees no CUDA GPU here (torch.cuda.is_available() is False); "
                          "run it on a machine with an NVIDIA GPU and a CUDA build of torch, or leave out --device")
     print(f"machine: {info}", flush=True)
-    have_onnx = not args.no_onnx and info["onnxruntime"] is not None and info["onnx"] is not None
+    have_onnx = not args.no_onnx and info["onnx"] is not None and (info["onnxruntime"] or info["openvino"]) is not None
     plan = [c for c in cases(args.quick) if args.cases in c["name"]]
     for c in plan:
         if c["kind"] == "amg" and args.amg_side:

@@ -8,10 +8,12 @@ An engine does two things (plus `prepare`, the per-image part of decoding) and n
   (B, M, m, m) float32 and their predicted IoU (B, M), selected by `select_masks`.
 Image intake, resizing, prompt checks, post-processing and embedding files are the front end's.
 
-Both engines' feature dicts hold "features" (the image embedding, (1, 256, h, w)), plus what their
+The engines: `TorchEngine` (the torch model), and over the files `samhq export onnx` writes, `OnnxEngine`
+(onnxruntime) and `OpenVinoEngine` (OpenVINO), which share everything but running the files.
+Every engine's feature dict holds "features" (the image embedding, (1, 256, h, w)), plus what its
 decoder needs: for SAM-HQ the torch engine keeps the early ViT features ("early_features") and derives
-the HQ features and the decoder's per-image context on first use, while the onnxruntime engine's
-encoder returns the HQ features ("hq_features") directly; for SAM 2 both keep the two high-resolution
+the HQ features and the decoder's per-image context on first use, while the ONNX-file engines'
+encoder returns the HQ features ("hq_features") directly; for SAM 2 all keep the two high-resolution
 maps ("high_res_s0", "high_res_s1"). `saved_features` names what an embedding file keeps; `family`
 ("sam" or "sam2"), `transform` and `selection` are the model family's.
 """
@@ -26,7 +28,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .export.onnx import DECODER_FILE, ENCODER_FILE, META_FILE, export_onnx
+from .export.onnx import DECODER_FILE, ENCODER_FILE, ENCODER_OUTPUTS, META_FILE, SAM2_ENCODER_OUTPUTS, export_onnx
 from .modeling.mask_selection import select_masks
 from .modeling.model import model_fingerprint
 from .processing import ResizeLongestSide, ResizeSquare
@@ -108,30 +110,20 @@ def is_sam2(model) -> bool:
     return getattr(model.config, "model_type", "") == "sam_hq2"
 
 
-def _session(path: Path, threads: int | None, providers):
-    import onnxruntime as ort
+class _OnnxFileEngine:
+    """What the engines over `samhq export onnx`'s files share: reading `samhq_onnx.json` and the two models, the
+    fingerprint, the feature dicts and the decoder's inputs. A subclass loads the files (`_load`) and runs them
+    (`_run`: a dict of named numpy inputs -> the named outputs as numpy arrays, in the order asked).
 
-    opts = ort.SessionOptions()
-    opts.enable_cpu_mem_arena = False  # the arena keeps every large full-size mask buffer alive: 2-3x the peak memory
-    if threads:
-        opts.intra_op_num_threads = threads
-    return ort.InferenceSession(str(path), opts, providers=providers or ["CPUExecutionProvider"])
-
-
-class OnnxEngine:
-    """`encoder.onnx` and `decoder.onnx` (written by `samhq export onnx`) run with onnxruntime, for either family
-    (samhq_onnx.json's "family": "sam" for SAM-HQ, "sam2" for HQ-SAM 2 / SAM 2.1).
-
-    `model` is the torch model when the engine was made from one (`from_model`), else None.
+    Either family (samhq_onnx.json's "family": "sam" for SAM-HQ, "sam2" for HQ-SAM 2 / SAM 2.1). `model` is the
+    torch model when the engine was made from one (`from_model`), else None. Both such engines read the same
+    files and return the same features, so their embedding files (same fingerprint) move between them.
     """
 
-    name = "onnxruntime"
+    name = ""
 
-    def __init__(self, onnx_dir: str | os.PathLike, threads: int | None = None, providers=None, model=None):
-        try:
-            import onnxruntime  # noqa: F401
-        except ImportError:
-            raise ImportError("the onnxruntime engine needs onnxruntime: pip install 'samhq[onnx]'") from None
+    def __init__(self, onnx_dir: str | os.PathLike, model=None, **options):
+        self._runtime()
         onnx_dir = Path(onnx_dir)
         meta_path = onnx_dir / META_FILE
         if not meta_path.is_file():
@@ -155,20 +147,37 @@ class OnnxEngine:
         for p in paths:
             if not p.is_file():
                 raise ValueError(f"{p} is missing; export both models with `samhq export onnx SRC {onnx_dir}`")
-        self.encoder, self.decoder = (_session(p, threads, providers) for p in paths)
-        self._decoder_inputs = {i.name for i in self.decoder.get_inputs()}
+        self.encoder, self.decoder = (self._load(p, **options) for p in paths)
+        self._encoder_outputs = SAM2_ENCODER_OUTPUTS if sam2 else ENCODER_OUTPUTS
+        self._decoder_inputs = set(self._input_names(self.decoder))
         self._fingerprint = meta.get("fingerprint") or hashlib.sha256(paths[0].read_bytes()).hexdigest()[:16]
         self.model = model
 
+    @staticmethod
+    def _runtime():
+        """The runtime's module; ImportError naming the extra that installs it."""
+        raise NotImplementedError
+
+    def _load(self, path: Path, **options):
+        raise NotImplementedError
+
+    def _input_names(self, loaded) -> list[str]:
+        raise NotImplementedError
+
+    def _run(self, loaded, feeds: dict[str, np.ndarray], outputs: list[str]) -> list[np.ndarray]:
+        raise NotImplementedError
+
     @classmethod
-    def from_model(cls, model, onnx_dir: str | os.PathLike | None = None, threads: int | None = None, providers=None):
-        """Export a torch model (to `onnx_dir`, or a temporary directory kept while the engine lives) and load it."""
+    def from_model(cls, model, onnx_dir: str | os.PathLike | None = None, **options):
+        """Export a torch model (to `onnx_dir`, or a temporary directory kept while the engine lives) and load it;
+        `options` are the engine's (threads, ...)."""
+        cls._runtime()  # before a slow export
         tmp = None
         if onnx_dir is None:
             tmp = tempfile.TemporaryDirectory(prefix="samhq-onnx-")
             onnx_dir = tmp.name
         export_onnx(model, onnx_dir)
-        engine = cls(onnx_dir, threads=threads, providers=providers, model=model)
+        engine = cls(onnx_dir, model=model, **options)
         engine._tmp = tmp
         return engine
 
@@ -176,7 +185,7 @@ class OnnxEngine:
         return self._fingerprint
 
     def embed(self, pixel_values: torch.Tensor) -> dict[str, torch.Tensor]:
-        outputs = self.encoder.run(None, {"pixel_values": pixel_values.detach().cpu().float().numpy()})
+        outputs = self._run(self.encoder, {"pixel_values": pixel_values.detach().cpu().float().numpy()}, self._encoder_outputs)
         return {k: torch.from_numpy(v) for k, v in zip(self.saved_features, outputs)}
 
     def load_features(self, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -223,5 +232,99 @@ class OnnxEngine:
         })
         feeds["image_embeddings"] = feeds.pop("features")
         feeds = {k: v for k, v in feeds.items() if k in self._decoder_inputs}
-        scores, low_res = self.decoder.run(["iou_predictions", "low_res_masks"], feeds)
+        scores, low_res = self._run(self.decoder, feeds, ["iou_predictions", "low_res_masks"])
         return torch.from_numpy(low_res), torch.from_numpy(scores)
+
+
+def _session(path: Path, threads: int | None, providers):
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.enable_cpu_mem_arena = False  # the arena keeps every large full-size mask buffer alive: 2-3x the peak memory
+    if threads:
+        opts.intra_op_num_threads = threads
+    return ort.InferenceSession(str(path), opts, providers=providers or ["CPUExecutionProvider"])
+
+
+class OnnxEngine(_OnnxFileEngine):
+    """`encoder.onnx` and `decoder.onnx` (written by `samhq export onnx`) run with onnxruntime.
+
+    threads: onnxruntime's intra-op threads (None: its default, one per core); providers: onnxruntime
+    execution providers (default ["CPUExecutionProvider"]). Raises ImportError without onnxruntime,
+    ValueError for a folder that is not a complete samhq ONNX export.
+    """
+
+    name = "onnxruntime"
+
+    def __init__(self, onnx_dir: str | os.PathLike, threads: int | None = None, providers=None, model=None):
+        super().__init__(onnx_dir, model=model, threads=threads, providers=providers)
+
+    @staticmethod
+    def _runtime():
+        try:
+            import onnxruntime
+        except ImportError:
+            raise ImportError("the onnxruntime engine needs onnxruntime: pip install 'samhq[onnx]'") from None
+        return onnxruntime
+
+    def _load(self, path: Path, threads=None, providers=None):
+        return _session(path, threads, providers)
+
+    def _input_names(self, session) -> list[str]:
+        return [i.name for i in session.get_inputs()]
+
+    def _run(self, session, feeds, outputs):
+        return session.run(outputs, feeds)
+
+
+class OpenVinoEngine(_OnnxFileEngine):
+    """The same ONNX files run with OpenVINO (Intel's CPU runtime), compiled for the CPU.
+
+    precision: OpenVINO's INFERENCE_PRECISION_HINT, "f32" (default; equal to the torch engine within 1e-4) or
+    "bf16" (on CPUs with BF16 units, AVX512-BF16 / AMX, OpenVINO runs the matrix work in bfloat16; on others it
+    keeps f32). `inference_precision` records what the compiled encoder actually runs ("f32" or "bf16").
+    threads: INFERENCE_NUM_THREADS (None: OpenVINO's default, one per core). One inference request per model:
+    calls from several threads need the caller's lock. Raises ImportError without openvino, ValueError for an
+    unknown precision or a folder that is not a complete samhq ONNX export.
+    """
+
+    name = "openvino"
+
+    def __init__(self, onnx_dir: str | os.PathLike, threads: int | None = None, precision: str = "f32", model=None):
+        if precision not in ("f32", "bf16"):
+            raise ValueError(f"precision must be 'f32' or 'bf16', got {precision!r}")
+        self._core = self._runtime().Core()
+        super().__init__(onnx_dir, model=model, threads=threads, precision=precision)
+        self.precision = precision
+        self.inference_precision = self._precision_of(self.encoder)
+
+    @staticmethod
+    def _runtime():
+        try:
+            import openvino
+        except ImportError:
+            raise ImportError("the openvino engine needs OpenVINO: pip install 'samhq[openvino]'") from None
+        return openvino
+
+    def _load(self, path: Path, threads=None, precision="f32"):
+        config = {"INFERENCE_PRECISION_HINT": precision, "PERFORMANCE_HINT": "LATENCY"}
+        if threads:
+            config["INFERENCE_NUM_THREADS"] = int(threads)
+        compiled = self._core.compile_model(self._core.read_model(str(path)), "CPU", config)
+        return compiled, compiled.create_infer_request()
+
+    @staticmethod
+    def _precision_of(loaded) -> str:
+        value = loaded[0].get_property("INFERENCE_PRECISION_HINT")  # an openvino.Type: "f32", "bf16"
+        return value.to_string() if hasattr(value, "to_string") else str(value)
+
+    def _input_names(self, loaded) -> list[str]:
+        # every name of each input: OpenVINO may list a graph input under an inner tensor's name first
+        return [name for i in loaded[0].inputs for name in i.get_names()]
+
+    def _run(self, loaded, feeds, outputs):
+        unfed = [i.get_any_name() for i in loaded[0].inputs if not i.get_names() & feeds.keys()]
+        if unfed:  # OpenVINO would run with whatever the request's buffer held
+            raise RuntimeError(f"no value for the model inputs {unfed}; re-export the model with this version of samhq")
+        results = loaded[1].infer(feeds, share_outputs=False)  # copies: the request's buffers are reused by the next call
+        return [results[name] for name in outputs]

@@ -11,9 +11,9 @@ of SAM's three masks plus the HQ mask, `hq_token_only=True` the HQ mask alone.
 This is the one front end of samhq: it owns image intake (`samhq.image_io`), resizing and
 normalisation (the engine's `transform`), prompt checks and their conversion to the resized frame,
 post-processing back to the original size, and embedding files. What runs the model is an engine
-(`samhq.engines`): torch (`SamHQPredictor(model)`) or onnxruntime (`SamHQPredictor.from_onnx(dir)`);
-engines only embed images and decode prompts. The automatic generator, the evaluation and the server
-use this class's public methods.
+(`samhq.engines`): torch (`SamHQPredictor(model)`), onnxruntime (`SamHQPredictor.from_onnx(dir)`) or
+OpenVINO (`SamHQPredictor.from_openvino(dir)`); engines only embed images and decode prompts. The
+automatic generator, the evaluation and the server use this class's public methods.
 
 The same class runs SAM 2.1 and HQ-SAM 2 models (`SamHQ2Model`) with the API of Meta's
 `SAM2ImagePredictor`: the engine brings the family's resize (`ResizeSquare`) and output selection,
@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .engines import OnnxEngine, TorchEngine, model_fingerprint
+from .engines import OnnxEngine, OpenVinoEngine, TorchEngine, model_fingerprint
 from .image_io import check_image_size, to_rgb_array
 from .limits import check_prompt_count
 from .modeling.prompt_encoder import check_prompts
@@ -46,7 +46,7 @@ class ImageEmbedding:
 
     tensors: the engine's saved image features ("features" (1, 256, h, w) and, for SAM-HQ's torch engine,
     "early_features" (1, h, w, C), the first global-attention layer's output the HQ branch fuses;
-    for its onnxruntime engine "hq_features" (1, 32, 4h, 4w); for SAM 2 models, either engine,
+    for its ONNX-file engines "hq_features" (1, 32, 4h, 4w); for SAM 2 models, every engine,
     "high_res_s0" (1, 32, 4h, 4w) and "high_res_s1" (1, 64, 2h, 2w)); sizes are (H, W); `fingerprint`
     identifies the weights that made them (`engines.model_fingerprint`).
     """
@@ -259,7 +259,8 @@ class SamHQPredictor:
     """Embed an image once with `set_image`, then `predict` masks for any number of prompts.
 
     model: a `SamHQModel` or `SamHQ2Model` (the torch engine), or an engine from `samhq.engines`.
-    `engine="onnxruntime"` exports the model to ONNX and runs it with onnxruntime.
+    `engine="onnxruntime"` / `engine="openvino"` exports the model to ONNX and runs it with that runtime
+    (f32; for other options make the engine: `OpenVinoEngine.from_model(model, precision="bf16")`).
     mask_threshold: the logit above which a pixel is in the mask (0.0). max_hole_area / max_sprinkle_area:
     SAM 2's post-processing (`SAM2ImagePredictor`'s options, for either generation here): before the
     low-res logits are upscaled, background regions of at most that many low-res pixels inside or beside a
@@ -271,12 +272,13 @@ class SamHQPredictor:
 
     def __init__(self, model, engine: str = "torch", mask_threshold: float = 0.0, max_hole_area: float = 0.0,
                  max_sprinkle_area: float = 0.0) -> None:
-        if engine not in ("torch", "onnxruntime"):
-            raise ValueError(f"engine must be 'torch' or 'onnxruntime', got {engine!r}")
+        engines = {"onnxruntime": OnnxEngine, "openvino": OpenVinoEngine}
+        if engine not in ("torch", *engines):
+            raise ValueError(f"engine must be 'torch', 'onnxruntime' or 'openvino', got {engine!r}")
         if hasattr(model, "embed") and hasattr(model, "decode"):
             self.engine = model
-        elif engine == "onnxruntime":
-            self.engine = OnnxEngine.from_model(model)
+        elif engine in engines:
+            self.engine = engines[engine].from_model(model)
         else:
             self.engine = TorchEngine(model)
         if max_hole_area < 0 or max_sprinkle_area < 0:
@@ -306,9 +308,16 @@ class SamHQPredictor:
         """A predictor over models written by `samhq export onnx SRC onnx_dir`, run with onnxruntime."""
         return cls(OnnxEngine(onnx_dir, threads=threads, providers=providers))
 
+    @classmethod
+    def from_openvino(cls, onnx_dir, threads: int | None = None, precision: str = "f32") -> "SamHQPredictor":
+        """A predictor over models written by `samhq export onnx SRC onnx_dir`, run with OpenVINO on the CPU.
+        precision: "f32" (default, exact) or "bf16" (OpenVINO's inference precision hint; used where the CPU
+        has BF16 units, else f32: see `predictor.engine.inference_precision`). Needs `pip install 'samhq[openvino]'`."""
+        return cls(OpenVinoEngine(onnx_dir, threads=threads, precision=precision))
+
     @property
     def model(self):
-        """The torch `SamHQModel` (None for an onnxruntime engine loaded from files)."""
+        """The torch `SamHQModel` (None for an ONNX-file engine loaded from files)."""
         return self.engine.model
 
     @property
