@@ -39,7 +39,7 @@ OPENVINO = ["openvino f32", "openvino bf16"]  # samhq's exported ONNX files in O
 REFS = ["official", "transformers"]
 CPU_ONLY = {"samhq int8": "int8 dynamic quantization runs on the CPU only",
             "samhq onnxruntime": "the onnxruntime engine runs on the CPU (CPUExecutionProvider)",
-            "openvino f32": "samhq's OpenVINO engine is compiled for the CPU", "openvino bf16": "samhq's OpenVINO engine is compiled for the CPU"}
+            **{impl: "samhq's OpenVINO engine is compiled for the CPU" for impl in OPENVINO}}
 BUSY_TARGET = 2.5  # busy time / quiet time, every samhq row (issue 17)
 # Another process that keeps one core busy: a plain Python spin loop, saying when it has started.
 SPIN = "print('spinning', flush=True)\nwhile True:\n    pass\n"
