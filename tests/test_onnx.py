@@ -224,3 +224,46 @@ def test_decoder_runs_in_onnxruntime_web(exported, tmp_path):
         arr = np.asarray(got[name]["data"], dtype=np.float32).reshape(got[name]["dims"])
         assert arr.shape == want.shape, name
         assert rel(arr, want) <= 1e-4, name
+
+
+def test_float16_encoder_export(exported, tmp_path):
+    """dtype="float16": the encoder's weights are float16 in the file (half its size), pixels in and features out
+    stay float32, the features match the torch model with a float16 encoder and the masks the float32 ones;
+    bfloat16 is refused with the reason."""
+    import onnx
+
+    model, out, ref, _ = exported
+    half = tmp_path / "fp16"
+    export_onnx(model, half, dtype="float16")
+    enc = onnx.load(str(half / ENCODER_FILE))
+    sizes = {}
+    for t in enc.graph.initializer:  # the image encoder's weights; the HQ fusion convolutions (decoder side) stay float32
+        kind = onnx.TensorProto.DataType.Name(t.data_type)
+        sizes[kind] = sizes.get(kind, 0) + int(np.prod(t.dims))
+    n_encoder = sum(p.numel() for p in model.vision_encoder.parameters())
+    assert abs(sizes["FLOAT16"] - n_encoder) <= 0.05 * n_encoder, (sizes, n_encoder)
+    assert [i.type.tensor_type.elem_type for i in enc.graph.input] == [onnx.TensorProto.FLOAT]
+    assert (half / ENCODER_FILE).stat().st_size < 0.7 * (out / ENCODER_FILE).stat().st_size
+    assert json.loads((half / META_FILE).read_text())["encoder_dtype"] == "float16"
+    assert json.loads((out / META_FILE).read_text())["encoder_dtype"] == "float32"
+    image = (np.random.default_rng(0).random((600, 800, 3)) * 255).astype(np.uint8)
+    torch_half = SamHQPredictor(_half_copy(model))
+    torch_half.set_image(image)
+    eng = OnnxPredictor(half, threads=1)
+    eng.set_image(image)
+    assert eng.features.dtype == torch.float32
+    assert rel(eng.features, torch_half.features) <= 2e-2
+    assert rel(eng.features, ref.features) <= 2e-2
+    a = ref.predict(box=BOX, multimask_output=False)[0]
+    b = eng.predict(box=BOX, multimask_output=False)[0]
+    assert mask_iou(a, b) >= 0.98
+    with pytest.raises(ValueError, match="float32 or float16"):
+        export_onnx(model, tmp_path / "bf16", dtype="bfloat16")
+
+
+def _half_copy(model):
+    import copy
+
+    m = copy.deepcopy(model)
+    m.vision_encoder.to(torch.float16)
+    return m

@@ -24,6 +24,9 @@ def register(sub) -> None:
     o.add_argument("out_dir", help="directory to write the models into (created if missing)")
     o.add_argument("--opset", type=int, default=17, help="ONNX opset (default 17, what onnxruntime-web runs)")
     o.add_argument("--decoder-only", action="store_true", help="export only the prompt decoder (for a browser page)")
+    o.add_argument("--dtype", default="float32", choices=["float32", "float16"],
+                   help="the image encoder's precision in encoder.onnx (default float32, exact; float16: half the file, "
+                   "for GPU providers); the decoder is always float32")
     o.add_argument("--force", action="store_true", help="overwrite existing files in OUT_DIR")
     o.set_defaults(func=run_onnx)
 
@@ -63,7 +66,8 @@ def register(sub) -> None:
 def run_onnx(args) -> int:
     from ..export.onnx import export_onnx
 
-    written = export_onnx(args.src, args.out_dir, encoder=not args.decoder_only, opset=args.opset, overwrite=args.force)
+    written = export_onnx(args.src, args.out_dir, encoder=not args.decoder_only, opset=args.opset, overwrite=args.force,
+                          dtype=args.dtype)
     for key in ("encoder", "decoder", "meta"):
         if key in written:
             print(f"wrote {written[key]}")

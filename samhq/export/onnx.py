@@ -53,6 +53,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from ..dtypes import resolve_dtype
 from ..modeling.auto import load_model
 from ..modeling.mask_selection import select_masks
 from ..modeling.model import model_fingerprint
@@ -87,7 +88,7 @@ class EncoderForOnnx(nn.Module):
         self.model = model
 
     def forward(self, pixel_values: torch.Tensor):
-        emb, inter = self.model.vision_encoder(pixel_values)
+        emb, inter = self.model._encode(pixel_values)  # in the encoder's dtype, then float32 for the decoder
         return emb, self.model.compute_hq_features(emb, inter)
 
 
@@ -233,12 +234,21 @@ def check_standard_ops(path: str | Path, opset: int = OPSET) -> list[str]:
 
 
 def export_onnx(model, out_dir: str | Path, *, encoder: bool = True, decoder: bool = True, opset: int = OPSET,
-                overwrite: bool = False) -> dict[str, Path]:
+                overwrite: bool = False, dtype=None) -> dict[str, Path]:
     """Export `model` (a SamHQModel or SamHQ2Model, or any checkpoint `samhq.load_model` loads) to `out_dir`.
 
     Writes encoder.onnx, decoder.onnx and samhq_onnx.json (family, sizes and the model config, read by
-    `OnnxEngine`). Returns {"encoder": path, "decoder": path, "meta": path} for what was written.
+    `OnnxEngine`). dtype: the image encoder's precision in the file, None / "float32" (default, exact) or
+    "float16" (half the file; weights and arithmetic in float16, float32 pixels in and features out; for
+    GPU providers, a CPU runs it slower than float32); the decoder is always float32, as in the torch
+    model. bfloat16 is refused: ONNX runtimes' CPU kernels do not run it (OpenVINO's `precision="bf16"`
+    hint gives bf16 arithmetic from the float32 file where the CPU has the units). Returns {"encoder":
+    path, "decoder": path, "meta": path} for what was written. Raises ValueError / FileExistsError.
     """
+    encoder_dtype = resolve_dtype("float32" if dtype == "auto" else dtype)
+    if encoder_dtype not in (torch.float32, torch.float16):
+        raise ValueError(f"ONNX export takes dtype float32 or float16, got {dtype!r}: bfloat16 does not run in "
+                         "onnxruntime's CPU kernels; export float32 (OpenVINO's precision='bf16' hint runs it in bf16)")
     try:
         import onnx  # noqa: F401
     except ImportError:
@@ -262,6 +272,7 @@ def export_onnx(model, out_dir: str | Path, *, encoder: bool = True, decoder: bo
     if isinstance(model, (str, Path)):
         model = load_model(model)
     model = _fp32_copy(model)
+    model.vision_encoder.to(encoder_dtype)
     sam2 = isinstance(model, SamHQ2Model)
     out_dir.mkdir(parents=True, exist_ok=True)
 
@@ -311,6 +322,7 @@ def export_onnx(model, out_dir: str | Path, *, encoder: bool = True, decoder: bo
         "family": "sam2" if sam2 else "sam",
         "hq": bool(model.hq_enabled),
         "opset": opset,
+        "encoder_dtype": str(encoder_dtype).removeprefix("torch."),
         "image_size": s,
         "embedding_size": g,
         "low_res_size": 4 * g,
