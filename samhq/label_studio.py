@@ -68,6 +68,7 @@ import numpy as np
 from .formats.writers import label_studio_result
 from .image_io import to_rgb_array
 from .limits import LimitError
+from .masks import best_mask
 from .predictor import EmbeddingCache, SamHQPredictor
 
 MASK_TAGS = ("BrushLabels", "PolygonLabels")
@@ -347,8 +348,8 @@ class SamHQBackend:
                 point_labels=None if points is None else np.asarray(labels),
                 box=None if box is None else np.asarray(box, dtype=float),
                 multimask_output=self.multimask, hq_token_only=self.hq_token_only)
-        best = int(np.argmax(scores))  # plain SAM weights give three candidates
-        return masks[best], float(scores[best])
+        mask, score = best_mask(masks, scores)
+        return mask, float(score)
 
     def _regions(self, mask, score, control: Control, label: str) -> list[dict]:
         kind = "brush" if control.tag == "BrushLabels" else "polygon"

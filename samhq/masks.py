@@ -270,6 +270,19 @@ def remove_small_regions(mask: np.ndarray, area_thresh: float, mode: str) -> tup
     return fill[labels], True
 
 
+def best_mask(masks: np.ndarray, scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """One mask per prompt from `SamHQPredictor.predict`'s output: masks (..., C, H, W), scores (..., K).
+
+    With C == K (plain SAM / SAM 2 multimask: three candidates; or one mask and one score) the best-scored
+    candidate; with C = 1 < K (HQ-SAM 2's HQ mask alone with multimask: one mask, its three SAM tokens'
+    scores) that mask. Returns (masks (..., H, W), scores (...)), the score being the highest of K.
+    """
+    masks, scores = np.asarray(masks), np.asarray(scores)
+    best = scores.argmax(-1) if masks.shape[-3] == scores.shape[-1] else np.zeros(scores.shape[:-1], dtype=int)
+    picked = np.take_along_axis(masks, best[..., None, None, None], axis=-3)[..., 0, :, :]
+    return picked, scores.max(-1)
+
+
 def mask_bbox(mask) -> list[int]:
     """(H, W) bool -> [x, y, width, height] of the mask's pixels ([0, 0, 0, 0] when empty)."""
     ys, xs = np.nonzero(mask)

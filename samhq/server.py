@@ -55,7 +55,7 @@ from .limits import (
     get_limits,
     tiled_limits,
 )
-from .masks import mask_bbox
+from .masks import best_mask, mask_bbox
 from .predictor import EmbeddingCache, SamHQPredictor
 
 LOOPBACK_HOSTS = ("localhost", "127.0.0.1", "::1")
@@ -151,9 +151,8 @@ class SegmentSession:
             self.predictor.set_image_embedding(entry)
             masks, scores, _ = self.predictor.predict(**prompt)
         require_finite(scores, "scores")
-        # plain SAM and SAM 2 return three candidates with multimask (HQ-SAM 2's HQ mask alone is one, with three scores)
-        best = int(np.argmax(scores)) if len(scores) == len(masks) else 0
-        return masks[best], float(np.max(scores))
+        mask, score = best_mask(masks, scores)
+        return mask, float(score)
 
     def _prompts(self, points, labels, box):
         points = points or None

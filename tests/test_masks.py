@@ -155,3 +155,18 @@ def test_remove_small_regions_matches_official(mode, area):
         ref, ref_changed = amg.remove_small_regions(mask, area, mode)
         assert changed == ref_changed
         np.testing.assert_array_equal(ours, ref)
+
+
+def test_best_mask_one_per_prompt():
+    """Three candidates: the best scored one; HQ-SAM 2's single HQ mask with three scores: that mask, top score."""
+    from samhq.masks import best_mask
+
+    m = np.zeros((3, 2, 2), bool)
+    m[1, 0, 0] = True
+    s = np.array([0.1, 0.9, 0.3], np.float32)
+    mask, score = best_mask(m, s)
+    assert mask.tolist() == [[True, False], [False, False]] and score == np.float32(0.9)
+    mask, score = best_mask(m[:1], s)
+    assert not mask.any() and score == np.float32(0.9)
+    masks, scores = best_mask(np.stack([m, m[[2, 0, 1]]]), np.stack([s, s]))  # a batch of two prompts
+    assert masks[0, 0, 0] and not masks[1].any() and scores.tolist() == [np.float32(0.9)] * 2

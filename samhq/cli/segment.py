@@ -331,6 +331,7 @@ def _prompt_json(p) -> dict:
 def _segment_whole(model, rgb, prompts, flags) -> list[_Object]:
     import torch
 
+    from ..masks import best_mask
     from ..predictor import SamHQPredictor
 
     predictor = SamHQPredictor(model)
@@ -344,11 +345,8 @@ def _segment_whole(model, rgb, prompts, flags) -> list[_Object]:
         tb = predictor.transform.apply_boxes_torch(torch.tensor(np.stack([p.box for p in prompts]), dtype=torch.float),
                                                    predictor.original_size)
         m, s, _ = (t.cpu().numpy() for t in predictor.predict_torch(None, None, tb.to(predictor.device), **flags))
-    # One mask per object: plain SAM and SAM 2 give three candidates, keep the best scored; HQ-SAM 2's HQ mask
-    # alone with multimask is one mask with its three SAM tokens' scores.
-    best = s.argmax(axis=1) if m.shape[1] == s.shape[1] else np.zeros(len(m), dtype=int)
-    return [_Object(m[i, best[i]], (0, 0, w, h), h, w, s[i].max(), _prompt_json(p), p.category_id)
-            for i, p in enumerate(prompts)]
+    masks, scores = best_mask(m, s)
+    return [_Object(masks[i], (0, 0, w, h), h, w, scores[i], _prompt_json(p), p.category_id) for i, p in enumerate(prompts)]
 
 
 def _store(args, name: str):
