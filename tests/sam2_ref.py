@@ -355,6 +355,7 @@ def hq_decoder_stand_in(decoder, tensors: dict) -> None:
     def forward(image_embeddings, image_pe, sparse_prompt_embeddings, dense_prompt_embeddings, multimask_output,
                 repeat_image, high_res_features=None):
         n = sparse_prompt_embeddings.shape[0]
+        hq.to(image_embeddings.device)  # not a registered submodule: the decoder's .to() leaves it behind
         out_tokens = torch.cat([dec.obj_score_token.weight, dec.iou_token.weight, dec.mask_tokens.weight, hq.hf_token.weight])
         tokens = torch.cat([out_tokens[None].expand(n, -1, -1), sparse_prompt_embeddings], dim=1)
         src = (image_embeddings.repeat_interleave(n, 0) if repeat_image else image_embeddings) + dense_prompt_embeddings

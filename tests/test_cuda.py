@@ -226,8 +226,14 @@ def test_training_step_matches_the_cpu(tmp_path):
         # the loss at every pixel (point_loss off) is deterministic: the same on both devices
         assert out_g["loss"] == pytest.approx(out["loss"], rel=1e-3)
         after, after_g = dict(cpu.model.named_parameters()), dict(gpu.model.named_parameters())
+        lr = cpu.optimizer.param_groups[0]["lr"]
         for name in cpu.trainable:
-            torch.testing.assert_close(after_g[name].detach().cpu(), after[name].detach(), atol=1e-4, rtol=1e-3)
+            grad, grad_g = after[name].grad, after_g[name].grad.cpu()
+            assert (grad_g - grad).abs().max() <= 1e-2 * grad.abs().max() + 1e-8, name
+            # AdamW's first step moves each weight by about lr * sign(grad): where a gradient is ~0, the two devices
+            # may round it to opposite signs, so single weights may differ by up to 2 lr, and few may
+            diff = (after_g[name].detach().cpu() - after[name].detach()).abs()
+            assert diff.max() <= 2.5 * lr and (diff > 1e-4).float().mean() <= 0.01, name
         bf16 = tiny_trainer(tmp_path, DEVICE, bf16=True).train_step()  # autocast to bfloat16 on the device
     assert np.isfinite(bf16["loss"]) and bf16["loss"] == pytest.approx(out["loss"], rel=0.05)
 

@@ -11,7 +11,7 @@ against the plain form. What they do:
 - In-place GELU (`common.gelu(x, in_place=True)`) on freshly computed activations.
 - TinyViT: batch norms folded into their convolutions (`conv_bn`), 1x1 convolutions as matmuls on
   channels-last activations (`channels_last`).
-- Mask decoder (`decode_masks`):
+- Mask decoder (`decode_masks`; on a CPU only, see `MaskDecoder.use_fast_path_on`):
   - the first transformer layer's projections of the image tokens are made once per image
     (`image_context`) and shared by all its prompts;
   - cross attention between the T prompt tokens and the HW image tokens never projects the image

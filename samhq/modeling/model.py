@@ -225,7 +225,7 @@ class SamHQModel(_PretrainedMixin, nn.Module):
     def decoder_context(self, image_embeddings: torch.Tensor) -> dict | None:
         """The mask decoder's per-image work for prompts without a mask input, to pass to `predict_all`
         for every prompt of these (B, C, h, w) embeddings; None when the fast path is off (nothing to share)."""
-        if not self.mask_decoder.use_fast_path:
+        if not self.mask_decoder.use_fast_path_on(image_embeddings):
             return None
         dense = self.prompt_encoder.no_mask_embed.weight.view(1, 1, -1, 1, 1).to(image_embeddings.dtype)
         return fast_paths.image_context(self.mask_decoder, image_embeddings, self.get_image_wide_positional_embeddings(), dense)
