@@ -82,6 +82,21 @@ def test_bf16_mode_equals_from_pretrained(fp32):
             optimize(copy.deepcopy(model), "bf16")
 
 
+def test_low_precision_convolutions_compute_in_float32_on_the_cpu():
+    from torch.nn import functional as F
+
+    from samhq.modeling.common import conv2d
+
+    torch.manual_seed(0)
+    conv = nn.Conv2d(3, 8, kernel_size=4, stride=4)
+    x = torch.randn(2, 3, 32, 32)
+    assert torch.equal(conv2d(conv, x), conv(x))  # float32: the module itself
+    half = copy.deepcopy(conv).bfloat16()
+    got = conv2d(half, x.bfloat16())
+    want = F.conv2d(x.bfloat16().float(), half.weight.float(), half.bias.float(), stride=4).bfloat16()
+    assert got.dtype == torch.bfloat16 and torch.equal(got, want)  # the bf16 operands, summed in float32, rounded once
+
+
 def test_int8_matches_fp32_within_its_cost(fp32):
     model, _, (masks, scores, low) = fp32
     q = quantize_int8(model)

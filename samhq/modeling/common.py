@@ -32,6 +32,19 @@ def gelu(x: torch.Tensor, in_place: bool = False) -> torch.Tensor:
     return torch.ops.aten.gelu_(x) if in_place else F.gelu(x)
 
 
+def conv2d(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
+    """`conv(x)`, computed in float32 when x is a bfloat16/float16 tensor on a CPU, the result cast back to x's dtype.
+
+    On a Xeon with AMX, oneDNN's bfloat16 convolutions at the ViT's patch-embedding and neck shapes took 150 ms each
+    against 4 ms in float32 (torch 2.11, benchmarks/results-amx.md): 40% of the bf16 encoder's time for 0.3% of its
+    multiply-adds. Rounding the float32 result to x's dtype is the only difference from a bf16 kernel's output.
+    """
+    if x.device.type != "cpu" or x.dtype not in (torch.bfloat16, torch.float16):
+        return conv(x)
+    bias = None if conv.bias is None else conv.bias.float()
+    return F.conv2d(x.float(), conv.weight.float(), bias, conv.stride, conv.padding, conv.dilation, conv.groups).to(x.dtype)
+
+
 class LayerNorm2d(nn.Module):
     """LayerNorm over the channel axis of a (B, C, H, W) tensor."""
 

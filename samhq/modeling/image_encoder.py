@@ -9,7 +9,7 @@ from torch.nn import functional as F
 
 from ..config import SamHQVisionConfig
 from . import fast_paths
-from .common import FastPathModule, LayerNorm2d, MLPBlock, rel_pos_terms
+from .common import FastPathModule, LayerNorm2d, MLPBlock, conv2d, rel_pos_terms
 
 
 class Attention(FastPathModule):
@@ -98,7 +98,7 @@ class PatchEmbed(nn.Module):
         self.projection = nn.Conv2d(config.num_channels, config.hidden_size, kernel_size=p, stride=p)
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        return self.projection(pixel_values).permute(0, 2, 3, 1)
+        return conv2d(self.projection, pixel_values).permute(0, 2, 3, 1)
 
 
 class Neck(nn.Module):
@@ -112,7 +112,7 @@ class Neck(nn.Module):
         self.layer_norm2 = LayerNorm2d(out_channels, eps)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.layer_norm2(self.conv2(self.layer_norm1(self.conv1(x))))
+        return self.layer_norm2(conv2d(self.conv2, self.layer_norm1(conv2d(self.conv1, x))))
 
 
 class VisionEncoder(nn.Module):

@@ -19,6 +19,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from ...config_sam2 import SamHQ2HieraConfig
+from ..common import conv2d
 
 
 def window_partition(x: torch.Tensor, window: int) -> tuple[torch.Tensor, tuple[int, int]]:
@@ -58,7 +59,7 @@ class PatchEmbed(nn.Module):
                                     stride=config.patch_stride, padding=config.patch_padding)
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        return self.projection(pixel_values).permute(0, 2, 3, 1)
+        return conv2d(self.projection, pixel_values).permute(0, 2, 3, 1)
 
 
 class MultiScaleAttention(nn.Module):
@@ -230,7 +231,7 @@ class FpnNeck(nn.Module):
         out: list[torch.Tensor] = [None] * len(stages)  # type: ignore[list-item]
         prev = None
         for i in range(n, -1, -1):  # coarsest first
-            lateral = self.convs[n - i](stages[i])
+            lateral = conv2d(self.convs[n - i], stages[i])
             if i in cfg.fpn_top_down_levels and prev is not None:
                 # Meta's code upsamples in fp32 whatever the dtype.
                 top_down = F.interpolate(prev.float(), scale_factor=2.0, mode=cfg.fpn_interp_model,
