@@ -777,7 +777,8 @@ def main(argv=None) -> int:
                     help="JSON output (default benchmarks/results.json, or results-quick.json with --quick)")
     ap.add_argument("--markdown", default=None, help="markdown table output (default: next to --out, results.md)")
     ap.add_argument("--compile", action="store_true", help="also time samhq with torch.compile (slow to compile)")
-    ap.add_argument("--cases", default="", help="run only the cases whose name contains this text (or one of several, comma-separated)")
+    ap.add_argument("--cases", default="",
+                    help="run only the cases whose name contains this text (or one of several, comma-separated)")
     ap.add_argument("--no-onnx", action="store_true", help="skip the onnxruntime and openvino engines")
     ap.add_argument("--timeout", type=float, default=900, help="seconds allowed per measurement")
     ap.add_argument("--amg-side", type=int, default=None, help="points per side of the AMG grid (default 32, 8 with --quick)")
