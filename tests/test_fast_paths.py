@@ -7,7 +7,8 @@ fast path (eval mode, `set_fast_path(True)`) and once plain (`set_fast_path(Fals
   the encoders' outputs;
 - the decoder (prompt chunks, per-prompt upscaling on sub-pixels, the folded and banded HQ branch,
   the shared per-image context): every token's masks and IoU for points, boxes, both and mask inputs;
-- the whole model's forward and the predictor's full-size masks.
+- the whole model's forward and the predictor's full-size masks;
+- the "graph" setting (what the ONNX export traces) against the plain forms.
 """
 import numpy as np
 import pytest
@@ -154,6 +155,27 @@ def test_decoder(model, p, hq):
         assert masks.shape[2] == (5 if hq else 4)
         close(masks, masks0)
         close(iou, iou0)
+
+
+@pytest.mark.parametrize("p", [1, 4])
+def test_decoder_graph_forms(model, p):
+    """set_fast_path("graph") (the ONNX export's setting: the folded HQ convolution as plain algebra) = plain forms."""
+    g = torch.Generator().manual_seed(20 + p)
+    emb, inter = model.get_image_embeddings(torch.randn(1, 3, 1024, 1024, generator=g))
+    hq_features = model.compute_hq_features(emb, inter)
+    try:
+        for prompts in _prompts(g, p):
+            model.set_fast_path("graph")
+            assert model.mask_decoder.use_graph_forms and not model.runs_fast_path
+            masks, iou = model.predict_all(emb, hq_features, **prompts)
+            model.set_fast_path(False)
+            masks0, iou0 = model.predict_all(emb, hq_features, **prompts)
+            close(masks, masks0)
+            close(iou, iou0)
+        with pytest.raises(ValueError, match="True, False or 'graph'"):
+            model.set_fast_path("fast")
+    finally:
+        model.set_fast_path(True)
 
 
 def test_decoder_context_is_the_fast_paths_alone(model):

@@ -215,8 +215,8 @@ def _fp32_copy(model):
         raise ValueError("ONNX export of SAM 2 needs a config with high-resolution features (every released model has them)")
     if any(type(m).__module__.startswith("torch.ao.nn.quantized") for m in model.modules()):
         raise ValueError("cannot export an int8-quantized model; export the fp32 model (onnxruntime has its own quantizer)")
-    # the plain forms (samhq.modeling.fast_paths' in-place and chunked forms do not trace to one graph)
-    return copy.deepcopy(model).float().cpu().eval().set_fast_path(False)
+    # the fast forms that trace to one graph (the eager ones write in place and loop over prompts)
+    return copy.deepcopy(model).float().cpu().eval().set_fast_path("graph")
 
 
 def check_standard_ops(path: str | Path, opset: int = OPSET) -> list[str]:

@@ -7,21 +7,28 @@ from torch.nn import functional as F
 class FastPathModule(nn.Module):
     """A module with a fast form of its forward in `samhq.modeling.fast_paths`.
 
-    The fast form runs when `fast_path` is set (the model sets it for every such module, see
-    `SamHQModel.set_fast_path`) and the module is in eval mode. The fast forms are for inference:
-    some reuse buffers, which autograd cannot differentiate, so the model's forwards run them without
-    autograd, and train mode (or `set_fast_path(False)`) always runs the plain forward.
+    `fast_path` is True (the eager fast forms), "graph" (only the fast forms that are plain tensor algebra, which
+    trace to one graph: what the ONNX export uses) or False (the plain forms); the model sets it for every such
+    module (`SamHQModel.set_fast_path`). Either fast setting applies in eval mode only. The eager fast forms reuse
+    buffers, which autograd cannot differentiate, so the model's forwards run them without autograd, and train mode
+    always runs the plain forward.
     """
 
-    fast_path = False
+    fast_path: bool | str = False
 
     @property
     def use_fast_path(self) -> bool:
-        return self.fast_path and not self.training
+        return self.fast_path is True and not self.training
+
+    @property
+    def use_graph_forms(self) -> bool:
+        return self.fast_path == "graph" and not self.training
 
 
-def set_fast_path(module: nn.Module, enabled: bool) -> None:
-    """Switch the fast forms of every `FastPathModule` inside `module` on or off."""
+def set_fast_path(module: nn.Module, enabled: bool | str) -> None:
+    """Set the fast-path switch of every `FastPathModule` inside `module`: True, False or "graph" (see there)."""
+    if not (enabled is True or enabled is False or enabled == "graph"):
+        raise ValueError(f"set_fast_path takes True, False or 'graph', got {enabled!r}")
     for m in module.modules():
         if isinstance(m, FastPathModule):
             m.fast_path = enabled
@@ -33,13 +40,14 @@ def gelu(x: torch.Tensor, in_place: bool = False) -> torch.Tensor:
 
 
 def conv2d(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
-    """`conv(x)`, computed in float32 when x is a bfloat16/float16 tensor on a CPU, the result cast back to x's dtype.
+    """`conv(x)`, computed in float32 when x is a bfloat16 tensor on a CPU, the result cast back to bfloat16.
 
     On a Xeon with AMX, oneDNN's bfloat16 convolutions at the ViT's patch-embedding and neck shapes took 150 ms each
     against 4 ms in float32 (torch 2.11, benchmarks/results-amx.md): 40% of the bf16 encoder's time for 0.3% of its
-    multiply-adds. Rounding the float32 result to x's dtype is the only difference from a bf16 kernel's output.
+    multiply-adds. Rounding the float32 result to bfloat16 is the only difference from a bf16 kernel's output.
+    float16 is left alone: it is the ONNX export's GPU precision, whose file keeps float16 weights.
     """
-    if x.device.type != "cpu" or x.dtype not in (torch.bfloat16, torch.float16):
+    if x.device.type != "cpu" or x.dtype != torch.bfloat16:
         return conv(x)
     bias = None if conv.bias is None else conv.bias.float()
     return F.conv2d(x.float(), conv.weight.float(), bias, conv.stride, conv.padding, conv.dilation, conv.groups).to(x.dtype)

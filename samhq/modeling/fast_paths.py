@@ -25,7 +25,9 @@ against the plain form. What they do:
     output channel per prompt instead of C/8, in bands of rows (`HQ_BAND_PIXELS`) whose tensors are
     reused from call to call rather than freshly mapped.
 These rely on in-place writes and reused buffers, which autograd cannot differentiate: training runs
-the plain forms (train mode, or `set_fast_path(False)`), and so does the ONNX export.
+the plain forms (train mode, or `set_fast_path(False)`). The ONNX export sets `set_fast_path("graph")`: the plain
+forms except where a fast form is plain tensor algebra that traces to one graph (`hq_mask_graph`, the folded HQ
+convolution).
 """
 from __future__ import annotations
 
@@ -250,12 +252,36 @@ def _prompt_masks(decoder, keys: torch.Tensor, hyper: torch.Tensor, hyper_hq: to
     masks = hyper @ up.view(nb, hh * ww, -1).transpose(1, 2)  # (N, 4, HW)
     if hyper_hq is None:
         return masks
-    w2 = decoder.mask_conv2.weight  # (C/8, C/4, 3, 3)
-    taps = (hyper_hq @ w2.flatten(1)).view(nb, w2.shape[1], 9).transpose(1, 2)  # (N, 9, C/4)
+    taps = _hq_taps(decoder, hyper_hq)
     step = max(1, HQ_BAND_PIXELS // ww)
     hq = torch.cat([_hq_rows(decoder, up, taps, r0, min(r0 + step, hh)) for r0 in range(0, hh, step)], dim=1)
     hq = hq.reshape(nb, 1, hh * ww) + (hyper_hq @ decoder.mask_conv2.bias)[:, None, None]
     return torch.cat([masks, hq], dim=1)
+
+
+def _hq_taps(decoder, hyper_hq: torch.Tensor) -> torch.Tensor:
+    """The HQ hypernetwork vectors (N, C/8) folded into `mask_conv2`: one 3x3 output channel per prompt, (N, 9, C/4)."""
+    w2 = decoder.mask_conv2.weight  # (C/8, C/4, 3, 3)
+    return (hyper_hq @ w2.flatten(1)).view(-1, w2.shape[1], 9).transpose(1, 2)
+
+
+def hq_mask_graph(decoder, upscaled: torch.Tensor, hyper_hq: torch.Tensor, hq_features: torch.Tensor, p: int) -> torch.Tensor:
+    """The HQ mask logits (BP, 1, 16hw) with `mask_conv2` folded, as plain tensor algebra (the "graph" setting).
+
+    upscaled (BP, C/8, H, W) SAM's upscaled features, hyper_hq (BP, C/8), hq_features (B, C/8, H, W), p prompts per
+    image. Equal to `hyper_hq . (mask_feature(upscaled) + hq_features)`: the 3x3 convolution's output channels are
+    dotted with hyper_hq anyway, so each prompt convolves with one folded kernel (1/32 of the multiply-adds), written
+    as a matmul and nine shifted sums rather than a grouped convolution, whose group count would be a constant.
+    """
+    g = gelu(decoder.mask_norm(decoder.mask_conv1(upscaled)))  # (BP, C/4, H, W)
+    n, c4, hh, ww = g.shape
+    r = F.pad((_hq_taps(decoder, hyper_hq) @ g.flatten(2)).view(n, 9, hh, ww), (1, 1, 1, 1))
+    out = (hyper_hq @ decoder.mask_conv2.bias)[:, None, None]
+    for k in range(9):
+        ky, kx = divmod(k, 3)
+        out = out + r[:, k, ky:ky + hh, kx:kx + ww]
+    glob = hyper_hq.unflatten(0, (-1, p)) @ hq_features.flatten(2).to(hyper_hq.dtype)  # (B, P, HW)
+    return out.view(n, 1, hh * ww) + glob.view(n, 1, hh * ww)
 
 
 def _deconv_matrix(conv: nn.ConvTranspose2d) -> tuple[torch.Tensor, torch.Tensor]:

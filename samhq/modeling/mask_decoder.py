@@ -107,8 +107,12 @@ class MaskDecoder(FastPathModule):
         masks = hyper @ upscaled.flatten(2)  # (BP, 4, 16hw)
         if hq_features is not None:
             # HQ: the HQ token's hypernetwork reads the refined SAM features plus the fused global-local features.
-            hq_feat = self.mask_feature(upscaled).unflatten(0, (b, p)) + hq_features.to(upscaled.dtype)[:, None]
-            hq = self.hq_mask_mlp(hs[:, 1 + n])[:, None] @ hq_feat.flatten(0, 1).flatten(2)  # (BP, 1, 16hw)
+            hyper_hq = self.hq_mask_mlp(hs[:, 1 + n])  # (BP, C/8)
+            if self.use_graph_forms:
+                hq = fast_paths.hq_mask_graph(self, upscaled, hyper_hq, hq_features, p)
+            else:
+                hq_feat = self.mask_feature(upscaled).unflatten(0, (b, p)) + hq_features.to(upscaled.dtype)[:, None]
+                hq = hyper_hq[:, None] @ hq_feat.flatten(0, 1).flatten(2)  # (BP, 1, 16hw)
             masks = torch.cat([masks, hq], dim=1)
         iou = self.iou_prediction_head(hs[:, 0])
         return masks.view(b, p, -1, 4 * h, 4 * w), iou.view(b, p, -1)

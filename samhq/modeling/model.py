@@ -86,18 +86,19 @@ class _PretrainedMixin:
         state = {k: v for k, v in self.state_dict().items() if getattr(self, "hq_enabled", True) or not is_hq_parameter(k)}
         return checkpoints.write_pretrained(state, self.config, directory, safe_serialization=safe_serialization)
 
-    def set_fast_path(self, enabled: bool = True):
-        """Use the fast forms of `samhq.modeling.fast_paths` in eval mode (the default), or the plain forms
-        everywhere. Returns the model."""
+    def set_fast_path(self, enabled: bool | str = True):
+        """Use the fast forms of `samhq.modeling.fast_paths` in eval mode (True, the default), only those that trace
+        to one graph ("graph", what the ONNX export uses), or the plain forms everywhere (False). Returns the model.
+        Raises ValueError for any other value."""
         set_fast_path(self, enabled)
         self._fast_path = enabled
         return self
 
     @property
     def runs_fast_path(self) -> bool:
-        """True in eval mode with the fast path on: forwards then compute without autograd (the fast forms
-        reuse buffers and write in place); train mode or `set_fast_path(False)` computes with autograd."""
-        return getattr(self, "_fast_path", False) and not self.training
+        """True in eval mode with the eager fast path on: forwards then compute without autograd (the fast forms
+        reuse buffers and write in place); train mode, "graph" or `set_fast_path(False)` compute with autograd."""
+        return getattr(self, "_fast_path", False) is True and not self.training
 
     def _autograd(self):
         return torch.set_grad_enabled(torch.is_grad_enabled() and not self.runs_fast_path)

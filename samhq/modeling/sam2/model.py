@@ -73,9 +73,9 @@ class SamHQ2Model(nn.Module):
         self.video_state: dict[str, torch.Tensor] = {}
         self.video_layout = "official"
 
-    def set_fast_path(self, enabled: bool = True):
-        """Switch the fast forms of the modules shared with SAM-HQ v1 (`samhq.modeling.fast_paths`; off by default
-        here) on or off; the ONNX export turns them off on its copy. Returns the model."""
+    def set_fast_path(self, enabled: bool | str = True):
+        """Set the fast-path switch of the modules shared with SAM-HQ v1 (`samhq.modeling.fast_paths`; off by default
+        here): True, False or "graph" (`SamHQModel.set_fast_path`). Returns the model."""
         set_fast_path(self, enabled)
         return self
 
