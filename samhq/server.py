@@ -33,6 +33,7 @@ headers. Behind a proxy, name the public host and origin: `allowed_hosts` / `--a
 """
 
 import base64
+import contextlib
 import hashlib
 import io
 import json
@@ -445,43 +446,37 @@ def create_app(model="samhq-tiny-shapes", device: str | None = None, max_images:
                     "max_tiled_pixels": limits.max_tiled_pixels},
                 "export_formats": list(EXPORT_FORMATS)}
 
-    @app.post("/api/images")
-    def upload(file: UploadFile = File(...)):
+    @contextlib.contextmanager
+    def http_errors(image_id: str | None = None):
+        """samhq's errors as HTTP statuses, the same for every route: unknown image 404, over a limit 413,
+        non-finite model output 500, any other bad input 400; each with its one-line message."""
         try:
-            return session.add_image(file.file.read(limits.max_upload_bytes + 1))
+            yield
+        except UnknownImage:
+            raise HTTPException(404, f"unknown image_id {image_id!r}: upload the image first (POST /api/images); "
+                                f"the server keeps the {max_images} most recently used images") from None
         except LimitError as e:
             raise HTTPException(413, str(e)) from None
+        except NonFiniteOutputError as e:
+            raise HTTPException(500, str(e)) from None
         except ValueError as e:
             raise HTTPException(400, str(e)) from None
+
+    @app.post("/api/images")
+    def upload(file: UploadFile = File(...)):
+        with http_errors():
+            return session.add_image(file.file.read(limits.max_upload_bytes + 1))
 
     @app.post("/api/segment")
     def segment(req: SegmentRequest):
-        try:
+        with http_errors(req.image_id):
             return session.segment(req.image_id, req.points, req.labels, req.box, req.multimask, req.hq_token_only)
-        except UnknownImage:
-            raise HTTPException(404, f"unknown image_id {req.image_id!r}: upload the image first (POST /api/images); "
-                                f"the server keeps the {max_images} most recently used images") from None
-        except LimitError as e:
-            raise HTTPException(413, str(e)) from None
-        except NonFiniteOutputError as e:
-            raise HTTPException(500, str(e)) from None
-        except ValueError as e:
-            raise HTTPException(400, str(e)) from None
 
     @app.post("/api/export")
     def export(req: ExportRequest):
-        try:
+        with http_errors(req.image_id):
             filename, media_type, body = session.export(req.image_id, [o.model_dump() for o in req.objects], req.format,
                                                         req.file_name)
-        except UnknownImage:
-            raise HTTPException(404, f"unknown image_id {req.image_id!r}: upload the image again (POST /api/images); "
-                                f"the server keeps the {max_images} most recently used images") from None
-        except LimitError as e:
-            raise HTTPException(413, str(e)) from None
-        except NonFiniteOutputError as e:
-            raise HTTPException(500, str(e)) from None
-        except ValueError as e:
-            raise HTTPException(400, str(e)) from None
         return Response(body, media_type=media_type, headers={"Content-Disposition": f'attachment; filename="{filename}"'})
 
     return app

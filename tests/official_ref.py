@@ -4,6 +4,7 @@ The official code imports torchvision (resize, batched_nms) and timm (TinyViT he
 of which has a CPU build usable here. This module registers small stand-ins for exactly those
 names before importing it. They live in the tests only; the library never uses them.
 """
+import contextlib
 import math
 import sys
 import types
@@ -95,20 +96,27 @@ def load_official():
         return None
     if "segment_anything_hq" in sys.modules:
         return sys.modules["segment_anything_hq"]
-    # The stand-ins are visible only while the package imports (it binds the names then), so that
-    # other libraries (transformers) still see that torchvision and timm are absent.
-    mods = _stand_ins()
+    with stand_ins_while_importing(_stand_ins()):
+        import segment_anything_hq
+    return segment_anything_hq
+
+
+@contextlib.contextmanager
+def stand_ins_while_importing(mods: dict):
+    """Put stand-in modules {name: module} into sys.modules for the duration of an import, then restore what was there.
+
+    A reference binds the names when it imports, so the stand-ins need be visible only then; afterwards other
+    libraries (transformers) still see that the real torchvision and timm are absent."""
     saved = {name: sys.modules.get(name) for name in mods}
     sys.modules.update(mods)
     try:
-        import segment_anything_hq
+        yield
     finally:
         for name, old in saved.items():
             if old is None:
                 sys.modules.pop(name, None)
             else:
                 sys.modules[name] = old
-    return segment_anything_hq
 
 
 def perturb_(module, seed=0, scale=0.05):

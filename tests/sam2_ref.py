@@ -24,7 +24,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from official_ref import _batched_nms, _box_area
+from official_ref import _batched_nms, _box_area, stand_ins_while_importing
 
 
 class ToTensor:
@@ -80,20 +80,11 @@ def load_sam2():
         return None
     if "sam2.sam2_image_predictor" in sys.modules:
         return sys.modules["sam2"]
-    mods = _stand_ins()
-    saved = {name: sys.modules.get(name) for name in mods}
-    sys.modules.update(mods)
-    try:
+    with stand_ins_while_importing(_stand_ins()):
         import sam2
         import sam2.automatic_mask_generator  # noqa: F401
         import sam2.build_sam  # noqa: F401
         import sam2.sam2_image_predictor  # noqa: F401
-    finally:
-        for name, old in saved.items():
-            if old is None:
-                sys.modules.pop(name, None)
-            else:
-                sys.modules[name] = old
     return sam2
 
 
