@@ -20,6 +20,8 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import sys
+import time
 from pathlib import Path
 
 LOCK_FILE = ".samhq.lock"
@@ -257,6 +259,41 @@ class OutputFolder:
 
 # ---------------------------------------------------------------------------------------------
 # --format lists
+
+
+class FolderRun:
+    """One batch command's run over many images into an `OutputFolder`: counters, skip messages, the summary line,
+    and committing one image's files (`samhq everything`, `samhq segment --prompts`; local and Ray alike)."""
+
+    def __init__(self, command: str, out: OutputFolder):
+        self.command, self.out = command, out
+        self.done = self.skipped = self.failed = self.n_masks = 0
+        self.start = time.time()
+
+    def fail(self, path, reason) -> None:
+        """Count an image as failed and say why on stderr; the run goes on."""
+        self.failed += 1
+        print(f"samhq {self.command}: skipped {path}: {reason}", file=sys.stderr)
+
+    def summary(self) -> None:
+        print(f"samhq {self.command}: {self.done} images done, {self.skipped} skipped (already done), {self.failed} "
+              f"failed, {self.n_masks} masks written to {self.out.folder} in {time.time() - self.start:.1f}s")
+
+    def commit(self, path, name: str, files, n_masks: int) -> None:
+        """Write one image's {final path: writer} (or a callable that makes it) all or nothing. A ValueError from a
+        writer or from making them (they refused these masks) fails the image; an OSError (disk full, permissions)
+        ends the run with a ValueError after the summary."""
+        try:
+            self.out.write(name, files() if callable(files) else files)
+        except OSError as e:
+            self.summary()
+            raise ValueError(f"cannot write the outputs of {path} to {self.out.folder} ({e.strerror or e}); "
+                             "nothing of that image was kept, and a rerun redoes it") from None
+        except ValueError as e:
+            self.fail(path, e)
+            return
+        self.done += 1
+        self.n_masks += n_masks
 
 
 def parse_output_formats(text: str) -> tuple[list[str], list[str], list[str]]:

@@ -33,8 +33,6 @@ alone writes DIR, the same files as a local run.
 from __future__ import annotations
 
 import json
-import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -219,11 +217,12 @@ def run(args) -> int:
         return _Run(args, out, own, formats, geo, tiles).run(images, ray)
 
 
-class _Run:
+class _Run(O.FolderRun):
     """One run's state: what to write, counters, and the per-image writer shared by the local and the Ray paths."""
 
     def __init__(self, args, out: O.OutputFolder, own, formats, geo, tiles):
-        self.args, self.out, self.own, self.formats, self.geo, self.tiles = args, out, own, formats, geo, tiles
+        super().__init__("everything", out)
+        self.args, self.own, self.formats, self.geo, self.tiles = args, own, formats, geo, tiles
         self.category = args.category or "object"
         self.settings = {
             "model": str(args.model), "points_per_side": args.points_per_side, "pred_iou_thresh": args.pred_iou_thresh,
@@ -233,22 +232,12 @@ class _Run:
         }
         if tiles is not None:
             self.settings["tiles"] = dict(tiles)
-        self.done = self.skipped = self.failed = self.n_masks = 0
-        self.start = time.time()
 
     def generator_options(self) -> dict:
         a = self.args
         return dict(points_per_side=a.points_per_side, points_per_batch=a.points_per_batch, pred_iou_thresh=a.pred_iou_thresh,
                     stability_score_thresh=a.stability_thresh, box_nms_thresh=a.box_nms_thresh, crop_n_layers=a.crop_layers,
                     min_mask_region_area=a.min_region_area, use_m2m=a.use_m2m)
-
-    def summary(self) -> None:
-        print(f"samhq everything: {self.done} images done, {self.skipped} skipped (already done), {self.failed} failed, "
-              f"{self.n_masks} masks written to {self.out.folder} in {time.time() - self.start:.1f}s")
-
-    def fail(self, path, reason) -> None:
-        self.failed += 1
-        print(f"samhq everything: skipped {path}: {reason}", file=sys.stderr)
 
     def run(self, images, ray) -> int:
         todo = []
@@ -306,19 +295,6 @@ class _Run:
                                           self.geo, self.category, tolerance=self.args.tolerance,
                                           min_area=self.args.min_area, raster=raster, crops=crops))
         return files
-
-    def write(self, path, name: str, files: dict, n_masks: int) -> None:
-        try:
-            self.out.write(name, files)
-        except OSError as e:
-            self.summary()
-            raise ValueError(f"cannot write the outputs of {path} to {self.out.folder} ({e.strerror or e}); "
-                             "nothing of that image was kept, and a rerun redoes it") from None
-        except ValueError as e:  # a writer refused this image's masks (e.g. a geo writer): nothing of it was kept
-            self.fail(path, e)
-            return
-        self.done += 1
-        self.n_masks += n_masks
 
     def write_dataset(self) -> None:
         """coco/instances.json, label_studio/, yolo/data.yaml: from every image of DIR recorded as done."""
@@ -381,7 +357,7 @@ class _Run:
                 except (ValueError, TypeError, OSError) as e:
                     self.fail(path, e)
                     continue
-                self.write(path, name, files, len(records))
+                self.commit(path, name, files, len(records))
             finally:
                 if hasattr(source, "close"):
                     source.close()
@@ -411,7 +387,7 @@ class _Run:
             except (ValueError, TypeError, OSError) as e:
                 self.fail(path, e)
                 return
-            self.write(path, key, files, len(records))
+            self.commit(path, key, files, len(records))
 
         summary = distributed.run_ray(
             [(name, str(Path(path).resolve())) for path, name in todo], writer,

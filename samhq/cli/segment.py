@@ -28,7 +28,6 @@ import argparse
 import json
 import math
 import sys
-import time
 import warnings
 from pathlib import Path
 
@@ -585,24 +584,15 @@ def run_prompt_file(args) -> int:
         return _PromptRun(args, out, _ImageWriter(args, out, own, formats, geo, cats), tiles).run(entries, names, ray)
 
 
-class _PromptRun:
+class _PromptRun(O.FolderRun):
     def __init__(self, args, out, writer: _ImageWriter, tiles):
-        self.args, self.out, self.writer, self.tiles = args, out, writer, tiles
-        self.done = self.skipped = self.failed = self.n_masks = 0
-        self.start = time.time()
+        super().__init__(COMMAND, out)
+        self.args, self.writer, self.tiles = args, writer, tiles
 
     def options(self) -> dict:
         a = self.args
         return dict(multiply_iou=a.multiply_iou, multimask_output=True if a.multimask else None,
                     hq_token_only=a.hq_token_only, batch_size=a.batch_size)
-
-    def fail(self, path, reason) -> None:
-        self.failed += 1
-        print(f"samhq segment: skipped {path}: {reason}", file=sys.stderr)
-
-    def summary(self) -> None:
-        print(f"samhq segment: {self.done} images done, {self.skipped} skipped (already done), {self.failed} failed, "
-              f"{self.n_masks} masks written to {self.out.folder} in {time.time() - self.start:.1f}s")
 
     def doc(self, entry, height: int, width: int, records: list[dict]) -> dict:
         return {"image": str(entry.path), "image_id": entry.image_id, "height": int(height), "width": int(width),
@@ -610,18 +600,8 @@ class _PromptRun:
                 "hq_token_only": self.args.hq_token_only, "masks": records}
 
     def write(self, entry, name, height, width, records, crops=None, rgb=None, raster=None) -> None:
-        try:
-            files = self.writer.outputs(name, self.doc(entry, height, width, records), crops, rgb, raster)
-            self.out.write(name, files)
-        except ValueError as e:
-            self.fail(entry.path, e)
-            return
-        except OSError as e:
-            self.summary()
-            raise ValueError(f"cannot write the outputs of {entry.path} to {self.out.folder} ({e.strerror or e}); "
-                             "nothing of that image was kept, and a rerun redoes it") from None
-        self.done += 1
-        self.n_masks += len(records)
+        self.commit(entry.path, name, lambda: self.writer.outputs(name, self.doc(entry, height, width, records), crops,
+                                                                  rgb, raster), len(records))
 
     def run(self, entries, names, ray) -> int:
         todo = []
