@@ -273,7 +273,7 @@ def hq_mask_graph(decoder, upscaled: torch.Tensor, hyper_hq: torch.Tensor, hq_fe
     dotted with hyper_hq anyway, so each prompt convolves with one folded kernel (1/32 of the multiply-adds), written
     as a matmul and nine shifted sums rather than a grouped convolution, whose group count would be a constant.
     """
-    g = gelu(decoder.mask_norm(decoder.mask_conv1(upscaled)))  # (BP, C/4, H, W)
+    g = decoder.mask_feature_hidden(upscaled)  # (BP, C/4, H, W)
     n, c4, hh, ww = g.shape
     r = F.pad((_hq_taps(decoder, hyper_hq) @ g.flatten(2)).view(n, 9, hh, ww), (1, 1, 1, 1))
     out = (hyper_hq @ decoder.mask_conv2.bias)[:, None, None]

@@ -71,7 +71,11 @@ class MaskDecoder(FastPathModule):
 
     def mask_feature(self, upscaled: torch.Tensor) -> torch.Tensor:
         """SAM-HQ's refinement of the upscaled SAM features: (N, C/8, 4h, 4w) -> same (3x3 conv, LayerNorm2d, GELU, 3x3 conv)."""
-        return self.mask_conv2(gelu(self.mask_norm(self.mask_conv1(upscaled))))
+        return self.mask_conv2(self.mask_feature_hidden(upscaled))
+
+    def mask_feature_hidden(self, upscaled: torch.Tensor) -> torch.Tensor:
+        """`mask_feature` up to its last convolution: (N, C/8, 4h, 4w) -> (N, C/4, 4h, 4w)."""
+        return gelu(self.mask_norm(self.mask_conv1(upscaled)))
 
     def forward(
         self,
