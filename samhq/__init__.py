@@ -8,6 +8,9 @@ import sys as _sys
 # it takes effect when samhq is imported first (the command line always is); a value the user set wins.
 if "torch" not in _sys.modules:
     _os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+from .limits import tune_malloc as _tune_malloc
+
+_tune_malloc()  # freed large blocks are reused, not page-faulted in again (see limits.tune_malloc)
 from .automatic import SamHQAutomaticMaskGenerator
 from .checkpoints import CheckpointError
 from .config import SamHQConfig, SamHQMaskDecoderConfig, SamHQPromptEncoderConfig, SamHQTinyViTConfig, SamHQVisionConfig

@@ -34,6 +34,9 @@ Threads: `available_cpus()` is what this process may really use: the CPUs of its
 capped by a cgroup (v2 `cpu.max`, v1 `cpu.cfs_quota_us`) CPU quota, as containers and shared
 servers set. `set_threads(n)` sets torch's thread count to `n`, or by default to `OMP_NUM_THREADS`
 when set (torchrun sets it per process) and else to `available_cpus()`.
+
+Memory: importing samhq calls `tune_malloc()`, which makes glibc reuse freed large blocks instead of
+page-faulting fresh ones (`SAMHQ_MALLOC_TUNING=0` turns it off).
 """
 from __future__ import annotations
 
@@ -256,3 +259,45 @@ def set_threads(threads: int | None = None) -> int:
         raise ValueError(f"--threads must be a positive integer, got {threads!r}")
     torch.set_num_threads(threads)
     return threads
+
+
+# glibc's mallopt parameters (malloc.h) and the threshold samhq sets.
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
+MALLOC_MMAP_THRESHOLD = 1 << 30
+_MALLOC_ENV = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_TOP_PAD_")
+malloc_tuned = False  # whether tune_malloc has set the thresholds in this process
+
+
+def tune_malloc(threshold: int = MALLOC_MMAP_THRESHOLD) -> bool:
+    """Let glibc's malloc keep freed blocks below `threshold` bytes for reuse; True when it was set.
+
+    glibc serves blocks above its mmap threshold (at most 32 MiB by default) with fresh mappings and
+    gives them back on free, so every large activation an encoder allocates is page-faulted in again,
+    page by page: 400,000 faults (1.6 GB) per ViT-B image embedding, 4% of its time, and 340,000 faults
+    (1.3 s of system time) for 64 points of automatic masks. With both the mmap and the trim threshold
+    at `threshold` and 2 x `threshold` (capped at 2 GiB; mallopt M_MMAP_THRESHOLD, M_TRIM_THRESHOLD), freed blocks are
+    reused; peak memory was unchanged (ViT-H embedding: 3.25 GB against 3.31 GB), but the process keeps
+    its high-water mark instead of returning it to the system between images.
+
+    Importing samhq calls this. Nothing is changed (False) where the C library is not glibc, when
+    `SAMHQ_MALLOC_TUNING=0`, or when the user set glibc's own variables (`MALLOC_MMAP_THRESHOLD_`,
+    `MALLOC_TRIM_THRESHOLD_`, `MALLOC_TOP_PAD_`, or `glibc.malloc.*` in `GLIBC_TUNABLES`).
+    """
+    import ctypes
+    import platform
+
+    if os.environ.get("SAMHQ_MALLOC_TUNING", "1").strip().lower() in ("0", "false", "no", "off"):
+        return False
+    if any(k in os.environ for k in _MALLOC_ENV) or "glibc.malloc." in os.environ.get("GLIBC_TUNABLES", ""):
+        return False
+    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        return False
+    try:
+        mallopt = ctypes.CDLL("libc.so.6").mallopt
+    except (OSError, AttributeError):
+        return False
+    global malloc_tuned
+    mallopt.argtypes = (ctypes.c_int, ctypes.c_int)
+    trim = min(2 * int(threshold), 2**31 - 1)  # mallopt takes a C int
+    malloc_tuned = bool(mallopt(_M_MMAP_THRESHOLD, int(threshold)) and mallopt(_M_TRIM_THRESHOLD, trim))
+    return malloc_tuned

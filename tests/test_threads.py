@@ -2,6 +2,9 @@
 cgroup v2 / v1 CPU quota, read here from files written by the test), every command has --threads,
 and `samhq` sets it once per run and restores it afterwards."""
 import os
+import platform
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -90,12 +93,49 @@ def test_set_threads_refuses_nonsense(bad):
 def test_openmp_threads_wait_passively_unless_the_user_says_otherwise():
     """Spinning OpenMP threads stall every parallel region on a busy core (issue 17): importing samhq
     before torch makes them wait passively; a value the user set, or a torch imported first, is left alone."""
-    import subprocess
-    import sys
-
     code = "import os, samhq; print(os.environ.get('OMP_WAIT_POLICY'))"
     env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
     run = lambda c, e: subprocess.run([sys.executable, "-c", c], capture_output=True, text=True, env=e).stdout.strip()  # noqa: E731
     assert run(code, env) == "PASSIVE"
     assert run(code, {**env, "OMP_WAIT_POLICY": "ACTIVE"}) == "ACTIVE"
     assert run("import torch; " + code, env) == "None"
+
+
+_GLIBC = sys.platform.startswith("linux") and platform.libc_ver()[0] == "glibc"
+
+# Allocates, writes and frees a 64 MiB tensor (above glibc's 32 MiB largest dynamic mmap threshold) a few
+# times, and prints the page faults the last one cost. (The first reuse can miss: the freed block is
+# exactly its size, and an aligned allocation asks for a little more.)
+_REFAULT = """
+import resource, sys
+if sys.argv[1] == "samhq":
+    import samhq
+import torch
+for _ in range(3):
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    x = torch.ones(1 << 24)
+    faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+    del x
+print(faults)
+"""
+
+
+@pytest.mark.skipif(not _GLIBC, reason="malloc tuning applies to glibc only")
+def test_importing_samhq_reuses_freed_large_blocks():
+    """issue 17: a freed large block is reused instead of page-faulted in again (limits.tune_malloc);
+    SAMHQ_MALLOC_TUNING=0 or the user's own glibc variables leave malloc alone."""
+    base = {k: v for k, v in os.environ.items()
+            if k not in ("SAMHQ_MALLOC_TUNING", "GLIBC_TUNABLES") and not k.startswith("MALLOC_")}
+    faults = lambda who, env: int(subprocess.run([sys.executable, "-c", _REFAULT, who], capture_output=True,  # noqa: E731
+                                                 text=True, env=env, check=True).stdout)
+    pages = (1 << 26) // os.sysconf("SC_PAGE_SIZE")
+    assert faults("samhq", base) < pages // 20
+    run = lambda c, e: subprocess.run([sys.executable, "-c", c], capture_output=True, text=True, env=e).stdout.strip()  # noqa: E731
+    check = "from samhq import limits; print(limits.tune_malloc())"
+    assert run(check, base) == "True"
+    assert run(check, {**base, "SAMHQ_MALLOC_TUNING": "0"}) == "False"
+    assert run(check, {**base, "MALLOC_MMAP_THRESHOLD_": "65536"}) == "False"
+    if open("/sys/kernel/mm/transparent_hugepage/enabled").read().find("[always]") < 0:
+        # without transparent huge pages a fresh 64 MiB mapping faults once per page
+        assert faults("torch", base) > pages // 2
+        assert faults("samhq", {**base, "SAMHQ_MALLOC_TUNING": "0"}) > pages // 2
