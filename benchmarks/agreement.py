@@ -6,6 +6,10 @@ predictor and by each mode: bf16 (`from_pretrained(..., dtype=torch.bfloat16)`),
 onnxruntime engine. Both the default output (best SAM mask + HQ mask) and the HQ mask alone are
 compared, as thresholded masks at the original size: per-mask IoU (two empty masks agree).
 
+The performance issue's goal for a fast mode: mean IoU >= 0.99, and at least 95% of the masks larger
+than 1% of the image (by the fp32 mask's area) at IoU >= 0.98 (`meets_target`). `meets_floor` is the
+stricter check that every mask is at IoU >= 0.98.
+
     python benchmarks/agreement.py                  # all 250 images; writes benchmarks/agreement.json
     python benchmarks/agreement.py --num-images 20 --modes onnxruntime
 """
@@ -36,6 +40,7 @@ from samhq.predictor import SamHQPredictor  # noqa: E402
 
 MODES = ("bf16", "int8", "onnxruntime")
 FLOOR = 0.98
+MEAN_TARGET, LARGE_SHARE, LARGE_AREA = 0.99, 0.95, 0.01  # issue 17: mean IoU; share at FLOOR of masks over 1% of the image
 
 
 def predictor(mode: str, model_name: str, tmp: Path):
@@ -78,31 +83,38 @@ def main(argv=None) -> int:
     if args.num_images < 1:
         ap.error(f"--num-images must be at least 1, got {args.num_images}")
     data = SyntheticShapes(args.num_images, 64, seed=1000)
-    report = {"model": args.model, "dataset": f"synthetic:{args.num_images}:64:1000", "floor": FLOOR, "modes": {}}
+    report = {"model": args.model, "dataset": f"synthetic:{args.num_images}:64:1000", "floor": FLOOR,
+              "target": {"mean_iou": MEAN_TARGET, "large_share_at_floor": LARGE_SHARE, "large_area": LARGE_AREA}, "modes": {}}
     with tempfile.TemporaryDirectory() as tmp:
         preds = {m: predictor(m, args.model, Path(tmp)) for m in ["fp32", *modes]}
-        scores, diffs = {m: [] for m in modes}, {m: [] for m in modes}
+        scores, diffs, areas = {m: [] for m in modes}, {m: [] for m in modes}, []
         t0 = time.perf_counter()
         for i in range(len(data)):
             item = data[i]
             ref = masks_of(preds["fp32"], item["image"], item["masks"])
+            areas.append(ref.reshape(len(ref), 4, -1).mean(-1))  # fraction of the image, per fp32 mask
             for m in modes:
                 got = masks_of(preds[m], item["image"], item["masks"]).reshape(-1, *ref.shape[-2:])
                 scores[m].append(mask_ious(got, ref.reshape(got.shape)).reshape(-1, 4))
                 diffs[m].append((got != ref.reshape(got.shape)).reshape(len(got), -1).sum(1).reshape(-1, 4))
+        large = np.concatenate(areas) > LARGE_AREA
         for m in modes:
             s = np.concatenate(scores[m])  # (objects, 4): box default, box HQ, point default, point HQ
             d = np.concatenate(diffs[m])
+            share = float((s[large] >= FLOOR).mean()) if large.any() else 1.0
             report["modes"][m] = {
                 "masks": int(s.size), "min_iou": float(s.min()), "mean_iou": float(s.mean()),
                 "below_floor": int((s < FLOOR).sum()), "meets_floor": bool(s.min() >= FLOOR),
                 "max_pixels_differing": int(d.max()),
                 "median_pixels_differing_below_floor": float(np.median(d[s < FLOOR])) if (s < FLOOR).any() else 0.0,
+                "large_masks": int(large.sum()), "large_share_at_floor": share,
+                "meets_target": bool(s.mean() >= MEAN_TARGET and share >= LARGE_SHARE),
             }
             r = report["modes"][m]
             print(f"{m:12s} {r['masks']} masks  min IoU {r['min_iou']:.4f}  mean {r['mean_iou']:.4f}  "
                   f"below {FLOOR}: {r['below_floor']} (median {r['median_pixels_differing_below_floor']:g} pixels differ; "
-                  f"at most {r['max_pixels_differing']})")
+                  f"at most {r['max_pixels_differing']}); masks over 1% of the image at IoU >= {FLOOR}: "
+                  f"{share:.1%} of {r['large_masks']}; target {'met' if r['meets_target'] else 'not met'}")
     report["seconds"] = round(time.perf_counter() - t0, 1)
     Path(args.out).write_text(json.dumps(report, indent=1) + "\n")
     print(f"wrote {args.out}")
