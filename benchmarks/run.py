@@ -409,6 +409,8 @@ def worker(spec: dict) -> dict:
     impl, case = spec["impl"], spec["case"]
     if impl.startswith("samhq"):
         import samhq  # noqa: F401 - before torch, as in a user's program: the settings a user gets (OMP_WAIT_POLICY, malloc)
+    else:  # the other rows import samhq only for helpers (test images, the OpenVINO engine): keep glibc's malloc defaults
+        os.environ["SAMHQ_MALLOC_TUNING"] = "0"
     import torch
 
     torch.set_grad_enabled(False)
