@@ -29,6 +29,7 @@ import numpy as np
 import torch
 
 from .export.onnx import DECODER_FILE, ENCODER_FILE, ENCODER_OUTPUTS, META_FILE, SAM2_ENCODER_OUTPUTS, export_onnx
+from .limits import release_free_memory
 from .modeling.mask_selection import select_masks
 from .modeling.model import model_fingerprint
 from .processing import ResizeLongestSide, ResizeSquare
@@ -167,6 +168,13 @@ class _OnnxFileEngine:
     def _run(self, loaded, feeds: dict[str, np.ndarray], outputs: list[str]) -> list[np.ndarray]:
         raise NotImplementedError
 
+    def _infer(self, loaded, feeds: dict[str, np.ndarray], outputs: list[str]) -> list[np.ndarray]:
+        """`_run`, then the runtime's freed buffers go back to the system (see `limits.tune_malloc`)."""
+        try:
+            return self._run(loaded, feeds, outputs)
+        finally:
+            release_free_memory()
+
     @classmethod
     def from_model(cls, model, onnx_dir: str | os.PathLike | None = None, **options):
         """Export a torch model (to `onnx_dir`, or a temporary directory kept while the engine lives) and load it;
@@ -185,7 +193,7 @@ class _OnnxFileEngine:
         return self._fingerprint
 
     def embed(self, pixel_values: torch.Tensor) -> dict[str, torch.Tensor]:
-        outputs = self._run(self.encoder, {"pixel_values": pixel_values.detach().cpu().float().numpy()}, self._encoder_outputs)
+        outputs = self._infer(self.encoder, {"pixel_values": pixel_values.detach().cpu().float().numpy()}, self._encoder_outputs)
         return {k: torch.from_numpy(v) for k, v in zip(self.saved_features, outputs)}
 
     def load_features(self, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -232,7 +240,7 @@ class _OnnxFileEngine:
         })
         feeds["image_embeddings"] = feeds.pop("features")
         feeds = {k: v for k, v in feeds.items() if k in self._decoder_inputs}
-        scores, low_res = self._run(self.decoder, feeds, ["iou_predictions", "low_res_masks"])
+        scores, low_res = self._infer(self.decoder, feeds, ["iou_predictions", "low_res_masks"])
         return torch.from_numpy(low_res), torch.from_numpy(scores)
 
 

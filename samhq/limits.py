@@ -277,7 +277,10 @@ def tune_malloc(threshold: int = MALLOC_MMAP_THRESHOLD) -> bool:
     (1.3 s of system time) for 64 points of automatic masks. With both the mmap and the trim threshold
     at `threshold` and 2 x `threshold` (capped at 2 GiB; mallopt M_MMAP_THRESHOLD, M_TRIM_THRESHOLD), freed blocks are
     reused; peak memory was unchanged (ViT-H embedding: 3.25 GB against 3.31 GB), but the process keeps
-    its high-water mark instead of returning it to the system between images.
+    its high-water mark instead of returning it to the system between images. onnxruntime (run without its
+    arena) and OpenVINO free their buffers in patterns the heap does not reuse well (ViT-B in onnxruntime
+    grew to 6.8 GB over four embeddings, against 3.9 GB untuned), so samhq's ONNX engines hand free heap
+    memory back after every run (`release_free_memory`), which kept it at 3.9 GB.
 
     Importing samhq calls this. Nothing is changed (False) where the C library is not glibc, when
     `SAMHQ_MALLOC_TUNING=0`, or when the user set glibc's own variables (`MALLOC_MMAP_THRESHOLD_`,
@@ -301,3 +304,12 @@ def tune_malloc(threshold: int = MALLOC_MMAP_THRESHOLD) -> bool:
     trim = min(2 * int(threshold), 2**31 - 1)  # mallopt takes a C int
     malloc_tuned = bool(mallopt(_M_MMAP_THRESHOLD, int(threshold)) and mallopt(_M_TRIM_THRESHOLD, trim))
     return malloc_tuned
+
+
+def release_free_memory() -> None:
+    """Give the free parts of glibc's heap back to the system (malloc_trim) when `tune_malloc` is in effect."""
+    if not malloc_tuned:
+        return
+    import ctypes
+
+    ctypes.CDLL("libc.so.6").malloc_trim(0)

@@ -128,6 +128,25 @@ def test_many_boxes_and_points_at_once(exported):
     assert torch.allclose(eng.upscale_masks(b[2]), b[0], atol=1e-4 * a[0].abs().max().item())
 
 
+def test_engine_hands_freed_memory_back_after_every_run(exported, monkeypatch):
+    """onnxruntime's freed buffers fragment a tuned glibc heap (limits.tune_malloc): every run is followed by
+    limits.release_free_memory, embedding and decoding alike, also when the run fails."""
+    import samhq.engines
+
+    _, out, _, _ = exported
+    calls = []
+    monkeypatch.setattr(samhq.engines, "release_free_memory", lambda: calls.append(1))
+    eng = OnnxPredictor(out, threads=1)
+    eng.set_image(np.zeros((40, 60, 3), np.uint8))
+    assert len(calls) == 1
+    eng.predict(point_coords=PTS, point_labels=LAB)
+    assert len(calls) == 2
+    monkeypatch.setattr(eng.engine, "_run", lambda *a: (_ for _ in ()).throw(RuntimeError("runtime failed")))
+    with pytest.raises(RuntimeError, match="runtime failed"):
+        eng.predict(point_coords=PTS, point_labels=LAB)
+    assert len(calls) == 3
+
+
 def test_engine_errors(exported, tmp_path):
     _, out, _, _ = exported
     with pytest.raises(ValueError, match="samhq export onnx"):
