@@ -759,7 +759,6 @@ def markdown(info: dict, rows: list[dict], targets: dict, quality: dict, quick: 
         f"torch {info['torch']}; measured matmul fp32 {info['fp32_matmul_gflops']} GFLOP/s, "
         f"bf16 {info['bf16_matmul_gflops']} GFLOP/s (BF16 units: {'yes' if info['bf16_units'] else 'no'})"
         + ("; peak MB is torch.cuda.max_memory_allocated" if info.get("gpu") else "")
-        + (f" ({info['peak_note']})" if info.get("peak_note") else "")
         + (" — quick smoke run, not the benchmark" if quick else ""),
         "",
         "| case | implementation | median s | × official | × transformers | × faster ref | peak MB | busy s | busy/quiet "
