@@ -278,9 +278,9 @@ def tune_malloc(threshold: int = MALLOC_MMAP_THRESHOLD) -> bool:
     at `threshold` and 2 x `threshold` (capped at 2 GiB; mallopt M_MMAP_THRESHOLD, M_TRIM_THRESHOLD), freed blocks are
     reused; peak memory was unchanged (ViT-H embedding: 3.25 GB against 3.31 GB), but the process keeps
     its high-water mark instead of returning it to the system between images. onnxruntime (run without its
-    arena) and OpenVINO free their buffers in patterns the heap does not reuse well (ViT-B in onnxruntime
-    grew to 6.8 GB over four embeddings, against 3.9 GB untuned), so samhq's ONNX engines hand free heap
-    memory back after every run (`release_free_memory`), which kept it at 3.9 GB.
+    arena) frees its buffers in a pattern the heap does not reuse well (ViT-B grew to 6.8 GB over four
+    embeddings, against 3.9 GB untuned), so samhq's ONNX engines (onnxruntime and OpenVINO alike) hand free
+    heap memory back after every run (`release_free_memory`), which kept it at 3.9 GB.
 
     Importing samhq calls this. Nothing is changed (False) where the C library is not glibc, when
     `SAMHQ_MALLOC_TUNING=0`, or when the user set glibc's own variables (`MALLOC_MMAP_THRESHOLD_`,
@@ -301,8 +301,8 @@ def tune_malloc(threshold: int = MALLOC_MMAP_THRESHOLD) -> bool:
         return False
     global malloc_tuned
     mallopt.argtypes = (ctypes.c_int, ctypes.c_int)
-    trim = min(2 * int(threshold), 2**31 - 1)  # mallopt takes a C int
-    malloc_tuned = bool(mallopt(_M_MMAP_THRESHOLD, int(threshold)) and mallopt(_M_TRIM_THRESHOLD, trim))
+    mmap = min(int(threshold), 2**31 - 1)  # mallopt takes C ints
+    malloc_tuned = bool(mallopt(_M_MMAP_THRESHOLD, mmap) and mallopt(_M_TRIM_THRESHOLD, min(2 * mmap, 2**31 - 1)))
     return malloc_tuned
 
 
