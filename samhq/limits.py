@@ -41,6 +41,7 @@ page-faulting fresh ones (`SAMHQ_MALLOC_TUNING=0` turns it off).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import os
 from dataclasses import dataclass
@@ -296,7 +297,7 @@ def tune_malloc(threshold: int = MALLOC_MMAP_THRESHOLD) -> bool:
     if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
         return False
     try:
-        mallopt = ctypes.CDLL("libc.so.6").mallopt
+        mallopt = _libc().mallopt
     except (OSError, AttributeError):
         return False
     global malloc_tuned
@@ -308,8 +309,13 @@ def tune_malloc(threshold: int = MALLOC_MMAP_THRESHOLD) -> bool:
 
 def release_free_memory() -> None:
     """Give the free parts of glibc's heap back to the system (malloc_trim) when `tune_malloc` is in effect."""
-    if not malloc_tuned:
-        return
+    if malloc_tuned:
+        _libc().malloc_trim(0)
+
+
+@functools.cache
+def _libc():
+    """glibc, loaded once (release_free_memory runs after every ONNX engine call)."""
     import ctypes
 
-    ctypes.CDLL("libc.so.6").malloc_trim(0)
+    return ctypes.CDLL("libc.so.6")

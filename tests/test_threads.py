@@ -90,18 +90,25 @@ def test_set_threads_refuses_nonsense(bad):
         limits.set_threads(bad)
 
 
+def _python(code: str, env: dict, *args: str) -> str:
+    """stdout of a fresh interpreter running code (samhq's settings are made at import, once per process)."""
+    return subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, env=env).stdout.strip()
+
+
 def test_openmp_threads_wait_passively_unless_the_user_says_otherwise():
     """Spinning OpenMP threads stall every parallel region on a busy core (issue 17): importing samhq
     before torch makes them wait passively; a value the user set, or a torch imported first, is left alone."""
     code = "import os, samhq; print(os.environ.get('OMP_WAIT_POLICY'))"
     env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
-    run = lambda c, e: subprocess.run([sys.executable, "-c", c], capture_output=True, text=True, env=e).stdout.strip()  # noqa: E731
-    assert run(code, env) == "PASSIVE"
-    assert run(code, {**env, "OMP_WAIT_POLICY": "ACTIVE"}) == "ACTIVE"
-    assert run("import torch; " + code, env) == "None"
+    assert _python(code, env) == "PASSIVE"
+    assert _python(code, {**env, "OMP_WAIT_POLICY": "ACTIVE"}) == "ACTIVE"
+    assert _python("import torch; " + code, env) == "None"
 
 
 _GLIBC = sys.platform.startswith("linux") and platform.libc_ver()[0] == "glibc"
+# the environment without the user's malloc settings or samhq's switch
+_NO_MALLOC_ENV = {k: v for k, v in os.environ.items()
+                  if k not in ("SAMHQ_MALLOC_TUNING", "GLIBC_TUNABLES") and not k.startswith("MALLOC_")}
 
 # Allocates, writes and frees a 64 MiB tensor (above glibc's 32 MiB largest dynamic mmap threshold) six
 # times and prints the fewest page faults one of the last four cost. (A reuse can miss: a freed block that
@@ -126,17 +133,14 @@ print(min(faults[2:]))
 def test_importing_samhq_reuses_freed_large_blocks():
     """issue 17: a freed large block is reused instead of page-faulted in again (limits.tune_malloc);
     SAMHQ_MALLOC_TUNING=0 or the user's own glibc variables leave malloc alone."""
-    base = {k: v for k, v in os.environ.items()
-            if k not in ("SAMHQ_MALLOC_TUNING", "GLIBC_TUNABLES") and not k.startswith("MALLOC_")}
-    faults = lambda who, env: int(subprocess.run([sys.executable, "-c", _REFAULT, who], capture_output=True,  # noqa: E731
-                                                 text=True, env=env, check=True).stdout)
+    base = _NO_MALLOC_ENV
+    faults = lambda who, env: int(_python(_REFAULT, env, who))  # noqa: E731
     pages = (1 << 26) // os.sysconf("SC_PAGE_SIZE")
     assert faults("samhq", base) < pages // 20
-    run = lambda c, e: subprocess.run([sys.executable, "-c", c], capture_output=True, text=True, env=e).stdout.strip()  # noqa: E731
     check = "from samhq import limits; print(limits.tune_malloc())"
-    assert run(check, base) == "True"
-    assert run(check, {**base, "SAMHQ_MALLOC_TUNING": "0"}) == "False"
-    assert run(check, {**base, "MALLOC_MMAP_THRESHOLD_": "65536"}) == "False"
+    assert _python(check, base) == "True"
+    assert _python(check, {**base, "SAMHQ_MALLOC_TUNING": "0"}) == "False"
+    assert _python(check, {**base, "MALLOC_MMAP_THRESHOLD_": "65536"}) == "False"
     if open("/sys/kernel/mm/transparent_hugepage/enabled").read().find("[always]") < 0:
         # without transparent huge pages a fresh 64 MiB mapping faults once per page
         assert faults("torch", base) > pages // 2
@@ -149,9 +153,8 @@ import samhq, torch
 from samhq import limits
 page = os.sysconf("SC_PAGE_SIZE")
 rss = lambda: int(open("/proc/self/statm").read().split()[1]) * page
-keep = torch.ones(1 << 10)  # allocated after the big block: the freed block is not the heap's top
 x = torch.ones(1 << 24)
-keep2 = torch.ones(1 << 10)
+keep = torch.ones(1 << 10)  # allocated after the big block: the freed block is not the heap's top
 del x
 before = rss()
 limits.release_free_memory()
@@ -163,11 +166,7 @@ print(limits.malloc_tuned, before - rss())
 def test_release_free_memory_hands_freed_heap_back():
     """With tuned malloc a freed 64 MiB block stays resident until release_free_memory (the ONNX engines call it
     after every run); untuned, glibc unmapped it at once and there is nothing to release."""
-    base = {k: v for k, v in os.environ.items()
-            if k not in ("SAMHQ_MALLOC_TUNING", "GLIBC_TUNABLES") and not k.startswith("MALLOC_")}
-    out = lambda env: subprocess.run([sys.executable, "-c", _RELEASE], capture_output=True, text=True,  # noqa: E731
-                                     env=env, check=True).stdout.split()
-    tuned, released = out(base)
+    tuned, released = _python(_RELEASE, _NO_MALLOC_ENV).split()
     assert tuned == "True" and int(released) > 48 * 2**20
-    tuned, released = out({**base, "SAMHQ_MALLOC_TUNING": "0"})
+    tuned, released = _python(_RELEASE, {**_NO_MALLOC_ENV, "SAMHQ_MALLOC_TUNING": "0"}).split()
     assert tuned == "False" and abs(int(released)) < 8 * 2**20
