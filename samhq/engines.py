@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 from .export.onnx import DECODER_FILE, ENCODER_FILE, ENCODER_OUTPUTS, META_FILE, SAM2_ENCODER_OUTPUTS, export_onnx
-from .limits import release_free_memory
+from .limits import glibc_malloc
 from .modeling.mask_selection import select_masks
 from .modeling.model import model_fingerprint
 from .processing import ResizeLongestSide, ResizeSquare
@@ -169,11 +169,9 @@ class _OnnxFileEngine:
         raise NotImplementedError
 
     def _infer(self, loaded, feeds: dict[str, np.ndarray], outputs: list[str]) -> list[np.ndarray]:
-        """`_run`, then the runtime's freed buffers go back to the system (see `limits.tune_malloc`)."""
-        try:
+        """`_run` with glibc's own malloc behaviour, the heap's free memory handed back after it (`limits.glibc_malloc`)."""
+        with glibc_malloc():
             return self._run(loaded, feeds, outputs)
-        finally:
-            release_free_memory()
 
     @classmethod
     def from_model(cls, model, onnx_dir: str | os.PathLike | None = None, **options):

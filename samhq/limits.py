@@ -36,14 +36,17 @@ servers set. `set_threads(n)` sets torch's thread count to `n`, or by default to
 when set (torchrun sets it per process) and else to `available_cpus()`.
 
 Memory: importing samhq calls `tune_malloc()`, which makes glibc reuse freed large blocks instead of
-page-faulting fresh ones (`SAMHQ_MALLOC_TUNING=0` turns it off).
+page-faulting fresh ones (`SAMHQ_MALLOC_TUNING=0` turns it off); `glibc_malloc()` restores glibc's behaviour
+for a block of code (the ONNX engines run in one).
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import math
 import os
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -262,11 +265,15 @@ def set_threads(threads: int | None = None) -> int:
     return threads
 
 
-# glibc's mallopt parameters (malloc.h) and the threshold samhq sets.
+# glibc's mallopt parameters (malloc.h), the threshold samhq sets, and glibc's own largest dynamic one.
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
 MALLOC_MMAP_THRESHOLD = 1 << 30
+_GLIBC_MMAP_THRESHOLD_MAX = 32 << 20
 _MALLOC_ENV = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_TOP_PAD_")
 malloc_tuned = False  # whether tune_malloc has set the thresholds in this process
+_tuned_threshold = 0
+_untuned_lock = threading.Lock()
+_untuned_depth = 0
 
 
 def tune_malloc(threshold: int = MALLOC_MMAP_THRESHOLD) -> bool:
@@ -278,16 +285,14 @@ def tune_malloc(threshold: int = MALLOC_MMAP_THRESHOLD) -> bool:
     (1.3 s of system time) for 64 points of automatic masks. With both the mmap and the trim threshold
     at `threshold` and 2 x `threshold` (capped at 2 GiB; mallopt M_MMAP_THRESHOLD, M_TRIM_THRESHOLD), freed blocks are
     reused; peak memory was unchanged (ViT-H embedding: 3.25 GB against 3.31 GB), but the process keeps
-    its high-water mark instead of returning it to the system between images. onnxruntime (run without its
-    arena) frees its buffers in a pattern the heap does not reuse well (ViT-B grew to 6.8 GB over four
-    embeddings, against 3.9 GB untuned), so samhq's ONNX engines (onnxruntime and OpenVINO alike) hand free
-    heap memory back after every run (`release_free_memory`), which kept it at 3.9 GB.
+    its high-water mark instead of returning it to the system between images. onnxruntime and OpenVINO
+    allocate in patterns the tuned heap serves badly (onnxruntime, 64 ViT-B box prompts: 8.1 GB peak against
+    4.7 GB untuned), so samhq's ONNX engines run with glibc's behaviour (`glibc_malloc`).
 
     Importing samhq calls this. Nothing is changed (False) where the C library is not glibc, when
     `SAMHQ_MALLOC_TUNING=0`, or when the user set glibc's own variables (`MALLOC_MMAP_THRESHOLD_`,
     `MALLOC_TRIM_THRESHOLD_`, `MALLOC_TOP_PAD_`, or `glibc.malloc.*` in `GLIBC_TUNABLES`).
     """
-    import ctypes
     import platform
 
     if os.environ.get("SAMHQ_MALLOC_TUNING", "1").strip().lower() in ("0", "false", "no", "off"):
@@ -296,15 +301,44 @@ def tune_malloc(threshold: int = MALLOC_MMAP_THRESHOLD) -> bool:
         return False
     if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
         return False
+    global malloc_tuned, _tuned_threshold
     try:
-        mallopt = _libc().mallopt
+        malloc_tuned = _set_thresholds(min(int(threshold), 2**31 - 1))  # mallopt takes C ints
     except (OSError, AttributeError):
         return False
-    global malloc_tuned
-    mallopt.argtypes = (ctypes.c_int, ctypes.c_int)
-    mmap = min(int(threshold), 2**31 - 1)  # mallopt takes C ints
-    malloc_tuned = bool(mallopt(_M_MMAP_THRESHOLD, mmap) and mallopt(_M_TRIM_THRESHOLD, min(2 * mmap, 2**31 - 1)))
+    _tuned_threshold = min(int(threshold), 2**31 - 1) if malloc_tuned else 0
     return malloc_tuned
+
+
+def _set_thresholds(mmap: int) -> bool:
+    """mallopt: the mmap threshold `mmap` bytes and the trim threshold twice that (as glibc pairs them)."""
+    mallopt = _libc().mallopt
+    return bool(mallopt(_M_MMAP_THRESHOLD, mmap) and mallopt(_M_TRIM_THRESHOLD, min(2 * mmap, 2**31 - 1)))
+
+
+@contextlib.contextmanager
+def glibc_malloc():
+    """Within this block, glibc's own large-block behaviour where `tune_malloc` changed it: blocks over 32 MiB
+    (glibc's largest dynamic mmap threshold) are mapped fresh and unmapped on free; on leaving, samhq's
+    thresholds come back and the heap's free memory is handed back (`release_free_memory`). For runtimes whose
+    allocation pattern the tuned heap serves badly (samhq's ONNX engines). Nested and concurrent blocks keep
+    glibc's behaviour until the last one leaves. Does nothing when malloc is not tuned."""
+    global _untuned_depth
+    if not malloc_tuned:
+        yield
+        return
+    with _untuned_lock:
+        _untuned_depth += 1
+        if _untuned_depth == 1:
+            _set_thresholds(_GLIBC_MMAP_THRESHOLD_MAX)
+    try:
+        yield
+    finally:
+        with _untuned_lock:
+            _untuned_depth -= 1
+            if _untuned_depth == 0:
+                _set_thresholds(_tuned_threshold)
+                release_free_memory()
 
 
 def release_free_memory() -> None:
@@ -318,4 +352,6 @@ def _libc():
     """glibc, loaded once (release_free_memory runs after every ONNX engine call)."""
     import ctypes
 
-    return ctypes.CDLL("libc.so.6")
+    libc = ctypes.CDLL("libc.so.6")
+    libc.mallopt.argtypes = (ctypes.c_int, ctypes.c_int)
+    return libc

@@ -128,23 +128,34 @@ def test_many_boxes_and_points_at_once(exported):
     assert torch.allclose(eng.upscale_masks(b[2]), b[0], atol=1e-4 * a[0].abs().max().item())
 
 
-def test_engine_hands_freed_memory_back_after_every_run(exported, monkeypatch):
-    """onnxruntime's freed buffers fragment a tuned glibc heap (limits.tune_malloc): every run is followed by
-    limits.release_free_memory, embedding and decoding alike, also when the run fails."""
+def test_engine_runs_with_glibc_malloc(exported, monkeypatch):
+    """onnxruntime's allocation pattern grows a tuned glibc heap (limits.tune_malloc): every run, embedding and
+    decoding alike, happens inside limits.glibc_malloc, which is left also when the run fails."""
+    import contextlib
+
     import samhq.engines
 
     _, out, _, _ = exported
-    calls = []
-    monkeypatch.setattr(samhq.engines, "release_free_memory", lambda: calls.append(1))
+    events = []
+
+    @contextlib.contextmanager
+    def recording():
+        events.append("enter")
+        try:
+            yield
+        finally:
+            events.append("exit")
+
+    monkeypatch.setattr(samhq.engines, "glibc_malloc", recording)
     eng = OnnxPredictor(out, threads=1)
     eng.set_image(np.zeros((40, 60, 3), np.uint8))
-    assert len(calls) == 1
+    assert events == ["enter", "exit"]
     eng.predict(point_coords=PTS, point_labels=LAB)
-    assert len(calls) == 2
+    assert events == ["enter", "exit"] * 2
     monkeypatch.setattr(eng.engine, "_run", lambda *a: (_ for _ in ()).throw(RuntimeError("runtime failed")))
     with pytest.raises(RuntimeError, match="runtime failed"):
         eng.predict(point_coords=PTS, point_labels=LAB)
-    assert len(calls) == 3
+    assert events == ["enter", "exit"] * 3
 
 
 def test_engine_errors(exported, tmp_path):

@@ -164,9 +164,43 @@ print(limits.malloc_tuned, before - rss())
 
 @pytest.mark.skipif(not _GLIBC, reason="malloc tuning applies to glibc only")
 def test_release_free_memory_hands_freed_heap_back():
-    """With tuned malloc a freed 64 MiB block stays resident until release_free_memory (the ONNX engines call it
-    after every run); untuned, glibc unmapped it at once and there is nothing to release."""
+    """With tuned malloc a freed 64 MiB block stays resident until release_free_memory; untuned, glibc unmapped it
+    at once and there is nothing to release."""
     tuned, released = _python(_RELEASE, _NO_MALLOC_ENV).split()
     assert tuned == "True" and int(released) > 48 * 2**20
     tuned, released = _python(_RELEASE, {**_NO_MALLOC_ENV, "SAMHQ_MALLOC_TUNING": "0"}).split()
     assert tuned == "False" and abs(int(released)) < 8 * 2**20
+
+
+# Frees a 64 MiB block (allocated below a small one, so it is not the heap's top) inside and after glibc_malloc,
+# and prints how much of it each free handed back at once.
+_GLIBC_BLOCK = """
+import os
+import samhq, torch
+from samhq import limits
+page = os.sysconf("SC_PAGE_SIZE")
+rss = lambda: int(open("/proc/self/statm").read().split()[1]) * page
+def freed_at_once():
+    x = torch.ones(1 << 24)
+    keep = torch.ones(1 << 10)
+    before = rss()
+    del x
+    returned = before - rss()
+    limits.release_free_memory()
+    return returned
+with limits.glibc_malloc():
+    with limits.glibc_malloc():
+        nested = freed_at_once()
+    inside = freed_at_once()
+print(limits.malloc_tuned, nested, inside, freed_at_once())
+"""
+
+
+@pytest.mark.skipif(not _GLIBC, reason="malloc tuning applies to glibc only")
+def test_glibc_malloc_restores_glibc_behaviour_for_a_block():
+    """Inside limits.glibc_malloc (the ONNX engines' runs) a freed 64 MiB block is unmapped at once, as glibc does by
+    default, also after a nested block left; after the outermost block, samhq's tuning keeps freed blocks again."""
+    tuned, nested, inside, after = _python(_GLIBC_BLOCK, _NO_MALLOC_ENV).split()
+    assert tuned == "True"
+    assert int(nested) > 60 * 2**20 and int(inside) > 60 * 2**20
+    assert abs(int(after)) < 8 * 2**20
