@@ -285,9 +285,9 @@ def tune_malloc(threshold: int = MALLOC_MMAP_THRESHOLD) -> bool:
     (1.3 s of system time) for 64 points of automatic masks. With both the mmap and the trim threshold
     at `threshold` and 2 x `threshold` (capped at 2 GiB; mallopt M_MMAP_THRESHOLD, M_TRIM_THRESHOLD), freed blocks are
     reused; peak memory was unchanged (ViT-H embedding: 3.25 GB against 3.31 GB), but the process keeps
-    its high-water mark instead of returning it to the system between images. onnxruntime and OpenVINO
-    allocate in patterns the tuned heap serves badly (onnxruntime, 64 ViT-B box prompts: 8.1 GB peak against
-    4.7 GB untuned), so samhq's ONNX engines run with glibc's behaviour (`glibc_malloc`).
+    its high-water mark instead of returning it to the system between images. onnxruntime allocates in a pattern
+    the tuned heap serves badly (64 ViT-B box prompts: 8.2 GB peak against 4.8 GB untuned), so samhq's ONNX engines,
+    OpenVINO's too (not measured), run with glibc's behaviour (`glibc_malloc`: 4.6 GB).
 
     Importing samhq calls this. Nothing is changed (False) where the C library is not glibc, when
     `SAMHQ_MALLOC_TUNING=0`, or when the user set glibc's own variables (`MALLOC_MMAP_THRESHOLD_`,
