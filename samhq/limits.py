@@ -302,11 +302,12 @@ def tune_malloc(threshold: int = MALLOC_MMAP_THRESHOLD) -> bool:
     if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
         return False
     global malloc_tuned, _tuned_threshold
+    mmap = min(int(threshold), 2**31 - 1)  # mallopt takes C ints
     try:
-        malloc_tuned = _set_thresholds(min(int(threshold), 2**31 - 1))  # mallopt takes C ints
+        malloc_tuned = _set_thresholds(mmap)
     except (OSError, AttributeError):
         return False
-    _tuned_threshold = min(int(threshold), 2**31 - 1) if malloc_tuned else 0
+    _tuned_threshold = mmap if malloc_tuned else 0
     return malloc_tuned
 
 
