@@ -13,9 +13,11 @@ upscaled, and never calls its full-size step (sam2 1.1.0), so neither does this 
 `use_m2m` (SAM 2's mask-to-mask refinement: every mask is decoded again from its point with its own
 clamped low-res logits as the mask input, single-mask output) works for both.
 
-Two things make it faster without changing a mask: masks are filtered by predicted IoU *before* they
-are upscaled to the image size (only survivors are upscaled), and run-length encoding, boxes and
-NMS work on whole batches at once.
+Three things make it faster without changing a mask: a point whose predicted IoUs all fail
+`pred_iou_thresh` gets no mask at all (the decoder stops after its IoU head: `SamHQPredictor.decode`'s
+`pred_iou_thresh`; SAM-HQ / SAM models on the torch engine), the other masks are filtered by predicted
+IoU *before* they are upscaled to the image size (only survivors are upscaled), and run-length
+encoding, boxes and NMS work on whole batches at once.
 
     generator = SamHQAutomaticMaskGenerator(model, points_per_side=32)
     records = generator.generate(image)   # list of dicts, largest-score first after NMS
@@ -205,7 +207,10 @@ class SamHQAutomaticMaskGenerator:
         p = self.predictor
         coords = torch.as_tensor(p.transform.apply_coords(points, crop_size), dtype=torch.float)[:, None]
         labels = torch.ones(len(points), 1, dtype=torch.int)
-        low_res, iou = p.decode(coords, labels, multimask_output=multimask, hq_token_only=hq_only)  # (P, M, h, w), (P, M)
+        # without m2m the IoU filter below drops every mask scoring <= pred_iou_thresh: those need not be computed (NaN)
+        skip = self.pred_iou_thresh if self.pred_iou_thresh > 0 and not self.use_m2m else None
+        low_res, iou = p.decode(coords, labels, multimask_output=multimask, hq_token_only=hq_only,
+                                pred_iou_thresh=skip)  # (P, M, h, w), (P, M)
         n_per_point = low_res.shape[1]
         low_res, iou = low_res.flatten(0, 1), iou.flatten()  # (P*M, h, w), (P*M,)
         points = torch.as_tensor(points, device=low_res.device).repeat_interleave(n_per_point, dim=0)

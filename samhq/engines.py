@@ -30,7 +30,7 @@ import torch
 
 from .export.onnx import DECODER_FILE, ENCODER_FILE, ENCODER_OUTPUTS, META_FILE, SAM2_ENCODER_OUTPUTS, export_onnx
 from .limits import glibc_malloc
-from .modeling.mask_selection import select_masks
+from .modeling.mask_selection import best_score, select_masks
 from .modeling.model import model_fingerprint
 from .processing import ResizeLongestSide, ResizeSquare
 
@@ -93,12 +93,17 @@ class TorchEngine:
 
     @torch.no_grad()
     def decode(self, features, points, labels, boxes, masks, multimask_output: bool, hq_token_only: bool,
-               selection: str = "best", sam_token_only: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+               selection: str = "best", sam_token_only: bool = False,
+               pred_iou_thresh: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         model = self.model
         pts, lab, box, mask = _prompt_batch(points, labels, boxes, masks)
         if mask is not None:
             mask = mask.to(model.dtype)
-        all_masks, iou = model.decode_features(features, pts, lab, box, mask)
+        needed = None
+        if pred_iou_thresh is not None:
+            def needed(iou):  # in float32, as the caller compares the returned scores
+                return best_score(iou.float(), multimask_output, model.stability) > pred_iou_thresh
+        all_masks, iou = model.decode_features(features, pts, lab, box, mask, needed=needed)
         # a plain SAM checkpoint gives what segment_anything's predictor gives: the masks in token order
         selection = selection if model.hq_enabled else "token_order"
         low_res, scores = select_masks(all_masks.flatten(0, 1)[None], iou.flatten(0, 1)[None], multimask_output,
@@ -205,7 +210,9 @@ class _OnnxFileEngine:
         return features  # the exported encoder already returns everything the decoder needs
 
     def decode(self, features, points, labels, boxes, masks, multimask_output: bool, hq_token_only: bool,
-               selection: str | None = None, sam_token_only: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+               selection: str | None = None, sam_token_only: bool = False,
+               pred_iou_thresh: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        # pred_iou_thresh is only a hint: the exported decoder computes every prompt's masks
         if (selection or self.selection) != self.selection or sam_token_only:
             raise ValueError(f"the exported decoder returns the official predictor's masks (selection {self.selection!r}, "
                              "SAM + HQ or HQ alone); use the torch engine for other selections")

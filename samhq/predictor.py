@@ -605,16 +605,20 @@ class SamHQPredictor:
         multimask_output: bool = True,
         hq_token_only: bool = False,
         sam_token_only: bool = False,
+        pred_iou_thresh: float | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """The low-resolution half of `predict_torch`: B prompts in the resized frame -> low-res logits
         (B, C, 256, 256) float32 and scores (B, C), without upscaling (see `upscale_masks`).
         `sam_token_only` leaves the HQ mask out (SAM's own mask, for evaluation; torch engine only).
+        `pred_iou_thresh` (the automatic generator's filter): a prompt none of whose scores exceeds it may come
+        back with NaN logits instead of computed ones (the torch engine with a SAM-HQ / SAM model skips their
+        upscaling and HQ branch, most of a prompt's cost on a CPU); its scores are always computed.
         Raises ValueError for malformed prompts.
         """
         self._require_image()
         points, labels, boxes, masks = self._check_batch(point_coords, point_labels, boxes, mask_input)
         return self.engine.decode(self._features, points, labels, boxes, masks, multimask_output, hq_token_only,
-                                  self.selection, sam_token_only)
+                                  self.selection, sam_token_only, pred_iou_thresh)
 
     def _check_batch(self, points, labels, boxes, masks):
         """B prompts in the resized frame (see `predict_torch`) as tensors on the device, checked once."""

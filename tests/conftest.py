@@ -30,6 +30,14 @@ def random_model(seed: int = 3, **vision) -> SamHQModel:
     return perturb_(SamHQModel(small_config(**vision)), seed=seed).eval()
 
 
+def gap_threshold(scores: torch.Tensor) -> float:
+    """A threshold between two middle scores, in their widest gap: fp32 rounding cannot move a score across it."""
+    v = scores.flatten().sort().values
+    lo = len(v) // 4
+    k = lo + int((v[lo + 1:len(v) - lo] - v[lo:len(v) - lo - 1]).argmax())
+    return float(v[k] + v[k + 1]) / 2
+
+
 @pytest.fixture
 def small_model() -> SamHQModel:
     return random_model()

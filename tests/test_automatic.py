@@ -9,12 +9,13 @@ import functools
 
 import numpy as np
 import pytest
+import torch
 
 from samhq import SamHQModel
 from samhq import masks as M
 from samhq.automatic import SamHQAutomaticMaskGenerator
 
-from conftest import random_model
+from conftest import gap_threshold, random_model
 from official_ref import load_official, official_like
 
 sah = load_official()
@@ -72,6 +73,31 @@ def test_same_masks_as_official(model, image, kw):
         # the small-region step really changed masks: none keeps a hole or island below the limit
         for r in ours:
             assert not M.remove_small_regions(r["segmentation"], 500, "islands")[1]
+
+
+@needs_official
+def test_points_failing_the_iou_filter_get_no_masks(model, image, monkeypatch):
+    """A point whose predicted IoU fails pred_iou_thresh is not upscaled nor sent through the HQ branch (the
+    official generator computes its mask, then drops it): same records as the official generator, fewer masks."""
+    from samhq.modeling import fast_paths
+    from samhq.predictor import SamHQPredictor
+
+    p = SamHQPredictor(model)
+    p.set_image(image)
+    grid = M.build_point_grids(8, 0, 1)[0] * [image.shape[1], image.shape[0]]
+    coords = torch.as_tensor(p.transform.apply_coords(grid, image.shape[:2]), dtype=torch.float)[:, None]
+    iou = p.decode(coords, torch.ones(len(grid), 1, dtype=torch.int))[1][:, 0]
+    t = gap_threshold(iou)
+    calls = []
+    prompt_masks = fast_paths._prompt_masks
+    monkeypatch.setattr(fast_paths, "_prompt_masks", lambda d, k, *a: calls.append(len(k)) or prompt_masks(d, k, *a))
+    kw = dict(points_per_side=8, pred_iou_thresh=t, stability_score_thresh=0.0, box_nms_thresh=1.0)
+    ours = SamHQAutomaticMaskGenerator(model, **kw).generate(image)
+    assert sum(calls) == int((iou > t).sum()) < len(grid)
+    assert_same_records(ours, sah.SamAutomaticMaskGenerator(official_like(model), **kw).generate(image))
+    calls.clear()  # m2m needs every point's mask: nothing is skipped
+    SamHQAutomaticMaskGenerator(model, **kw, use_m2m=True).generate(image)
+    assert sum(calls) == 2 * len(grid)
 
 
 @needs_official

@@ -19,7 +19,7 @@ from samhq.modeling import fast_paths
 from samhq.modeling.two_way_transformer import Attention
 from samhq.predictor import SamHQPredictor
 
-from conftest import random_model
+from conftest import gap_threshold, random_model
 
 NO_GRAD = True
 
@@ -155,6 +155,35 @@ def test_decoder(model, p, hq):
         assert masks.shape[2] == (5 if hq else 4)
         close(masks, masks0)
         close(iou, iou0)
+
+
+@pytest.mark.parametrize("b", [1, 2])
+def test_decoder_skips_the_masks_not_needed(model, monkeypatch, b):
+    """`needed` rejects prompts by their IoU: their masks come back NaN and are never computed; every IoU and the
+    kept prompts' masks are the full decode's, fast and plain (11 prompts: several chunks; two images: each
+    kept prompt reads its own image's HQ features)."""
+    g = torch.Generator().manual_seed(30 + b)
+    emb, inter = model.get_image_embeddings(torch.randn(b, 3, 1024, 1024, generator=g))
+    hq_features = model.compute_hq_features(emb, inter)
+    points = torch.rand(b, 11, 1, 2, generator=g) * 1024
+    full, iou_full = model.predict_all(emb, hq_features, input_points=points)
+    best = iou_full[..., 1:].amax(-1)
+    t = gap_threshold(best)
+    want = best > t
+    assert 0 < want.sum() < want.numel()
+    calls = []
+    prompt_masks = fast_paths._prompt_masks
+    monkeypatch.setattr(fast_paths, "_prompt_masks", lambda d, k, *a: calls.append(len(k)) or prompt_masks(d, k, *a))
+
+    def run():
+        return model.predict_all(emb, hq_features, input_points=points, context=model.decoder_context(emb),
+                                 needed=lambda iou: iou[..., 1:].amax(-1) > t)
+
+    for masks, iou in both(model, run):
+        close(iou, iou_full)
+        assert masks.shape == full.shape and masks[~want].isnan().all()
+        close(masks[want], full[want])
+    assert sum(calls) == want.sum()  # the fast path decoded the kept prompts' masks only
 
 
 @pytest.mark.parametrize("p", [1, 4])

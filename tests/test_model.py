@@ -135,6 +135,25 @@ def test_select_masks_by_hand():
     assert m[0, 0, :, 0, 0].tolist() == [2] and s[0, 0].tolist() == pytest.approx([0.7])
 
 
+def test_best_score_bounds_the_selected_scores():
+    """best_score (from the IoUs alone) = the largest score select_masks returns; an upper bound under SAM 2's
+    dynamic selection, which looks at the masks."""
+    from samhq.modeling.mask_selection import best_score
+
+    g = torch.Generator().manual_seed(0)
+    masks, iou = torch.randn(2, 6, 5, 8, 8, generator=g), torch.rand(2, 6, 4, generator=g)
+    for multimask in (True, False):
+        for selection in ("sorted", "best", "token_order"):
+            scores = select_masks(masks, iou, multimask, False, selection)[1]
+            assert torch.equal(best_score(iou, multimask), scores.amax(-1))
+        scores = select_masks(masks, iou, multimask, False, "token_order", stability=(0.05, 0.98))[1]
+        bound = best_score(iou, multimask, (0.05, 0.98))
+        assert (bound >= scores.amax(-1)).all()
+    assert best_score(torch.tensor([0.9, 0.1, 0.7, 0.3]), True).item() == pytest.approx(0.7)
+    assert best_score(torch.tensor([0.9, 0.1, 0.7, 0.3]), False).item() == pytest.approx(0.9)
+    assert best_score(torch.tensor([0.2, 0.1, 0.7, 0.3]), False, (0.05, 0.98)).item() == pytest.approx(0.7)
+
+
 def test_window_partition_round_trip_and_rel_pos_table():
     x = torch.randn(2, 30, 17, 5)
     win, padded = window_partition(x, 14)

@@ -207,16 +207,17 @@ def _transformer(transformer, image, image_pe, tokens, context=None):
 # Mask decoder
 
 
-def decode_masks(decoder, image_embeddings, image_pe, sparse, dense, hq_features, context=None):
+def decode_masks(decoder, image_embeddings, image_pe, sparse, dense, hq_features, context=None, needed=None):
     """`MaskDecoder.forward`: every output token's mask logits (B, P, K, 4h, 4w) and IoU predictions (B, P, 4).
 
     context: `image_context(...)` of these image embeddings, for prompts without a mask input.
+    needed: see `MaskDecoder.forward`; the masks of the prompts it rejects are NaN, never computed.
     """
     b, p = sparse.shape[:2]
     c, h, w = image_embeddings.shape[1:]
     if p > DECODE_CHUNK:
         parts = [decode_masks(decoder, image_embeddings, image_pe, sparse[:, i:i + DECODE_CHUNK],
-                              dense[:, i:i + DECODE_CHUNK] if dense.shape[1] > 1 else dense, hq_features, context)
+                              dense[:, i:i + DECODE_CHUNK] if dense.shape[1] > 1 else dense, hq_features, context, needed)
                  for i in range(0, p, DECODE_CHUNK)]
         return torch.cat([m for m, _ in parts], dim=1), torch.cat([q for _, q in parts], dim=1)
     out_tokens = decoder.output_tokens(hq_features is not None).to(sparse.dtype)
@@ -227,18 +228,22 @@ def decode_masks(decoder, image_embeddings, image_pe, sparse, dense, hq_features
     else:
         hs, keys = _transformer(decoder.transformer, None, None, tokens, context)
     hs, keys = hs.flatten(0, 1), keys.expand(b, p, -1, -1).reshape(b * p, h, w, c)
+    iou = decoder.iou_prediction_head(hs[:, 0]).view(b, p, -1)
+    rows = range(b * p) if needed is None else needed(iou).flatten().nonzero()[:, 0].tolist()
 
     n = decoder.num_mask_tokens
     hyper = torch.stack([mlp(hs[:, 1 + i]) for i, mlp in enumerate(decoder.output_hypernetworks_mlps)], dim=1)
     hyper_hq = decoder.hq_mask_mlp(hs[:, 1 + n]) if hq_features is not None else None
+    k = n + (hq_features is not None)
+    masks = hs.new_empty(b * p, k, 16 * h * w) if needed is None else hs.new_full((b * p, k, 16 * h * w), float("nan"))
     # one prompt at a time: its C/4 x 16hw fusion tensors stay in cache
-    masks = torch.cat([_prompt_masks(decoder, keys[i:i + 1], hyper[i:i + 1], None if hyper_hq is None else hyper_hq[i:i + 1])
-                       for i in range(b * p)])
+    for i in rows:
+        masks[i] = _prompt_masks(decoder, keys[i:i + 1], hyper[i:i + 1], None if hyper_hq is None else hyper_hq[i:i + 1])[0]
     if hq_features is not None:
-        glob = hyper_hq.view(b, p, -1) @ hq_features.flatten(2).to(hyper_hq.dtype)  # (B, P, 16hw)
-        masks = torch.cat([masks[:, :n], masks[:, n:] + glob.view(b * p, 1, -1)], dim=1)
-    iou = decoder.iou_prediction_head(hs[:, 0])
-    return masks.view(b, p, -1, 4 * h, 4 * w), iou.view(b, p, -1)
+        for j in range(b):  # the image-wide HQ term, one product per image
+            mine = [i for i in rows if i // p == j]
+            masks[mine, n] += hyper_hq[mine] @ hq_features[j].flatten(1).to(hyper_hq.dtype)
+    return masks.view(b, p, -1, 4 * h, 4 * w), iou
 
 
 def _prompt_masks(decoder, keys: torch.Tensor, hyper: torch.Tensor, hyper_hq: torch.Tensor | None) -> torch.Tensor:

@@ -85,16 +85,20 @@ class MaskDecoder(FastPathModule):
         dense: torch.Tensor,
         hq_features: torch.Tensor | None,
         context: dict | None = None,
+        needed=None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Masks from every output token.
 
         image_embeddings (B, C, h, w), image_pe (1, C, h, w), sparse (B, P, T, C) prompt tokens, dense
         (B, 1 or P, C, h, w), hq_features (B, C/8, 4h, 4w) or None for plain SAM. context: the fast
         path's per-image work (`fast_paths.image_context`), used when given to the fast path.
+        needed: None, or a function of the IoU predictions (B, P, 4) -> bool (B, P), the prompts whose masks are
+        wanted; the others' masks are not computed and come back NaN (an automatic generator's IoU filter
+        would drop them anyway: the transformer and IoU head are a fraction of a prompt's cost on a CPU).
         Returns mask logits (B, P, K, 4h, 4w), K = 5 with the HQ mask last (4 without), and IoU predictions (B, P, 4).
         """
         if self.use_fast_path_on(image_embeddings):
-            return fast_paths.decode_masks(self, image_embeddings, image_pe, sparse, dense, hq_features, context)
+            return fast_paths.decode_masks(self, image_embeddings, image_pe, sparse, dense, hq_features, context, needed)
         b, p = sparse.shape[:2]
         c, h, w = image_embeddings.shape[1:]
         # The output tokens, then the prompt's tokens, for each of the B x P prompts.
@@ -103,20 +107,28 @@ class MaskDecoder(FastPathModule):
         # Each prompt's copy of its image, plus its dense (mask) prompt embedding.
         src = (image_embeddings[:, None] + dense).expand(b, p, c, h, w).reshape(b * p, c, h, w)
         hs, src = self.transformer(src, image_pe.to(src.dtype), tokens)
+        iou = self.iou_prediction_head(hs[:, 0]).view(b, p, -1)
+        rows = None if needed is None else needed(iou).flatten().nonzero()[:, 0]
+        if rows is not None:
+            hs, src = hs[rows], src[rows]
 
         # SAM: each mask token's hypernetwork output is dotted with the upscaled image features.
-        upscaled = self.upscale(src.transpose(1, 2).reshape(b * p, c, h, w))  # (BP, C/8, 4h, 4w)
+        upscaled = self.upscale(src.transpose(1, 2).reshape(-1, c, h, w))  # (BP, C/8, 4h, 4w)
         n = self.num_mask_tokens
         hyper = torch.stack([mlp(hs[:, 1 + i]) for i, mlp in enumerate(self.output_hypernetworks_mlps)], dim=1)
         masks = hyper @ upscaled.flatten(2)  # (BP, 4, 16hw)
         if hq_features is not None:
             # HQ: the HQ token's hypernetwork reads the refined SAM features plus the fused global-local features.
             hyper_hq = self.hq_mask_mlp(hs[:, 1 + n])  # (BP, C/8)
-            if self.use_graph_forms:
+            if rows is not None:  # the kept prompts' images
+                hq_feat = self.mask_feature(upscaled) + hq_features.to(upscaled.dtype)[rows // p]
+                hq = hyper_hq[:, None] @ hq_feat.flatten(2)
+            elif self.use_graph_forms:
                 hq = fast_paths.hq_mask_graph(self, upscaled, hyper_hq, hq_features, p)
             else:
                 hq_feat = self.mask_feature(upscaled).unflatten(0, (b, p)) + hq_features.to(upscaled.dtype)[:, None]
                 hq = hyper_hq[:, None] @ hq_feat.flatten(0, 1).flatten(2)  # (BP, 1, 16hw)
             masks = torch.cat([masks, hq], dim=1)
-        iou = self.iou_prediction_head(hs[:, 0])
-        return masks.view(b, p, -1, 4 * h, 4 * w), iou.view(b, p, -1)
+        if rows is not None:
+            masks = masks.new_full((b * p, *masks.shape[1:]), float("nan")).index_copy_(0, rows, masks)
+        return masks.view(b, p, -1, 4 * h, 4 * w), iou

@@ -61,6 +61,20 @@ def _sam_masks(masks, iou, multimask_output: bool, selection: str, stability):
     return torch.where(stable[..., None, None], single, best), torch.where(stable, scores, best_scores)
 
 
+def best_score(iou_scores: torch.Tensor, multimask_output: bool, stability: tuple[float, float] | None = None) -> torch.Tensor:
+    """The highest score `select_masks` can return for each prompt, known from the IoU predictions alone.
+
+    iou_scores (..., 4) -> (...). With `multimask_output` the best multimask score (what every selection returns
+    at most); without, the single-mask token's score, or, with SAM 2's dynamic selection (`stability`), which
+    needs the masks to choose, the larger of it and the best multimask score (an upper bound).
+    """
+    multi = iou_scores[..., 1:].amax(-1)
+    if multimask_output:
+        return multi
+    single = iou_scores[..., 0]
+    return single if stability is None else torch.maximum(single, multi)
+
+
 def select_masks(
     masks: torch.Tensor,
     iou_scores: torch.Tensor,

@@ -153,8 +153,12 @@ class SamHQ2Model(nn.Module):
     def prepare_features(self, features: dict) -> dict:
         return features  # nothing is derived per image
 
-    def decode_features(self, features: dict, input_points=None, input_labels=None, input_boxes=None, input_masks=None):
-        """`predict_all` on `embed_image`'s dict: every token's masks (B, P, K, 4h, 4w) and IoU (B, P, 4)."""
+    def decode_features(self, features: dict, input_points=None, input_labels=None, input_boxes=None, input_masks=None,
+                        needed=None):
+        """`predict_all` on `embed_image`'s dict: every token's masks (B, P, K, 4h, 4w) and IoU (B, P, 4).
+
+        needed: accepted for the engine interface and not used: every prompt's masks are computed (SAM-HQ's
+        `decode_features` skips the rejected ones)."""
         high_res = [features[k] for k in ("high_res_s0", "high_res_s1") if k in features]
         masks, iou, _ = self.predict_all(features["features"], high_res, input_points, input_labels, input_boxes, input_masks)
         return masks, iou
