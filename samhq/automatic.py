@@ -15,7 +15,7 @@ clamped low-res logits as the mask input, single-mask output) works for both.
 
 Three things make it faster without changing a mask: a point whose predicted IoUs all fail
 `pred_iou_thresh` gets no mask at all (the decoder stops after its IoU head: `SamHQPredictor.decode`'s
-`pred_iou_thresh`; SAM-HQ / SAM models on the torch engine), the other masks are filtered by predicted
+`pred_iou_thresh`; the torch engine), the other masks are filtered by predicted
 IoU *before* they are upscaled to the image size (only survivors are upscaled), and run-length
 encoding, boxes and NMS work on whole batches at once.
 

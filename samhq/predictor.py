@@ -611,8 +611,8 @@ class SamHQPredictor:
         (B, C, 256, 256) float32 and scores (B, C), without upscaling (see `upscale_masks`).
         `sam_token_only` leaves the HQ mask out (SAM's own mask, for evaluation; torch engine only).
         `pred_iou_thresh` (the automatic generator's filter): a prompt none of whose scores exceeds it may come
-        back with NaN logits instead of computed ones (the torch engine with a SAM-HQ / SAM model skips their
-        upscaling and HQ branch, most of a prompt's cost on a CPU); its scores are always computed.
+        back with NaN logits instead of computed ones (the torch engine skips their upscaling and HQ branch, most
+        of a prompt's cost on a CPU; the ONNX engines compute them); its scores are always computed.
         Raises ValueError for malformed prompts.
         """
         self._require_image()

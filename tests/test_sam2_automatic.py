@@ -14,6 +14,7 @@ import samhq
 from samhq.automatic import FAMILY_DEFAULTS, SamHQAutomaticMaskGenerator
 from samhq.predictor import SamHQPredictor
 
+from conftest import gap_threshold
 from sam2_ref import connected_components, load_sam2, meta_pair, small_model
 
 sam2 = load_sam2()
@@ -78,6 +79,48 @@ def test_same_records_as_meta(pair, image, kw, monkeypatch):
     assert_same_records(mine, meta_records(ref, image, **kw))
     if kw.get("pred_iou_thresh") == 0.5:  # Meta's box NMS at 0.7 dropped duplicates
         assert len(mine) < 3 * 16
+
+
+@pytest.mark.parametrize("hq", [True, False])
+def test_decoder_skips_the_masks_not_needed(hq):
+    """`needed` rejects prompts by their IoU: their masks are NaN, every IoU and the kept prompts' masks are the full
+    decode's, and only the kept prompts are upscaled (two images: each kept prompt adds its own image's features)."""
+    model = small_model(hq=hq, seed=3)
+    g = torch.Generator().manual_seed(0)
+    emb, high_res = model.get_image_embeddings(torch.randn(2, 3, 256, 256, generator=g))
+    points = torch.rand(2, 6, 1, 2, generator=g) * 256
+    full, iou_full, obj = model.predict_all(emb, high_res, points)
+    best = iou_full[..., 1:].amax(-1)
+    t = gap_threshold(best)
+    seen = []
+    model.mask_decoder.upscale_conv1.register_forward_hook(lambda m, i, o: seen.append(len(o)))
+    masks, iou, obj2 = model.predict_all(emb, high_res, points, needed=lambda x: x[..., 1:].amax(-1) > t)
+    want = best > t
+    assert seen == [int(want.sum())] and 0 < want.sum() < want.numel()
+    assert torch.equal(iou, iou_full) and torch.equal(obj, obj2)
+    assert masks[~want].isnan().all()
+    torch.testing.assert_close(masks[want], full[want], rtol=0, atol=1e-5)
+
+
+@needs_sam2
+def test_points_failing_the_iou_filter_get_no_masks(pair, image):
+    """A point none of whose three masks passes pred_iou_thresh is not upscaled: Meta's records, fewer masks made."""
+    ref, ours = pair
+    p = SamHQPredictor(ours)
+    p.set_image(image)
+    grid = samhq.masks.build_point_grids(4, 0, 1)[0] * [image.shape[1], image.shape[0]]
+    coords = torch.as_tensor(p.transform.apply_coords(grid, image.shape[:2]), dtype=torch.float)[:, None]
+    best = p.decode(coords, torch.ones(len(grid), 1, dtype=torch.int))[1].amax(1)  # three masks per point
+    t = gap_threshold(best)
+    seen = []
+    hook = ours.mask_decoder.upscale_conv1.register_forward_hook(lambda m, i, o: seen.append(len(o)))
+    try:
+        kw = dict(points_per_side=4, pred_iou_thresh=t, stability_score_thresh=0.0, box_nms_thresh=1.0)
+        mine = SamHQAutomaticMaskGenerator(ours, **kw).generate(image)
+    finally:
+        hook.remove()
+    assert sum(seen) == int((best > t).sum()) < len(grid)
+    assert_same_records(mine, meta_records(ref, image, **kw))
 
 
 @needs_sam2

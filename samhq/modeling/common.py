@@ -39,6 +39,22 @@ def gelu(x: torch.Tensor, in_place: bool = False) -> torch.Tensor:
     return torch.ops.aten.gelu_(x) if in_place else F.gelu(x)
 
 
+def add_image_features(x: torch.Tensor, image_features: torch.Tensor, p: int, rows: torch.Tensor | None = None) -> torch.Tensor:
+    """Per-prompt maps x (N, ...) plus their images' maps image_features (B, ...), for B images with p prompts
+    each: N = B*p in image-major order, or, with `rows`, the prompts at those indices of the B*p (row // p is the
+    image). The full form broadcasts; the selected form gathers one copy of the image maps per prompt."""
+    if rows is None:
+        return (x.unflatten(0, (-1, p)) + image_features[:, None]).flatten(0, 1)
+    return x + image_features[rows // p]
+
+
+def nan_rows(values: torch.Tensor, rows: torch.Tensor | None, n: int) -> torch.Tensor:
+    """values (len(rows), ...) placed at `rows` of an (n, ...) tensor of NaN; values itself when rows is None."""
+    if rows is None:
+        return values
+    return values.new_full((n, *values.shape[1:]), float("nan")).index_copy_(0, rows, values)
+
+
 def conv2d(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
     """`conv(x)`, computed in float32 when x is a bfloat16 tensor on a CPU, the result cast back to bfloat16.
 

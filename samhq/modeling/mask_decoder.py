@@ -10,7 +10,7 @@ from torch import nn
 from ..checkpoints import HQ_MODULES, is_hq_parameter  # noqa: F401 - the HQ parameter list, defined once
 from ..config import SamHQMaskDecoderConfig
 from . import fast_paths
-from .common import FastPathModule, FeedForward, LayerNorm2d, gelu
+from .common import FastPathModule, FeedForward, LayerNorm2d, add_image_features, gelu, nan_rows
 from .two_way_transformer import TwoWayTransformer
 
 
@@ -120,15 +120,10 @@ class MaskDecoder(FastPathModule):
         if hq_features is not None:
             # HQ: the HQ token's hypernetwork reads the refined SAM features plus the fused global-local features.
             hyper_hq = self.hq_mask_mlp(hs[:, 1 + n])  # (BP, C/8)
-            if rows is not None:  # the kept prompts' images
-                hq_feat = self.mask_feature(upscaled) + hq_features.to(upscaled.dtype)[rows // p]
-                hq = hyper_hq[:, None] @ hq_feat.flatten(2)
-            elif self.use_graph_forms:
+            if self.use_graph_forms and rows is None:
                 hq = fast_paths.hq_mask_graph(self, upscaled, hyper_hq, hq_features, p)
             else:
-                hq_feat = self.mask_feature(upscaled).unflatten(0, (b, p)) + hq_features.to(upscaled.dtype)[:, None]
-                hq = hyper_hq[:, None] @ hq_feat.flatten(0, 1).flatten(2)  # (BP, 1, 16hw)
+                hq_feat = add_image_features(self.mask_feature(upscaled), hq_features.to(upscaled.dtype), p, rows)
+                hq = hyper_hq[:, None] @ hq_feat.flatten(2)  # (BP, 1, 16hw)
             masks = torch.cat([masks, hq], dim=1)
-        if rows is not None:
-            masks = masks.new_full((b * p, *masks.shape[1:]), float("nan")).index_copy_(0, rows, masks)
-        return masks.view(b, p, -1, 4 * h, 4 * w), iou
+        return nan_rows(masks, rows, b * p).view(b, p, -1, 4 * h, 4 * w), iou

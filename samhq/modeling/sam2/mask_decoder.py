@@ -20,7 +20,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from ...config_sam2 import SamHQ2MaskDecoderConfig
-from ..common import FeedForward, LayerNorm2d
+from ..common import FeedForward, LayerNorm2d, add_image_features, nan_rows
 from ..two_way_transformer import TwoWayTransformer
 
 
@@ -68,6 +68,7 @@ class Sam2MaskDecoder(nn.Module):
         high_res_features: list[torch.Tensor] | None,
         hq: bool,
         return_tokens: bool = False,
+        needed=None,
     ) -> tuple[torch.Tensor, ...]:
         """Every output token's mask logits for B images x P prompts.
 
@@ -78,6 +79,8 @@ class Sam2MaskDecoder(nn.Module):
         predictions (B, P, 4) (after a sigmoid when `iou_prediction_use_sigmoid`) and object-score
         logits (B, P, 1) (the constant 10 without an object-score head); with `return_tokens` also the SAM
         mask tokens after the transformer (B, P, 4, C), from which SAM 2's video model takes its object pointer.
+        needed: None, or a function of the IoU predictions (B, P, 4) -> bool (B, P), the prompts whose masks are
+        wanted; the others' masks are not computed and come back NaN (as SAM-HQ's `MaskDecoder.forward`).
         """
         cfg = self.config
         b, p = sparse.shape[:2]
@@ -93,38 +96,39 @@ class Sam2MaskDecoder(nn.Module):
         # Two-way transformer over the image (plus the dense prompt) and the tokens.
         src = (image_embeddings[:, None] + dense).expand(b, p, c, h, w).reshape(b * p, c, h, w)
         hs, keys = self.transformer(src, image_pe.to(src.dtype), tokens.flatten(0, 1))  # (BP, T', C), (BP, hw, C)
-        hs = hs.unflatten(0, (b, p))
         s = int(cfg.pred_obj_scores)
-        iou_token_out = hs[:, :, s]
-        mask_tokens_out = hs[:, :, s + 1:s + 1 + self.num_mask_tokens]
+        iou = self.iou_prediction_head(hs[:, s]).view(b, p, -1)
+        if cfg.iou_prediction_use_sigmoid:
+            iou = iou.sigmoid()
+        rows = None if needed is None else needed(iou).flatten().nonzero()[:, 0]
+        out = hs if rows is None else hs[rows]  # the prompts whose masks are computed
 
         # Upscale the image tokens 4x, adding the high-resolution features on the way.
         src = keys.transpose(1, 2).reshape(b * p, c, h, w)
-        x = self.upscale_conv1(src)  # (BP, C/4, 2h, 2w)
+        x = self.upscale_conv1(src if rows is None else src[rows])  # (N, C/4, 2h, 2w)
         if high_res_features is not None:
             feat_s0, feat_s1 = high_res_features
-            x = (x.view(b, p, *x.shape[1:]) + feat_s1[:, None]).flatten(0, 1)
-        x = self.upscale_conv2(F.gelu(self.upscale_layer_norm(x)))  # (BP, C/8, 4h, 4w)
+            x = add_image_features(x, feat_s1, p, rows)
+        x = self.upscale_conv2(F.gelu(self.upscale_layer_norm(x)))  # (N, C/8, 4h, 4w)
         if high_res_features is not None:
-            x = (x.view(b, p, *x.shape[1:]) + feat_s0[:, None]).flatten(0, 1)
+            x = add_image_features(x, feat_s0, p, rows)
         upscaled = F.gelu(x)
 
         # Each mask token's hypernetwork output dotted with the upscaled embedding.
-        hyper = torch.stack([mlp(mask_tokens_out[:, :, i]) for i, mlp in enumerate(self.output_hypernetworks_mlps)], dim=2)
-        masks = hyper @ upscaled.view(b, p, c // 8, 4 * h * 4 * w)  # (B, P, 4, 16hw)
+        hyper = torch.stack([mlp(out[:, s + 1 + i]) for i, mlp in enumerate(self.output_hypernetworks_mlps)], dim=1)
+        masks = hyper @ upscaled.flatten(2)  # (N, 4, 16hw)
         if hq:
             # HQ-SAM 2: the HQ token's hypernetwork output dotted with the mask features of the upscaled embedding.
             features = self.mask_conv2(F.gelu(self.mask_norm(self.mask_conv1(upscaled))))
-            hq_hyper = self.hq_mask_mlp(hs[:, :, s + 1 + self.num_mask_tokens])[:, :, None]  # (B, P, 1, C/8)
-            masks = torch.cat([masks, hq_hyper @ features.view(b, p, c // 8, -1)], dim=2)
+            hq_hyper = self.hq_mask_mlp(out[:, s + 1 + self.num_mask_tokens])[:, None]  # (N, 1, C/8)
+            masks = torch.cat([masks, hq_hyper @ features.flatten(2)], dim=1)
+        masks = nan_rows(masks, rows, b * p)
 
-        iou = self.iou_prediction_head(iou_token_out)
-        if cfg.iou_prediction_use_sigmoid:
-            iou = iou.sigmoid()
         if cfg.pred_obj_scores:
-            object_score_logits = self.pred_obj_score_head(hs[:, :, 0])
+            object_score_logits = self.pred_obj_score_head(hs[:, 0]).view(b, p, -1)
         else:
             object_score_logits = iou.new_full((b, p, 1), 10.0)
         if return_tokens:
+            mask_tokens_out = hs[:, s + 1:s + 1 + self.num_mask_tokens].unflatten(0, (b, p))
             return masks.view(b, p, -1, 4 * h, 4 * w), iou, object_score_logits, mask_tokens_out
         return masks.view(b, p, -1, 4 * h, 4 * w), iou, object_score_logits

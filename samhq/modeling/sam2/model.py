@@ -155,12 +155,10 @@ class SamHQ2Model(nn.Module):
 
     def decode_features(self, features: dict, input_points=None, input_labels=None, input_boxes=None, input_masks=None,
                         needed=None):
-        """`predict_all` on `embed_image`'s dict: every token's masks (B, P, K, 4h, 4w) and IoU (B, P, 4).
-
-        needed: accepted for the engine interface and not used: every prompt's masks are computed (SAM-HQ's
-        `decode_features` skips the rejected ones)."""
+        """`predict_all` on `embed_image`'s dict: every token's masks (B, P, K, 4h, 4w) and IoU (B, P, 4)."""
         high_res = [features[k] for k in ("high_res_s0", "high_res_s1") if k in features]
-        masks, iou, _ = self.predict_all(features["features"], high_res, input_points, input_labels, input_boxes, input_masks)
+        masks, iou, _ = self.predict_all(features["features"], high_res, input_points, input_labels, input_boxes, input_masks,
+                                         needed)
         return masks, iou
 
     def get_prompt_embeddings(self, input_points=None, input_labels=None, input_boxes=None, input_masks=None):
@@ -177,6 +175,7 @@ class SamHQ2Model(nn.Module):
         input_labels: torch.Tensor | None = None,
         input_boxes: torch.Tensor | None = None,
         input_masks: torch.Tensor | None = None,
+        needed=None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Every output token's low-resolution mask logits for B images x P prompts.
 
@@ -186,6 +185,8 @@ class SamHQ2Model(nn.Module):
         (B, P, 4) x0, y0, x1, y1 in the same frame; input_masks (B, 1 or P, 4h, 4w) logits.
         Returns mask logits (B, P, K, 4h, 4w) (K = 4 SAM tokens, + 1 HQ when `hq_enabled`), IoU
         predictions (B, P, 4) and object-score logits (B, P, 1). `select_masks` picks the outputs.
+        needed: a function of the IoU predictions (B, P, 4) -> bool (B, P); the masks of the prompts it rejects are
+        NaN, not computed (`Sam2MaskDecoder.forward`).
         """
         sparse, dense = self.get_prompt_embeddings(input_points, input_labels, input_boxes, input_masks)
         b = sparse.shape[0]
@@ -199,7 +200,7 @@ class SamHQ2Model(nn.Module):
             raise ValueError("this model needs high_res_features with image_embeddings: pass both, as returned by "
                              "model.get_image_embeddings(pixel_values)")
         return self.mask_decoder(image_embeddings, self.get_image_wide_positional_embeddings(), sparse, dense,
-                                 high_res, self.hq_enabled)
+                                 high_res, self.hq_enabled, needed=needed)
 
     @property
     def stability(self) -> tuple[float, float] | None:
