@@ -319,7 +319,7 @@ def _infer_tiny(state) -> SamHQTinyViTConfig:
 
 
 def validate_checkpoint(state: dict[str, torch.Tensor], config: SamHQConfig, where: str = "checkpoint",
-                        limits=None) -> None:
+                        limits=None, after_each=None) -> None:
     """Refuse weights that cannot be right, before any model is built (state in our naming).
 
     Raises CheckpointError naming the tensor or config field when
@@ -330,10 +330,11 @@ def validate_checkpoint(state: dict[str, torch.Tensor], config: SamHQConfig, whe
       milliseconds, instead of building the 100000 layers);
     - an integer config value that no tensor confirms is over `limits.max_config_value`
       (`samhq.limits`; default 16384).
+    after_each(tensor), when given, is called once each tensor's values have been checked.
     """
     from .limits import HOW_TO_RAISE, get_limits
 
-    check_tensors(state, where)
+    check_tensors(state, where, after_each)
     wrong = [f"{field} is {value} but the tensors say {found}"
              for field, value, found in _config_vs_tensors(state, config) if value != found]
     if wrong:
@@ -345,7 +346,7 @@ def validate_checkpoint(state: dict[str, torch.Tensor], config: SamHQConfig, whe
                                   f"(max_config_value; raise it with {HOW_TO_RAISE['max_config_value']})")
 
 
-def check_tensors(state: dict[str, torch.Tensor], where: str = "checkpoint") -> None:
+def check_tensors(state: dict[str, torch.Tensor], where: str = "checkpoint", after_each=None) -> None:
     """Refuse tensors no SAM weights can be (either generation): a non-floating dtype (int64, bool, uint8 ...;
     only BatchNorm's `num_batches_tracked` counters are integers), or NaN / infinite values. Raises
     CheckpointError naming the tensor."""
@@ -359,6 +360,8 @@ def check_tensors(state: dict[str, torch.Tensor], where: str = "checkpoint") -> 
             bad = int((~torch.isfinite(t)).sum())
             raise CheckpointError(f"{where}: tensor {name} holds {bad} NaN or infinite values (of {t.numel()}); "
                                   "the weights are damaged")
+        if after_each is not None:
+            after_each(t)
 
 
 def _config_ints(d: dict, prefix: str = ""):
@@ -614,6 +617,18 @@ def _refuse_overwrite(path: Path, overwrite: bool) -> None:
         raise FileExistsError(f"{path} already exists; pass overwrite=True (or --force) to replace it")
 
 
+def write_replacing(path: Path, write) -> None:
+    """`write(tmp)` into a temporary file next to `path`, then rename it over `path`: nobody ever reads a half-written
+    checkpoint, a failed write leaves the old file as it was, and a process that has the old file memory-mapped (every
+    load maps it; `low_memory` keeps it mapped) goes on reading the old contents."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
 def write_pretrained(state: dict[str, torch.Tensor], config, directory, safe_serialization: bool = True,
                      overwrite: bool = True) -> Path:
     """Write the transformers layout: `config.json` + `model.safetensors` (or `pytorch_model.bin`)."""
@@ -625,9 +640,9 @@ def write_pretrained(state: dict[str, torch.Tensor], config, directory, safe_ser
     _refuse_overwrite(weights, overwrite)
     state = {k: v.detach().contiguous().cpu() for k, v in state.items() if k != TIED[1]}
     if safe_serialization:
-        save_file(state, str(weights), metadata={"format": "pt"})
+        write_replacing(weights, lambda tmp: save_file(state, str(tmp), metadata={"format": "pt"}))
     else:
-        torch.save(state, weights)
+        write_replacing(weights, lambda tmp: torch.save(state, tmp))
     with open(directory / "config.json", "w", encoding="utf-8") as f:
         json.dump(config.to_dict(), f, indent=2, sort_keys=True)
     return directory
@@ -637,7 +652,8 @@ def write_official(state: dict[str, torch.Tensor], path, overwrite: bool = False
     """Write an official-format `.pth` state dict (loadable by `segment_anything_hq`)."""
     path = Path(path)
     _refuse_overwrite(path, overwrite)
-    torch.save(ours_to_official({k: v.detach().contiguous().cpu() for k, v in state.items()}), path)
+    official = ours_to_official({k: v.detach().contiguous().cpu() for k, v in state.items()})
+    write_replacing(path, lambda tmp: torch.save(official, tmp))
     return path
 
 

@@ -39,6 +39,7 @@ from .checkpoints import (  # noqa: F401 - is_sam2_checkpoint re-exported
     resolve_source,
     sam2_layout,
     short_list,
+    write_replacing,
 )
 from .config_sam2 import (
     SAM2_VARIANTS,
@@ -664,7 +665,7 @@ def write_official(state: dict[str, torch.Tensor], path, video_state: dict[str, 
     path = Path(path)
     _refuse_overwrite(path, overwrite)
     official = ours_to_official({k: v.detach().contiguous().cpu() for k, v in state.items()}, video_state)
-    torch.save({"model": official}, path)
+    write_replacing(path, lambda tmp: torch.save({"model": official}, tmp))
     return path
 
 
@@ -686,7 +687,7 @@ def write_transformers(state: dict[str, torch.Tensor], config: SamHQ2Config, dir
     data["samhq2_config"] = config.to_dict()
     tensors = ours_to_transformers({k: v.detach().contiguous().cpu() for k, v in state.items()})
     tensors.update({k: v.detach().contiguous().cpu() for k, v in (video_state or {}).items()})
-    save_file(tensors, str(weights), metadata={"format": "pt"})
+    write_replacing(weights, lambda tmp: save_file(tensors, str(tmp), metadata={"format": "pt"}))
     (directory / "config.json").write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")
     return directory
 

@@ -36,13 +36,14 @@ _GENERATOR_ARGS = {
 _GENERATE_ARGS = ("multimask_output", "hq_token_only")
 
 
-def load_for_inference(model=None, device=None, dtype=None):
+def load_for_inference(model=None, device=None, dtype=None, low_memory: bool = False):
     """A model in eval mode (`SamHQModel` or `SamHQ2Model`) from a model object or any checkpoint source of
     either generation (path, hub id, bundled name; see `samhq.load_model`).
 
     dtype is the image encoder's precision; the prompt encoder and mask decoder stay float32. A model
     object the caller passed is never changed: when its device or encoder dtype must differ, a copy is
-    made (dtype None keeps a model object's own dtype; a checkpoint loads in float32).
+    made (dtype None keeps a model object's own dtype; a checkpoint loads in float32). low_memory applies to
+    checkpoints (`samhq.load_model`); a model object is used as it is.
     """
     if model is None:
         if not demo_model_available():
@@ -56,7 +57,7 @@ def load_for_inference(model=None, device=None, dtype=None):
         model = copy.deepcopy(model).to(device=want_device).eval()
         model.vision_encoder.to(want_dtype)
         return model
-    return load_model(model, device=device, dtype=resolve_dtype(dtype, device))
+    return load_model(model, device=device, dtype=resolve_dtype(dtype, device), low_memory=low_memory)
 
 
 class _AutomaticPipeline:

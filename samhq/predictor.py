@@ -295,13 +295,14 @@ class SamHQPredictor:
         self.reset_image()
 
     @classmethod
-    def from_pretrained(cls, source, device=None, dtype=None, strict_hq: bool = False, **kwargs) -> "SamHQPredictor":
-        """A predictor over `samhq.load_model(source, device=..., dtype=..., strict_hq=...)`: a checkpoint of either
-        generation (SAM-HQ / SAM, HQ-SAM 2 / SAM 2.1); dtype is the encoder's. Other keyword arguments go to
-        the constructor (engine, mask_threshold, max_hole_area, max_sprinkle_area)."""
+    def from_pretrained(cls, source, device=None, dtype=None, strict_hq: bool = False, low_memory: bool = False,
+                        **kwargs) -> "SamHQPredictor":
+        """A predictor over `samhq.load_model(source, device=..., dtype=..., strict_hq=..., low_memory=...)`: a
+        checkpoint of either generation (SAM-HQ / SAM, HQ-SAM 2 / SAM 2.1); dtype is the encoder's. Other keyword
+        arguments go to the constructor (engine, mask_threshold, max_hole_area, max_sprinkle_area)."""
         from .modeling.auto import load_model
 
-        return cls(load_model(source, device=device, dtype=dtype, strict_hq=strict_hq), **kwargs)
+        return cls(load_model(source, device=device, dtype=dtype, strict_hq=strict_hq, low_memory=low_memory), **kwargs)
 
     @classmethod
     def from_onnx(cls, onnx_dir, threads: int | None = None, providers=None) -> "SamHQPredictor":

@@ -12,9 +12,10 @@ from pathlib import Path
 from ..checkpoints import DEMO_MODEL, demo_model_available  # noqa: F401 - re-exported for the commands
 
 
-def add_model_arg(parser: argparse.ArgumentParser) -> None:
+def add_model_arg(parser: argparse.ArgumentParser, low_memory: bool = False) -> None:
     """--model SRC (official .pth, transformers-layout folder, .safetensors, hub id or bundled name),
-    --device and --dtype (the image encoder's precision; the decoder stays float32)."""
+    --device and --dtype (the image encoder's precision; the decoder stays float32); with low_memory also
+    --low-memory (samhq.modeling.low_memory)."""
     has_demo = demo_model_available()
     parser.add_argument(
         "--model", "-m", default=DEMO_MODEL if has_demo else None, required=not has_demo, metavar="SRC",
@@ -26,6 +27,12 @@ def add_model_arg(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", default="float32", choices=["auto", "float32", "bfloat16", "float16"],
                         help="the image encoder's precision; the prompt encoder and mask decoder stay float32 "
                         "(default float32, exact; auto: bfloat16 on a GPU or a CPU with BF16 units, else float32)")
+    if low_memory:
+        parser.add_argument("--low-memory", action="store_true",
+                            help="leave the weights in the memory-mapped checkpoint and hand the image encoder's pages "
+                                 "back after each use: the process holds about one encoder block's weights at a time "
+                                 "(ViT-H: under 1 GB instead of 3.3 GB per image) at a few percent more time; SAM-HQ / "
+                                 "SAM checkpoints in a zip-format .pth or .safetensors file, CPU, float32, Linux")
 
 
 class DeprecatedAlias(argparse.Action):

@@ -37,7 +37,7 @@ def register(sub) -> None:
                    help="COCO AP of a results file against a COCO ground truth (no model or dataset)")
     p.add_argument("--iou-type", choices=["segm", "bbox"], default="segm",
                    help="with --coco-ap: mask AP (segm, default) or box AP of the results' bbox fields")
-    add_model_arg(p)
+    add_model_arg(p, low_memory=True)
     for action in p._actions:  # a positional SRC may stand in for --model
         if action.dest == "model":
             action.required = False
@@ -147,7 +147,7 @@ def run(args) -> int:
         skipped = getattr(dataset, "skipped", [])
         why = f"; {len(skipped)} skipped, first: {skipped[0][0]}: {skipped[0][1]}" if skipped else ""
         raise ValueError(f"dataset {spec} has no usable images{why}")
-    model = load_for_inference(model_src, args.device, args.dtype)
+    model = load_for_inference(model_src, args.device, args.dtype, low_memory=args.low_memory)
     result = evaluate(model, dataset, prompt=args.prompt, sam_output=args.sam_output, max_images=args.max_images,
                       dilation_ratio=args.dilation_ratio, progress=not args.quiet and sys.stderr.isatty())
     result.settings.update(model=str(model_src), weights_sha256=weights_digest(model), dataset=spec)

@@ -65,7 +65,7 @@ def register(sub) -> None:
     )
     p.add_argument("input", help="an image, a folder (searched recursively) or a .txt file with one image path per line")
     p.add_argument("--out", "-o", required=True, help="output folder")
-    add_model_arg(p)
+    add_model_arg(p, low_memory=True)
     add_format_args(p, "json", "COCO-style masks per image")
     p.add_argument("--points-per-side", type=int, default=32, help="prompt grid size (default 32)")
     p.add_argument("--points-per-batch", type=int, default=64, help="prompts per decoder call (default 64)")
@@ -326,7 +326,7 @@ class _Run(O.FolderRun):
         if not todo:
             return
         a = self.args
-        model = load_for_inference(a.model, a.device, a.dtype)
+        model = load_for_inference(a.model, a.device, a.dtype, low_memory=a.low_memory)
         if self.tiles is not None:
             from ..tiles import TiledMaskGenerator
 

@@ -75,7 +75,7 @@ def register(sub) -> None:
     p.add_argument("--prompts-geojson", metavar="FILE",
                    help="prompts drawn on a map for a georeferenced raster (with --tiles): GeoJSON points (label 1 / 0 in "
                         "properties) and polygons (boxes), WGS 84 unless the file names a crs; one object per feature")
-    add_model_arg(p)
+    add_model_arg(p, low_memory=True)
     p.add_argument("--multimask", action="store_true",
                    help="let SAM pick the best of its three candidate masks (good for one ambiguous click)")
     p.add_argument("--hq-token-only", action="store_true", help="return the HQ token's mask alone (else SAM + HQ)")
@@ -288,7 +288,7 @@ def run_image(args) -> int:
         else:
             prompts = _command_line_prompts(pts, labels, boxes)
 
-        model = load_for_inference(args.model, args.device, args.dtype)
+        model = load_for_inference(args.model, args.device, args.dtype, low_memory=args.low_memory)
         flags = dict(multimask_output=args.multimask, hq_token_only=args.hq_token_only)
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
@@ -644,7 +644,7 @@ class _PromptRun(O.FolderRun):
         if not todo:
             return
         a = self.args
-        model = load_for_inference(a.model, a.device, a.dtype)
+        model = load_for_inference(a.model, a.device, a.dtype, low_memory=a.low_memory)
         predictor = _tiled_predictor(a, model, self.tiles) if self.tiles is not None else SamHQPredictor(model)
         for entry, name in _progress(todo):
             source = None

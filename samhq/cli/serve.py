@@ -11,7 +11,7 @@ def register(sub) -> None:
         "samhq serve --port 8000        # then open http://127.0.0.1:8000/\n"
         "  samhq serve --tiles --tile-cache-mb 2048   # large uploads segmented in tiles at their own resolution",
     )
-    add_model_arg(p)
+    add_model_arg(p, low_memory=True)
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1; 0.0.0.0 for all)")
     p.add_argument("--port", type=int, default=8000, help="port (default 8000)")
     p.add_argument("--max-images", type=int, default=8, help="image embeddings kept in memory, least recently used "
@@ -57,7 +57,7 @@ def run(args) -> int:
         max_request_bytes=None if args.max_request_kb is None else int(args.max_request_kb * 2**10),
     )
     allowed_hosts = [*LOOPBACK_HOSTS, *_names(args.allowed_hosts)] if args.allowed_hosts else None
-    model = load_for_inference(args.model, args.device, args.dtype)
+    model = load_for_inference(args.model, args.device, args.dtype, low_memory=args.low_memory)
     app = create_app(model, device=args.device, max_images=args.max_images, limits=limits, host=args.host,
                      allowed_hosts=allowed_hosts, allowed_origins=_names(args.allowed_origins), bit_depth=args.bit_depth,
                      name=str(args.model), tiles=tiles, tile_cache_bytes=int(args.tile_cache_mb * 2**20))

@@ -24,7 +24,7 @@ def is_model(obj) -> bool:
     return isinstance(obj, MODEL_CLASSES)
 
 
-def load_model(source, device=None, dtype=None, strict_hq: bool = False):
+def load_model(source, device=None, dtype=None, strict_hq: bool = False, low_memory: bool = False):
     """A model in eval mode from any checkpoint of either generation.
 
     source: an official `.pth` / `.pt` (SAM-HQ's `sam_hq_vit_*.pth`, SAM's, Meta's `sam2.1_hiera_*.pt`,
@@ -33,11 +33,16 @@ def load_model(source, device=None, dtype=None, strict_hq: bool = False):
     bundled model name. device: where the model goes (default cpu); dtype: the image encoder's
     precision (the prompt encoder and mask decoder stay float32). A checkpoint without HQ weights (plain
     SAM, SAM 2) runs with its HQ parts off (`hq_enabled=False`), or is refused with `strict_hq`.
+    low_memory (SAM-HQ / SAM checkpoints; CPU, float32, Linux): inference with the weights left in the
+    memory-mapped file and the image encoder's pages handed back after each use, so the process holds
+    about one encoder block's weights at a time (`samhq.modeling.low_memory`; ValueError where it cannot work).
     Returns a `SamHQModel` or a `SamHQ2Model`. Raises `CheckpointError` naming the file and the problem.
     """
     path = resolve_source(source)
     if checkpoint_family(path) == "sam":
-        return SamHQModel.from_pretrained(path, device=device, dtype=dtype, strict_hq=strict_hq)
+        return SamHQModel.from_pretrained(path, device=device, dtype=dtype, strict_hq=strict_hq, low_memory=low_memory)
+    if low_memory:
+        raise ValueError(f"{path}: low_memory is for SAM-HQ / SAM checkpoints so far; load this HQ-SAM 2 / SAM 2 one without it")
     model = load_sam2_model(path, device=device, dtype=dtype)
     if strict_hq and not model.hq_enabled:
         raise CheckpointError(f"{path}: a plain SAM 2 checkpoint without HQ-SAM 2 weights (strict_hq is set)")

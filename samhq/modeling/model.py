@@ -71,15 +71,17 @@ def build_vision_encoder(config) -> nn.Module:
 
 class _PretrainedMixin:
     @classmethod
-    def from_pretrained(cls, source, device=None, dtype=None, strict_hq: bool = False):
+    def from_pretrained(cls, source, device=None, dtype=None, strict_hq: bool = False, low_memory: bool = False):
         """Load from an official `.pth`, a transformers-layout folder (config.json + model.safetensors), a
         `.safetensors` file, a hub id (through huggingface_hub, online) or a bundled model name.
 
         dtype: the image encoder's precision (e.g. torch.bfloat16); the prompt encoder and mask decoder
         stay float32. A plain SAM checkpoint (no HQ weights) loads with a warning and runs as SAM, unless
-        strict_hq. Raises `CheckpointError` naming the file and the problem.
+        strict_hq. low_memory: inference with the weights left in the memory-mapped file, the image
+        encoder's pages handed back after each use (`samhq.modeling.low_memory`: CPU, float32, Linux;
+        ValueError otherwise). Raises `CheckpointError` naming the file and the problem.
         """
-        return load_pretrained(cls, source, device=device, dtype=dtype, strict_hq=strict_hq)
+        return load_pretrained(cls, source, device=device, dtype=dtype, strict_hq=strict_hq, low_memory=low_memory)
 
     def save_pretrained(self, directory, safe_serialization: bool = True) -> Path:
         """Write the transformers layout: `config.json` + `model.safetensors` (or `pytorch_model.bin`)."""

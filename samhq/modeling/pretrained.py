@@ -13,23 +13,30 @@ import torch
 
 from ..checkpoints import CheckpointError, infer_config, read_checkpoint, short_list, validate_checkpoint
 from ..dtypes import resolve_dtype
+from . import low_memory as low_memory_weights
 from .mask_decoder import is_hq_parameter
 
 
-def load_pretrained(model_class, source, device=None, dtype=None, strict_hq: bool = False):
+def load_pretrained(model_class, source, device=None, dtype=None, strict_hq: bool = False, low_memory: bool = False):
     """A `model_class` (SamHQModel or SamHQVisionModel) in eval mode with the weights of `source`.
 
     device: where the model goes (default cpu); dtype: the image encoder's dtype, a torch dtype or a name
     `samhq.dtypes.resolve_dtype` takes ("auto", "bfloat16", ...; default float32; the prompt encoder and
     mask decoder always stay float32). A plain SAM checkpoint loads with a
-    warning and `hq_enabled = False`, unless strict_hq.
+    warning and `hq_enabled = False`, unless strict_hq. low_memory: the weights stay in the memory-mapped
+    file and the image encoder's pages are handed back after use (`samhq.modeling.low_memory`; CPU, float32,
+    inference only; ValueError where that cannot work).
     """
     dtype = resolve_dtype(dtype, device)
+    if low_memory:
+        low_memory_weights.check_supported(device, dtype)
     state, config, where = read_checkpoint(source)
     where = where.split(":", 1)[1]
+    mapped = low_memory_weights.map_state(state, where, "vision_encoder." if low_memory else None)
     if config is None:
         config = infer_config(state, where)
-    validate_checkpoint(state, config, where)  # before anything is built: dtypes, finite values, config vs tensors
+    # before anything is built: dtypes, finite values, config vs tensors (a mapped tensor's pages go back once read)
+    validate_checkpoint(state, config, where, after_each=(lambda t: mapped.release([t])) if mapped else None)
     with torch.device("meta"):
         model = model_class(config)
     vision_only = not hasattr(model, "mask_decoder")
@@ -63,11 +70,33 @@ def load_pretrained(model_class, source, device=None, dtype=None, strict_hq: boo
     if plain_sam:
         model.hq_enabled = False
         state = {**{k: torch.zeros_like(v) for k, v in model.state_dict().items() if is_hq_parameter(k)}, **state}
-    model.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in state.items()})
+    state = {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
+    if low_memory:  # the encoder's tensors become the weights; the rest (small, and what fine-tuning changes) are copied
+        model.load_state_dict({k: v if k.startswith("vision_encoder.") else v.clone() for k, v in state.items()}, assign=True)
+    else:
+        _copy_weights(model, state, mapped)
     for m in model.modules():
         if hasattr(m, "init_buffers"):
             m.init_buffers()
     model = model.eval().to(device=device or "cpu", dtype=torch.float32)
     if dtype is not None and dtype != torch.float32:  # low precision where the time is; the small decoder stays fp32
         model.vision_encoder.to(dtype)
+    if low_memory:
+        low_memory_weights.install(model.vision_encoder, mapped)
+        model.low_memory = True
     return model
+
+
+def _copy_weights(model, state: dict, mapped, chunk_bytes: int = 1 << 26) -> None:
+    """Copy `state` (keys and shapes already checked) into the model about 64 MB at a time, handing each chunk's file
+    pages back once copied (`mapped`), so the file and the model are not both resident: loading ViT-H's 2.5 GB takes
+    2.5 GB, not twice that."""
+    chunk, size = {}, 0
+    for i, (k, v) in enumerate(state.items()):
+        chunk[k] = v
+        size += v.numel() * v.element_size()
+        if size >= chunk_bytes or i == len(state) - 1:
+            model.load_state_dict(chunk, strict=False)
+            if mapped is not None:
+                mapped.release(chunk.values())
+            chunk, size = {}, 0

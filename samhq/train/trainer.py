@@ -114,6 +114,9 @@ def set_trainable(model: nn.Module, recipe: str) -> list[str]:
     """Freeze the model except the recipe's parameters; returns the trainable parameter names."""
     if recipe not in RECIPES:
         raise ValueError(f"recipe must be one of {RECIPES}, got {recipe!r}")
+    if recipe == "full" and getattr(model, "low_memory", False):
+        raise ValueError("recipe 'full' trains the image encoder, whose weights a low_memory model reads from the file; "
+                         "load the model without low_memory to train it")
     names = []
     for name, p in model.named_parameters():
         if recipe == "full":
