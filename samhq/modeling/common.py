@@ -48,6 +48,12 @@ def add_image_features(x: torch.Tensor, image_features: torch.Tensor, p: int, ro
     return x + image_features[rows // p]
 
 
+def kept_rows(needed, iou: torch.Tensor) -> torch.Tensor | None:
+    """The flat prompt indices (int64) whose masks `needed(iou)` (bool per prompt, shape iou.shape[:-1]) asks for;
+    None when needed is None (every prompt)."""
+    return None if needed is None else needed(iou).flatten().nonzero()[:, 0]
+
+
 def nan_rows(values: torch.Tensor, rows: torch.Tensor | None, n: int) -> torch.Tensor:
     """values (len(rows), ...) placed at `rows` of an (n, ...) tensor of NaN; values itself when rows is None."""
     if rows is None:

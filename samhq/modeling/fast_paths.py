@@ -35,7 +35,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from .common import gelu, rel_pos_terms
+from .common import gelu, kept_rows, rel_pos_terms
 
 # Global attention over 64x64 tokens would need a (heads, 4096, 4096) bias; query rows are processed
 # in blocks so that no block's bias exceeds this many elements.
@@ -229,7 +229,7 @@ def decode_masks(decoder, image_embeddings, image_pe, sparse, dense, hq_features
         hs, keys = _transformer(decoder.transformer, None, None, tokens, context)
     hs, keys = hs.flatten(0, 1), keys.expand(b, p, -1, -1).reshape(b * p, h, w, c)
     iou = decoder.iou_prediction_head(hs[:, 0]).view(b, p, -1)
-    rows = range(b * p) if needed is None else needed(iou).flatten().nonzero()[:, 0].tolist()
+    rows = range(b * p) if needed is None else kept_rows(needed, iou).tolist()
 
     n = decoder.num_mask_tokens
     hyper = torch.stack([mlp(hs[:, 1 + i]) for i, mlp in enumerate(decoder.output_hypernetworks_mlps)], dim=1)

@@ -10,7 +10,7 @@ from torch import nn
 from ..checkpoints import HQ_MODULES, is_hq_parameter  # noqa: F401 - the HQ parameter list, defined once
 from ..config import SamHQMaskDecoderConfig
 from . import fast_paths
-from .common import FastPathModule, FeedForward, LayerNorm2d, add_image_features, gelu, nan_rows
+from .common import FastPathModule, FeedForward, LayerNorm2d, add_image_features, gelu, kept_rows, nan_rows
 from .two_way_transformer import TwoWayTransformer
 
 
@@ -108,7 +108,7 @@ class MaskDecoder(FastPathModule):
         src = (image_embeddings[:, None] + dense).expand(b, p, c, h, w).reshape(b * p, c, h, w)
         hs, src = self.transformer(src, image_pe.to(src.dtype), tokens)
         iou = self.iou_prediction_head(hs[:, 0]).view(b, p, -1)
-        rows = None if needed is None else needed(iou).flatten().nonzero()[:, 0]
+        rows = kept_rows(needed, iou)
         if rows is not None:
             hs, src = hs[rows], src[rows]
 

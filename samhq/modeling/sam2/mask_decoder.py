@@ -20,7 +20,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from ...config_sam2 import SamHQ2MaskDecoderConfig
-from ..common import FeedForward, LayerNorm2d, add_image_features, nan_rows
+from ..common import FeedForward, LayerNorm2d, add_image_features, kept_rows, nan_rows
 from ..two_way_transformer import TwoWayTransformer
 
 
@@ -100,7 +100,7 @@ class Sam2MaskDecoder(nn.Module):
         iou = self.iou_prediction_head(hs[:, s]).view(b, p, -1)
         if cfg.iou_prediction_use_sigmoid:
             iou = iou.sigmoid()
-        rows = None if needed is None else needed(iou).flatten().nonzero()[:, 0]
+        rows = kept_rows(needed, iou)
         out = hs if rows is None else hs[rows]  # the prompts whose masks are computed
 
         # Upscale the image tokens 4x, adding the high-resolution features on the way.
