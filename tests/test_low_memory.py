@@ -193,3 +193,28 @@ def test_a_failed_write_leaves_the_old_file(tmp_path):
     with pytest.raises(OSError, match="disk full"):
         write_replacing(path, fail)
     assert path.read_bytes() == b"old" and sorted(p.name for p in tmp_path.iterdir()) == ["model.pth"]
+
+
+@pytest.mark.parametrize("layout", ["official", "transformers"])
+def test_hq_sam2_low_memory(tmp_path, layout):
+    """HQ-SAM 2 loads the same way: equal embeddings, the Hiera trunk's pages handed back."""
+    from samhq.config_sam2 import SamHQ2Config
+    from samhq.modeling.sam2 import SamHQ2Model
+
+    from official_ref import perturb_
+    from sam2_ref import our_config, small_hiera
+
+    # an official .pt carries no config, so its Hiera must be a released size; the transformers layout can be small
+    config = SamHQ2Config.from_variant("hiera_t") if layout == "official" else our_config(small_hiera("hiera_t"))
+    model = perturb_(SamHQ2Model(config), seed=1).eval()
+    src = model.save_official(tmp_path / "hq.pt") if layout == "official" else model.save_pretrained(tmp_path / "hq")
+    full, low = load_model(src), load_model(src, low_memory=True)
+    assert isinstance(low, SamHQ2Model) and low.low_memory
+    size = model.config.image_size
+    pixels = torch.randn(1, 3, size, size, generator=torch.Generator().manual_seed(1))
+    want = full.embed_image(pixels)
+    for _ in range(2):
+        got = low.embed_image(pixels)
+        assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
+    weights = [p for p in low.vision_encoder.parameters() if resident_pages(p)[1] > 0]
+    assert weights and all(resident_pages(p)[0] == 0 for p in weights)

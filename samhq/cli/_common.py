@@ -31,8 +31,8 @@ def add_model_arg(parser: argparse.ArgumentParser, low_memory: bool = False) -> 
         parser.add_argument("--low-memory", action="store_true",
                             help="leave the weights in the memory-mapped checkpoint and hand the image encoder's pages "
                                  "back after each use: the process holds about one encoder block's weights at a time "
-                                 "(ViT-H: under 1 GB instead of 3.3 GB per image) at a few percent more time; SAM-HQ / "
-                                 "SAM checkpoints in a zip-format .pth or .safetensors file, CPU, float32, Linux")
+                                 "(ViT-H: 1.1 GB instead of 3.3 GB per image) in the same time; a zip-format .pth / .pt or "
+                                 ".safetensors checkpoint, CPU, float32, Linux")
 
 
 class DeprecatedAlias(argparse.Action):

@@ -33,7 +33,7 @@ def load_model(source, device=None, dtype=None, strict_hq: bool = False, low_mem
     bundled model name. device: where the model goes (default cpu); dtype: the image encoder's
     precision (the prompt encoder and mask decoder stay float32). A checkpoint without HQ weights (plain
     SAM, SAM 2) runs with its HQ parts off (`hq_enabled=False`), or is refused with `strict_hq`.
-    low_memory (SAM-HQ / SAM checkpoints; CPU, float32, Linux): inference with the weights left in the
+    low_memory (CPU, float32, Linux): inference with the weights left in the
     memory-mapped file and the image encoder's pages handed back after each use, so the process holds
     about one encoder block's weights at a time (`samhq.modeling.low_memory`; ValueError where it cannot work).
     Returns a `SamHQModel` or a `SamHQ2Model`. Raises `CheckpointError` naming the file and the problem.
@@ -41,9 +41,7 @@ def load_model(source, device=None, dtype=None, strict_hq: bool = False, low_mem
     path = resolve_source(source)
     if checkpoint_family(path) == "sam":
         return SamHQModel.from_pretrained(path, device=device, dtype=dtype, strict_hq=strict_hq, low_memory=low_memory)
-    if low_memory:
-        raise ValueError(f"{path}: low_memory is for SAM-HQ / SAM checkpoints so far; load this HQ-SAM 2 / SAM 2 one without it")
-    model = load_sam2_model(path, device=device, dtype=dtype)
+    model = load_sam2_model(path, device=device, dtype=dtype, low_memory=low_memory)
     if strict_hq and not model.hq_enabled:
         raise CheckpointError(f"{path}: a plain SAM 2 checkpoint without HQ-SAM 2 weights (strict_hq is set)")
     return model

@@ -1,9 +1,9 @@
 """Low-memory inference: the image encoder's weights stay in the checkpoint file.
 
-`load_model(path, low_memory=True)` loads the model with its weights as views of the memory-mapped
-checkpoint (both readers map the file privately, copy-on-write: `torch.load(mmap=True)` for zip-format
-`.pth`, safetensors for `.safetensors`) and, once each of the image encoder's modules has run, hands
-the pages of its weights back to the operating system (Linux `madvise(MADV_DONTNEED)`). The next
+`load_model(path, low_memory=True)` (either generation) loads the model with its image encoder's weights
+as views of the memory-mapped checkpoint (both readers map the file privately, copy-on-write:
+`torch.load(mmap=True)` for zip-format `.pth`, safetensors for `.safetensors`) and, once each of the image
+encoder's modules has run, hands the pages of its weights back to the operating system (Linux `madvise(MADV_DONTNEED)`). The next
 embedding maps them again from the page cache, or reads the disk if the system needed the memory
 meanwhile. So the process holds about one module's weights at a time instead of all of them: for ViT-H,
 the fp32 weights are 2.5 GB, one transformer block's 79 MB. The file's pages in the page cache are
@@ -13,7 +13,7 @@ Limits, each refused at load with a one-line error: Linux only; CPU; the encoder
 checkpoint whose encoder tensors are stored as float32 in a zip-format `.pth` or a `.safetensors` file
 (torch's legacy format and float16 files cannot be mapped as the model's weights; `samhq convert` writes
 either format). Inference only: the encoder's weights are frozen, and anything written into them in place
-would be undone at the next release (the trainer refuses such a model).
+would be undone at the next release (the trainer refuses the `full` recipe on such a model).
 """
 from __future__ import annotations
 

@@ -70,27 +70,37 @@ def load_pretrained(model_class, source, device=None, dtype=None, strict_hq: boo
     if plain_sam:
         model.hq_enabled = False
         state = {**{k: torch.zeros_like(v) for k, v in model.state_dict().items() if is_hq_parameter(k)}, **state}
-    state = {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
-    if low_memory:  # the encoder's tensors become the weights; the rest (small, and what fine-tuning changes) are copied
-        model.load_state_dict({k: v if k.startswith("vision_encoder.") else v.clone() for k, v in state.items()}, assign=True)
-    else:
-        _copy_weights(model, state, mapped)
+    load_weights(model, {k: v.float() if v.is_floating_point() else v for k, v in state.items()}, mapped, low_memory)
     for m in model.modules():
         if hasattr(m, "init_buffers"):
             m.init_buffers()
     model = model.eval().to(device=device or "cpu", dtype=torch.float32)
     if dtype is not None and dtype != torch.float32:  # low precision where the time is; the small decoder stays fp32
         model.vision_encoder.to(dtype)
-    if low_memory:
-        low_memory_weights.install(model.vision_encoder, mapped)
-        model.low_memory = True
     return model
+
+
+def load_weights(model, state: dict, mapped, low_memory: bool) -> None:
+    """Put `state` (keys and shapes checked, floats in float32) into `model` (materialised with `to_empty`); both
+    generations' loaders end here. With low_memory the image encoder's mapped tensors become its weights and their
+    pages are handed back after each use (`low_memory.install`); the rest, small and what fine-tuning changes, are
+    copied. Otherwise everything is copied (`_copy_weights`)."""
+    if not low_memory:
+        _copy_weights(model, state, mapped)
+        return
+    model.load_state_dict({k: v if k.startswith("vision_encoder.") else v.clone() for k, v in state.items()}, assign=True)
+    low_memory_weights.install(model.vision_encoder, mapped)
+    model.low_memory = True
 
 
 def _copy_weights(model, state: dict, mapped, chunk_bytes: int = 1 << 26) -> None:
     """Copy `state` (keys and shapes already checked) into the model about 64 MB at a time, handing each chunk's file
     pages back once copied (`mapped`), so the file and the model are not both resident: loading ViT-H's 2.5 GB takes
     2.5 GB, not twice that."""
+    expected = model.state_dict()
+    if set(expected) != set(state):  # as load_state_dict(strict=True) would, which the chunks cannot be
+        raise CheckpointError(f"weights do not match the model: missing {short_list(k for k in expected if k not in state)}; "
+                              f"unexpected {short_list(k for k in state if k not in expected)}")
     chunk, size = {}, 0
     for i, (k, v) in enumerate(state.items()):
         chunk[k] = v

@@ -20,10 +20,12 @@ from ... import checkpoints_sam2 as ckpt
 from ...checkpoints import CheckpointError, check_tensors, is_hq_parameter
 from ...config_sam2 import SamHQ2Config
 from ...dtypes import resolve_dtype
+from .. import low_memory as low_memory_weights
 from ..common import set_fast_path
 from ..losses import segmentation_loss
 from ..mask_selection import select_masks
 from ..model import ModelOutput
+from ..pretrained import load_weights
 from ..prompt_encoder import PositionalEmbedding, check_prompts
 from .hiera import Sam2VisionEncoder
 from .mask_decoder import Sam2MaskDecoder
@@ -271,9 +273,10 @@ class SamHQ2Model(nn.Module):
     # -- checkpoints -------------------------------------------------------------------------------
 
     @classmethod
-    def from_pretrained(cls, source, device=None, dtype=None, config: SamHQ2Config | None = None) -> "SamHQ2Model":
-        """`load_sam2_model(source, device, dtype, config)`."""
-        return load_sam2_model(source, device=device, dtype=dtype, config=config)
+    def from_pretrained(cls, source, device=None, dtype=None, config: SamHQ2Config | None = None,
+                        low_memory: bool = False) -> "SamHQ2Model":
+        """`load_sam2_model(source, device, dtype, config, low_memory)`."""
+        return load_sam2_model(source, device=device, dtype=dtype, config=config, low_memory=low_memory)
 
     def _state_to_save(self) -> dict[str, torch.Tensor]:
         state = {k: v for k, v in self.state_dict().items() if not ckpt.is_our_video_key(k)}
@@ -303,7 +306,8 @@ class SamHQ2Model(nn.Module):
         return ckpt.write_official(self._state_to_save(), path, self._video_state("official"), overwrite=overwrite)
 
 
-def load_sam2_model(source, device=None, dtype=None, config: SamHQ2Config | None = None) -> SamHQ2Model:
+def load_sam2_model(source, device=None, dtype=None, config: SamHQ2Config | None = None,
+                    low_memory: bool = False) -> SamHQ2Model:
     """Build and load a SAM 2 / SAM 2.1 / HQ-SAM 2 image model.
 
     source: an official `.pt` (Meta's `sam2.1_hiera_*.pt` / `sam2_hiera_*.pt`, SysCV's
@@ -314,10 +318,14 @@ def load_sam2_model(source, device=None, dtype=None, config: SamHQ2Config | None
     hub's Sam2VideoModel files) gives a model with those modules (`has_video`, `config.video_config`);
     an incomplete set of them is kept aside in `model.video_state` (under the names of
     `model.video_layout`) with a warning. dtype (a torch dtype or a name `samhq.dtypes.resolve_dtype` takes,
-    e.g. "auto", "bfloat16") applies to the image encoder; the prompt encoder and decoder stay fp32. Raises
-    CheckpointError for unreadable or mismatched files.
+    e.g. "auto", "bfloat16") applies to the image encoder; the prompt encoder and decoder stay fp32.
+    low_memory: the image encoder's weights stay in the memory-mapped file, their pages handed back after each
+    use (`samhq.modeling.low_memory`; CPU, float32, Linux; ValueError otherwise). Raises CheckpointError for
+    unreadable or mismatched files.
     """
     dtype = resolve_dtype(dtype, device)
+    if low_memory:
+        low_memory_weights.check_supported(device, dtype)
     read = ckpt.read_checkpoint(source)
     config = config or read.config or ckpt.infer_config(read.state, str(read.path))
     state, kept_aside = dict(read.state), read.video_state
@@ -338,12 +346,14 @@ def load_sam2_model(source, device=None, dtype=None, config: SamHQ2Config | None
         model = SamHQ2Model(config)
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     has_hq = ckpt.check_state(state, expected, str(read.path), config.variant or "custom")
-    check_tensors(state, str(read.path))  # no integer or NaN weights (as SAM-HQ v1's loader)
+    mapped = low_memory_weights.map_state(state, read.path, "vision_encoder." if low_memory else None)
+    # no integer or NaN weights (as SAM-HQ v1's loader); a mapped tensor's pages go back once read
+    check_tensors(state, str(read.path), after_each=(lambda t: mapped.release([t])) if mapped else None)
     model.to_empty(device="cpu")
     state = {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
     if not has_hq:
         state.update({k: torch.zeros(s) for k, s in expected.items() if ckpt.is_hq_parameter(k)})
-    model.load_state_dict(state)
+    load_weights(model, state, mapped, low_memory)
     model.hq_enabled = has_hq
     model.video_state, model.video_layout = kept_aside, read.layout
     model = model.eval().to(device=device or "cpu", dtype=torch.float32)
