@@ -101,7 +101,8 @@ def check_supported(device, dtype) -> None:
     if device is not None and torch.device(device).type != "cpu":
         raise ValueError(f"low_memory is for the CPU (the weights stay in the memory-mapped file); got device={device}")
     if dtype is not None and dtype != torch.float32:
-        raise ValueError(f"low_memory keeps the file's float32 weights; got dtype={dtype}: use one or the other")
+        raise ValueError(f"low_memory keeps the file's float32 weights, so the encoder cannot run in "
+                         f"{str(dtype).replace('torch.', '')}: drop low_memory (--low-memory) or the dtype (--dtype)")
 
 
 def map_state(state: dict[str, torch.Tensor], path, required_prefix: str | None = None) -> MappedWeights | None:
