@@ -115,7 +115,13 @@ def test_refused_where_it_cannot_work(checkpoints, tmp_path):
     save_file({k: v.half() for k, v in state.items()}, str(tmp_path / "half.safetensors"))
     with pytest.raises(ValueError, match="float16"):
         load_model(tmp_path / "half.safetensors", low_memory=True)
-    assert load_model(tmp_path / "legacy.pth") is not None and load_model(tmp_path / "half.safetensors") is not None
+    name = next(k for k, v in state.items() if k.startswith("image_encoder.") and v.ndim == 2)
+    state[name] = state[name].t().contiguous().t()  # the same values, stored column-major
+    torch.save(state, tmp_path / "strided.pth")
+    with pytest.raises(ValueError, match="cannot be memory-mapped as they are"):
+        load_model(tmp_path / "strided.pth", low_memory=True)
+    for f in ("legacy.pth", "half.safetensors", "strided.pth"):
+        assert load_model(tmp_path / f) is not None
 
 
 def test_full_training_is_refused(checkpoints):

@@ -116,11 +116,12 @@ def map_state(state: dict[str, torch.Tensor], path, required_prefix: str | None 
         if weights.is_mapped(t) and t.dtype == torch.float32 and t.is_contiguous():
             weights.track(t)
         elif required_prefix is not None and name.startswith(required_prefix):
-            if weights.is_mapped(t):
+            if t.dtype != torch.float32:
                 raise ValueError(f"{path}: low_memory needs float32 weights in the file, but {name} is "
                                  f"{str(t.dtype).replace('torch.', '')}; write a float32 copy (samhq convert) or load without it")
-            raise ValueError(f"{path}: its weights cannot be memory-mapped ({name}); low_memory needs a zip-format "
-                             ".pth or a .safetensors file (samhq convert writes one), or load without it")
+            raise ValueError(f"{path}: its weights cannot be memory-mapped as they are ({name}); low_memory needs a "
+                             "zip-format .pth or a .safetensors file with contiguous tensors (samhq convert writes one), "
+                             "or load without it")
     return weights
 
 
