@@ -81,7 +81,7 @@ def cases(quick: bool) -> list[dict]:
         # (tests/sam2_ref.hq_decoder_stand_in), loading the same random weights from the official .pt.
         out += [
             dict(name="hiera_l hq-sam2 encoder 1024x1024", kind="encoder", variant="hiera_l_hq", reps=enc,
-                 impls=["samhq fp32", "samhq bf16", "official"]),
+                 impls=["samhq fp32", "samhq low-memory", "samhq bf16", "official"]),
             dict(name="hiera_l hq-sam2 one prompt", kind="prompt", variant="hiera_l_hq", reps=prompt,
                  impls=["samhq fp32", "official"]),
         ]
@@ -382,7 +382,8 @@ def setup_sam2(impl, spec, kind):
     from samhq import load_model
     from samhq.predictor import SamHQPredictor
 
-    p = SamHQPredictor(load_model(spec["official_pt_dir"], device=dev, dtype=torch.bfloat16 if impl == "samhq bf16" else None))
+    p = SamHQPredictor(load_model(spec["official_pt_dir"], device=dev, dtype=torch.bfloat16 if impl == "samhq bf16" else None,
+                                  low_memory=impl == "samhq low-memory"))
     if kind == "encoder":
         return lambda: p.engine.embed(pixels), None
     _set_embedding(p, e, IMAGE_SIZE, (1024, 1024))
@@ -785,7 +786,7 @@ def markdown(info: dict, rows: list[dict], targets: dict, quality: dict, quick: 
             if r.get("peak_vs_official"):
                 note.append(f"peak {r['peak_vs_official']}× official")
             if r["impl"] == "samhq low-memory":
-                note.append("weights read from the memory-mapped .pth, each encoder module's pages handed back after use")
+                note.append("weights read from the memory-mapped checkpoint, each encoder module's pages handed back after use")
             lines.append(f"| {r['case']} | {r['impl']} | {r['median_s']:.3f} | {fmt(r.get('vs_official'))} | "
                          f"{fmt(r.get('vs_transformers'))} | {fmt(r.get('vs_faster_ref'))} | {r['peak_mb']:.0f} | "
                          f"{fmt(r.get('busy_median_s'))} | {fmt(r.get('busy_ratio'))} | {'; '.join(note)} |")
