@@ -560,6 +560,17 @@ def run_child(args: list[str], timeout: float) -> dict:
     return {"error": tail[:300]}
 
 
+def combine_rounds(rs: list[dict]) -> dict:
+    """One row from a measurement repeated in rounds (`--rounds`): the median of the rounds' medians, every time,
+    the highest peak; the first round's other fields. A failed round makes the row that error."""
+    failed = next((r for r in rs if "median_s" not in r), None)
+    if failed is not None or len(rs) == 1:
+        return failed or rs[0]
+    medians = [r["median_s"] for r in rs]
+    return dict(rs[0], median_s=statistics.median(medians), round_medians=medians,
+                times=[t for r in rs for t in r["times"]], peak_mb=max(r["peak_mb"] for r in rs))
+
+
 def run_busy(args: list[str], timeout: float) -> dict:
     """`run_child` while another process keeps one core busy from before the child starts until it ends.
 
@@ -579,6 +590,17 @@ def run_busy(args: list[str], timeout: float) -> dict:
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
     r["spinner_core_share"] = round((after.ru_utime - before.ru_utime + after.ru_stime - before.ru_stime) / wall, 2)
     return r
+
+
+def measure_busy(r: dict, spec: dict, timeout: float) -> str:
+    """Measure the worker of row r again under `run_busy` and add the busy fields to r; returns what to print."""
+    b = run_busy(["--worker", json.dumps(spec)], timeout)
+    if "median_s" not in b:
+        r["busy_error"] = b["error"]
+        return f"busy ERROR {b['error']}"
+    r.update(busy_median_s=b["median_s"], busy_ratio=round(b["median_s"] / r["median_s"], 3),
+             busy_times=b["times"], spinner_core_share=b["spinner_core_share"])
+    return f"busy {b['median_s']:.3f} s ({r['busy_ratio']:.2f}x, spinner {b['spinner_core_share']:.0%} of a core)"
 
 
 def matmul_gflops(dtype_name: str, n: int = 2048, seconds: float = 1.5, device: str = "cpu") -> float:
@@ -792,6 +814,10 @@ def markdown(info: dict, rows: list[dict], targets: dict, quality: dict, quick: 
                          f"{fmt(r.get('busy_median_s'))} | {fmt(r.get('busy_ratio'))} | {'; '.join(note)} |")
         else:
             lines.append(f"| {r['case']} | {r['impl']} | – | – | – | – | – | – | – | {r.get('skipped') or r.get('error')} |")
+    rounds = max((len(r.get("round_medians", [])) for r in rows), default=0)
+    if rounds:
+        lines += ["", f"Each row is the median of {rounds} rounds of its measurement, the rows' order reversed every other "
+                      "round (`--rounds`), so a drift in the machine's speed favours no row."]
     lines += busy_summary(rows)
     tuned = sorted({f"{r['impl'].split()[0]}: {'tuned' if r.get('malloc_tuned') else 'glibc defaults'}"
                     for r in rows if "median_s" in r})
@@ -823,12 +849,17 @@ def main(argv=None) -> int:
     ap.add_argument("--amg-side", type=int, default=None, help="points per side of the AMG grid (default 32, 8 with --quick)")
     ap.add_argument("--busy", action="store_true",
                     help="measure everything a second time while another process keeps one core busy (the busy column)")
+    ap.add_argument("--rounds", type=int, default=1,
+                    help="measure each case's rows this many times, alternating their order, and report the median of "
+                         "the rounds (for a machine whose speed drifts between rows)")
     ap.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
                     help="where every implementation runs (cuda: the GPU; int8 and onnxruntime are skipped there)")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     ap.add_argument("--machine", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--prepare", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
+    if args.rounds < 1:
+        raise SystemExit("--rounds must be 1 or more")
 
     if args.worker:
         print(MARK + json.dumps(worker(json.loads(args.worker))), flush=True)
@@ -876,30 +907,30 @@ def main(argv=None) -> int:
                 raise SystemExit(f"preparing {variant} failed: {prep[variant]['error']}")
             print(f"prepared {variant} in {time.time() - t0:.0f} s", flush=True)
         for case in plan:
-            results[case["name"]] = {}
+            results[case["name"]] = row = {}
+            runnable = []
             for impl in case["impls"]:
+                row[impl] = None  # the table keeps the case's order
                 reason = skip_reason(impl, case, info, prep[case["variant"]])
                 if reason:
-                    results[case["name"]][impl] = {"skipped": reason}
+                    row[impl] = {"skipped": reason}
                     print(f"{case['name']:32s} {impl:18s} skipped: {reason}", flush=True)
                     continue
                 masks_out = str(work / f"masks-{len(results)}-{impl.replace(' ', '_')}.npy")
-                spec = dict(prep[case["variant"]], impl=impl, case=case, variant=case["variant"], masks_out=masks_out,
-                            device=args.device)
-                r = run_child(["--worker", json.dumps(spec)], args.timeout)
-                results[case["name"]][impl] = r
-                shown = f"{r['median_s']:.3f} s, peak {r['peak_mb']:.0f} MB" if "median_s" in r else f"ERROR {r['error']}"
-                if args.busy and "median_s" in r:
-                    b = run_busy(["--worker", json.dumps(spec)], args.timeout)
-                    if "median_s" in b:
-                        r.update(busy_median_s=b["median_s"], busy_ratio=round(b["median_s"] / r["median_s"], 3),
-                                 busy_times=b["times"], spinner_core_share=b["spinner_core_share"])
-                        shown += (f"; busy {b['median_s']:.3f} s ({r['busy_ratio']:.2f}x, "
-                                  f"spinner {b['spinner_core_share']:.0%} of a core)")
-                    else:
-                        r["busy_error"] = b["error"]
-                        shown += f"; busy ERROR {b['error']}"
-                print(f"{case['name']:32s} {impl:18s} {shown}", flush=True)
+                runnable.append((impl, dict(prep[case["variant"]], impl=impl, case=case, variant=case["variant"],
+                                            masks_out=masks_out, device=args.device)))
+            measured = {impl: [] for impl, _ in runnable}
+            for k in range(args.rounds):  # forward, then backward: a drifting machine speed favours no row
+                for impl, spec in runnable if k % 2 == 0 else runnable[::-1]:
+                    r = run_child(["--worker", json.dumps(spec)], args.timeout)
+                    measured[impl].append(r)
+                    shown = f"{r['median_s']:.3f} s, peak {r['peak_mb']:.0f} MB" if "median_s" in r else f"ERROR {r['error']}"
+                    if k == args.rounds - 1:  # the last round: the row, and its busy twin measured right after
+                        row[impl] = r = combine_rounds(measured[impl])
+                        if args.busy and "median_s" in r:
+                            shown += "; " + measure_busy(r, spec, args.timeout)
+                    print(f"{case['name']:32s} {impl:18s} {shown}" + (f" (round {k + 1})" if args.rounds > 1 else ""),
+                          flush=True)
         import numpy as np
 
         for case, impls in results.items():
@@ -913,7 +944,7 @@ def main(argv=None) -> int:
                 r.pop("masks_file", None)
     rows, targets = summarize(results, info)
     report = {"machine": info, "amg_thresholds": {v: prep[v].get("amg") for v in prep}, "quick": args.quick,
-              "image_size": list(IMAGE_SIZE), "results": results, "rows": rows,
+              "rounds": args.rounds, "image_size": list(IMAGE_SIZE), "results": results, "rows": rows,
               "quality": quality, "targets": targets, "wall_s": round(time.time() - start, 1)}
     name = "results" + ("-quick" if args.quick else "") + ("-cuda" if args.device == "cuda" else "")
     out = Path(args.out) if args.out else HERE / f"{name}.json"
