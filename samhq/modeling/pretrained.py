@@ -70,7 +70,7 @@ def load_pretrained(model_class, source, device=None, dtype=None, strict_hq: boo
     if plain_sam:
         model.hq_enabled = False
         state = {**{k: torch.zeros_like(v) for k, v in model.state_dict().items() if is_hq_parameter(k)}, **state}
-    load_weights(model, {k: v.float() if v.is_floating_point() else v for k, v in state.items()}, mapped, low_memory)
+    load_weights(model, state, mapped, low_memory)
     for m in model.modules():
         if hasattr(m, "init_buffers"):
             m.init_buffers()
@@ -81,10 +81,12 @@ def load_pretrained(model_class, source, device=None, dtype=None, strict_hq: boo
 
 
 def load_weights(model, state: dict, mapped, low_memory: bool) -> None:
-    """Put `state` (keys and shapes checked, floats in float32) into `model` (materialised with `to_empty`); both
-    generations' loaders end here. With low_memory the image encoder's mapped tensors become its weights and their
-    pages are handed back after each use (`low_memory.install`); the rest, small and what fine-tuning changes, are
-    copied. Otherwise everything is copied (`_copy_weights`)."""
+    """Put `state` (keys and shapes checked) into `model` (materialised with `to_empty`), floating-point tensors as
+    float32 (a float32 tensor, mapped or not, is used as it is); both generations' loaders end here. With
+    low_memory the image encoder's mapped tensors become its weights and their pages are handed back after each
+    use (`low_memory.install`); the rest, small and what fine-tuning changes, are copied. Otherwise everything is
+    copied (`_copy_weights`)."""
+    state = {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
     if not low_memory:
         _copy_weights(model, state, mapped)
         return

@@ -350,7 +350,6 @@ def load_sam2_model(source, device=None, dtype=None, config: SamHQ2Config | None
     # no integer or NaN weights (as SAM-HQ v1's loader); a mapped tensor's pages go back once read
     check_tensors(state, str(read.path), after_each=(lambda t: mapped.release([t])) if mapped else None)
     model.to_empty(device="cpu")
-    state = {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
     if not has_hq:
         state.update({k: torch.zeros(s) for k, s in expected.items() if ckpt.is_hq_parameter(k)})
     load_weights(model, state, mapped, low_memory)
