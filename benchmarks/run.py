@@ -439,9 +439,15 @@ def worker(spec: dict) -> dict:
     times, flops = [], None
     for i in range(warmup + repeats):
         if i == 0 and kind == "encoder" and impl == "samhq fp32" and warmup:
-            from torch.utils.flop_counter import FlopCounterMode
+            import torch
+            from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
-            counter = FlopCounterMode(display=False)
+            # torch's counter has formulas for the GPU attention kernels and for addmm, not for the CPU attention
+            # kernel (count its two matrix products, q.k and p.v, as it counts theirs) or in-place addmm_
+            uncounted = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu:
+                         lambda q, k, v, *args, **kwargs: sdpa_flop_count(q, k, v),
+                         torch.ops.aten.addmm_: lambda c, a, b, *args, **kwargs: 2 * a[0] * a[1] * b[1]}
+            counter = FlopCounterMode(display=False, custom_mapping=uncounted)
             with counter:
                 fn()
             flops = counter.get_total_flops()

@@ -276,3 +276,15 @@ def test_eval_mode_inference_without_no_grad(model):
             assert out.pred_masks.requires_grad
         finally:
             model.set_fast_path(True)
+
+
+@pytest.mark.parametrize("b, h, w, window", [(1, 64, 64, 14), (2, 20, 13, 7), (1, 14, 28, 14)])
+def test_window_order_is_window_partition(b, h, w, window):
+    """Gathering x's tokens in `window_order` (zero where -1) gives `window_partition(x)`, padding included."""
+    from samhq.modeling.image_encoder import window_partition
+
+    x = torch.randn(b, h, w, 3, generator=torch.Generator().manual_seed(2))
+    order = fast_paths.window_order(b, h, w, window, x.device)
+    gathered = x.reshape(-1, 3)[order.clamp(min=0)] * (order >= 0)[:, None]
+    windows, _ = window_partition(x, window)
+    assert torch.equal(gathered, windows.reshape(-1, 3))

@@ -8,6 +8,9 @@ against the plain form. What they do:
 - ViT attention (`vit_attention`): PyTorch's fused attention with the decomposed relative-position
   bias built contiguously, a block of query rows at a time into one reused buffer, so the
   (HW, HW) bias never exists whole and no fresh 100 MB tensor is page-faulted per block.
+- ViT blocks (`vit_layer`): windows gathered by index (`window_order`), with neither projection spending
+  work on the windows' padding, and the residual adds inside the projections' matrix products; the patch
+  embedding (`patch_embed`, float32) as one matrix product over the image's patches.
 - In-place GELU (`common.gelu(x, in_place=True)`) on freshly computed activations.
 - TinyViT: batch norms folded into their convolutions (`conv_bn`), 1x1 convolutions as matmuls on
   channels-last activations (`channels_last`).
@@ -66,6 +69,63 @@ def vit_attention(attn, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, h: in
         bias = bias.reshape(b, n, (r1 - r0) * w, h * w)  # a view, except for the last, shorter block's buffer slice
         blocks.append(F.scaled_dot_product_attention(q[:, :, r0 * w : r1 * w], k, v, attn_mask=bias).transpose(1, 2))
     return torch.cat(blocks, dim=1) if len(blocks) > 1 else blocks[0]
+
+
+def patch_embed(conv: nn.Conv2d, pixel_values: torch.Tensor) -> torch.Tensor:
+    """`image_encoder.PatchEmbed`: its p x p convolution with stride p as one matrix product over the image's
+    patches. pixel_values (B, 3, S, S) -> (B, S // p, S // p, C), channels last (the conv's cropping of S)."""
+    b, ch, hh, ww = pixel_values.shape
+    p = conv.kernel_size[0]
+    h, w = hh // p, ww // p
+    patches = pixel_values[:, :, : h * p, : w * p].reshape(b, ch, h, p, w, p).permute(0, 2, 4, 1, 3, 5)
+    return F.linear(patches.reshape(b, h, w, ch * p * p), conv.weight.reshape(conv.out_channels, -1), conv.bias)
+
+
+def window_order(b: int, h: int, w: int, window: int, device) -> torch.Tensor:
+    """The tokens of `image_encoder.window_partition(x, window)` for x (b, h, w, C), in its order (window by window,
+    row-major inside each): each one's index into x's b*h*w tokens (int64), -1 where it is zero padding."""
+    hp, wp = -(-h // window) * window, -(-w // window) * window
+    y = torch.arange(hp, device=device).view(-1, 1, window, 1)
+    x = torch.arange(wp, device=device).view(1, -1, 1, window)
+    flat = torch.where((y < h) & (x < w), y * w + x, -1).flatten()
+    return torch.where(flat >= 0, flat + torch.arange(b, device=device)[:, None] * (h * w), -1).flatten()
+
+
+def vit_layer(layer, x: torch.Tensor) -> torch.Tensor:
+    """`image_encoder.VisionLayer`'s forward, x (B, H, W, C) -> (B, H, W, C), a new tensor.
+
+    A windowed layer projects the image's tokens to q, k, v before partitioning them into windows, gathers the
+    windows' rows in one pass (a padding token's are qkv(0), as the plain form's zero padding gives), and gathers
+    the attention's output back to the image's tokens before the output projection: neither projection spends
+    work on the padding. Both residual adds happen in the projections' matrix products (addmm onto the residual
+    stream, `_add_linear`).
+    """
+    b, h, w, c = x.shape
+    attn = layer.attn
+    qkv = attn.qkv(layer.layer_norm1(x).view(-1, c))
+    if layer.window_size:
+        order = window_order(b, h, w, layer.window_size, x.device)
+        kept = (order >= 0).nonzero()[:, 0]
+        qkv = qkv.index_select(0, order.clamp(min=0))
+        qkv[order < 0] = attn.qkv(qkv.new_zeros(1, c))
+        gh = gw = layer.window_size
+    else:
+        gh, gw = h, w
+    q, k, v = attn.split_heads(qkv.view(-1, gh * gw, 3 * c))
+    out = vit_attention(attn, q, k, v, gh, gw).reshape(-1, c)  # token-major rows
+    if layer.window_size:
+        out = out.index_select(0, torch.empty_like(kept).index_copy_(0, order[kept], kept))
+    x = _add_linear(x.reshape(-1, c).clone(), out, attn.proj)
+    hidden = gelu(layer.mlp.lin1(layer.layer_norm2(x)), in_place=True)
+    return _add_linear(x, hidden, layer.mlp.lin2).view(b, h, w, c)
+
+
+def _add_linear(x: torch.Tensor, inputs: torch.Tensor, linear: nn.Module) -> torch.Tensor:
+    """x += linear(inputs), in place; inside the matrix product for a plain nn.Linear (an int8 one is called)."""
+    if type(linear) is not nn.Linear:
+        return x.add_(linear(inputs))
+    x.addmm_(inputs, linear.weight.t())
+    return x if linear.bias is None else x.add_(linear.bias)
 
 
 def conv_bn(module, x: torch.Tensor) -> torch.Tensor:

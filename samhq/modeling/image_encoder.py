@@ -27,9 +27,13 @@ class Attention(FastPathModule):
             self.rel_pos_h = nn.Parameter(torch.zeros(2 * input_size - 1, head_dim))
             self.rel_pos_w = nn.Parameter(torch.zeros(2 * input_size - 1, head_dim))
 
+    def split_heads(self, qkv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """`qkv`'s output (B, L, 3C) -> q, k, v (B, n, L, d) each, views of it."""
+        return qkv.unflatten(-1, (3, self.num_heads, -1)).permute(2, 0, 3, 1, 4).unbind(0)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, h, w, c = x.shape
-        q, k, v = self.qkv(x).reshape(b, h * w, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4).unbind(0)  # (B, n, HW, d)
+        q, k, v = self.split_heads(self.qkv(x.reshape(b, h * w, c)))
         if self.use_fast_path:
             out = fast_paths.vit_attention(self, q, k, v, h, w)
         else:
@@ -61,7 +65,7 @@ def window_unpartition(x: torch.Tensor, window: int, padded: tuple[int, int], si
     return x[:, : size[0], : size[1]].contiguous() if (hp, wp) != tuple(size) else x
 
 
-class VisionLayer(nn.Module):
+class VisionLayer(FastPathModule):
     """Pre-norm transformer block; `window_size == 0` means global attention."""
 
     def __init__(self, config: SamHQVisionConfig, window_size: int):
@@ -80,6 +84,8 @@ class VisionLayer(nn.Module):
         self.mlp = MLPBlock(config.hidden_size, config.mlp_dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.use_fast_path:
+            return fast_paths.vit_layer(self, x)
         y = self.layer_norm1(x)
         if self.window_size:
             size = y.shape[1:3]
@@ -91,13 +97,17 @@ class VisionLayer(nn.Module):
         return x + self.mlp(self.layer_norm2(x))
 
 
-class PatchEmbed(nn.Module):
+class PatchEmbed(FastPathModule):
+    """(B, 3, S, S) -> (B, S/p, S/p, C): a p x p convolution with stride p, channels last."""
+
     def __init__(self, config: SamHQVisionConfig):
         super().__init__()
         p = config.patch_size
         self.projection = nn.Conv2d(config.num_channels, config.hidden_size, kernel_size=p, stride=p)
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        if self.use_fast_path and pixel_values.dtype == torch.float32:  # other precisions: common.conv2d's rule
+            return fast_paths.patch_embed(self.projection, pixel_values)
         return conv2d(self.projection, pixel_values).permute(0, 2, 3, 1)
 
 

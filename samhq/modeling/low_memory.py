@@ -126,14 +126,13 @@ def map_state(state: dict[str, torch.Tensor], path, required_prefix: str | None 
 
 
 def install(encoder: nn.Module, weights: MappedWeights) -> None:
-    """Freeze `encoder` and release each of its modules' own weights after that module's forward, and all of them
-    after the encoder's. A weight read outside its own module stays mapped until the encoder finishes."""
+    """Freeze `encoder` and release the weights of each of its modules (its own and its submodules') after that
+    module's forward, the encoder's last. A fast form that reads a submodule's weights without calling it (a ViT
+    block's projections, `fast_paths.vit_layer`) thus releases them when the block finishes."""
     for p in encoder.parameters():
         p.requires_grad_(False)
     for module in encoder.modules():
-        own = list(module.parameters(recurse=False))
-        if own:
-            module.register_forward_hook(lambda m, args, out, own=own: weights.release(own))
-    everything = list(encoder.parameters())
-    encoder.register_forward_hook(lambda m, args, out: weights.release(everything))
+        weights_below = list(module.parameters())
+        if weights_below:
+            module.register_forward_hook(lambda m, args, out, w=weights_below: weights.release(w))
     weights.release_all()
