@@ -42,8 +42,8 @@ def assert_same_records(ours, ref):
     assert len(ours) == len(ref) > 0
     for a, b in zip(ours, ref):
         area = max(b["area"], 1)
-        assert (a["segmentation"] != b["segmentation"]).sum() <= 1e-4 * area
-        assert a["area"] == b["area"]
+        assert (a["segmentation"] != b["segmentation"]).sum() <= 1e-4 * area  # fp32 rounding flips boundary pixels
+        assert abs(a["area"] - b["area"]) <= 1e-4 * area  # ... and the area follows them
         assert a["bbox"] == b["bbox"]
         assert a["crop_box"] == b["crop_box"]
         assert a["point_coords"][0] == pytest.approx(b["point_coords"][0])
