@@ -678,8 +678,10 @@ def skip_reason(impl: str, case: dict, info: dict, prep: dict) -> str | None:
     if impl == "samhq bf16" and not info["bf16_units"]:
         return (f"no BF16 units on this CPU (bf16 matmul {info['bf16_matmul_gflops']} GFLOP/s vs fp32 "
                 f"{info['fp32_matmul_gflops']}); bf16 would be far slower than fp32 here")
-    if impl == "samhq onnxruntime" and ("onnx_dir" not in prep or info["onnxruntime"] is None):
-        return "onnx / onnxruntime not installed"
+    if impl == "samhq onnxruntime" and info["onnxruntime"] is None:
+        return "onnxruntime not installed"
+    if impl == "samhq onnxruntime" and "onnx_dir" not in prep:
+        return "no ONNX export (onnx not installed, or --no-onnx)"
     if impl in OPENVINO and info["openvino"] is None:
         return "openvino not installed"
     if impl in OPENVINO and "onnx_dir" not in prep:
