@@ -254,6 +254,10 @@ def _session(path: Path, threads: int | None, providers):
 
     opts = ort.SessionOptions()
     opts.enable_cpu_mem_arena = False  # the arena keeps every large full-size mask buffer alive: 2-3x the peak memory
+    # onnxruntime's threads spin while they wait, which stalls them on a busy CPU; they follow samhq's OpenMP
+    # policy (PASSIVE unless the user set ACTIVE; docs/performance.md, "Threads and busy CPUs")
+    spin = os.environ.get("OMP_WAIT_POLICY", "").strip().upper() == "ACTIVE"
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "1" if spin else "0")
     if threads:
         opts.intra_op_num_threads = threads
     return ort.InferenceSession(str(path), opts, providers=providers or ["CPUExecutionProvider"])

@@ -158,6 +158,19 @@ def test_engine_runs_with_glibc_malloc(exported, monkeypatch):
     assert events == ["enter", "exit"] * 3
 
 
+@pytest.mark.parametrize("policy, spinning", [(None, "0"), ("PASSIVE", "0"), ("active", "1")])
+def test_threads_spin_only_when_asked(exported, monkeypatch, policy, spinning):
+    """onnxruntime's threads follow samhq's wait policy: they spin while waiting only with OMP_WAIT_POLICY=ACTIVE."""
+    _, out, _, _ = exported
+    if policy is None:
+        monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
+    else:
+        monkeypatch.setenv("OMP_WAIT_POLICY", policy)
+    eng = OnnxPredictor(out, threads=1).engine
+    for session in (eng.encoder, eng.decoder):
+        assert session.get_session_options().get_session_config_entry("session.intra_op.allow_spinning") == spinning
+
+
 def test_engine_errors(exported, tmp_path):
     _, out, _, _ = exported
     with pytest.raises(ValueError, match="samhq export onnx"):
