@@ -105,9 +105,10 @@ def vit_layer(layer, x: torch.Tensor) -> torch.Tensor:
     qkv = attn.qkv(layer.layer_norm1(x).view(-1, c))
     if layer.window_size:
         order = window_order(b, h, w, layer.window_size, x.device)
-        kept = (order >= 0).nonzero()[:, 0]
+        padding = order < 0
+        kept = (~padding).nonzero()[:, 0]
         qkv = qkv.index_select(0, order.clamp(min=0))
-        qkv[order < 0] = attn.qkv(qkv.new_zeros(1, c))
+        qkv[padding] = attn.qkv(qkv.new_zeros(1, c))
         gh = gw = layer.window_size
     else:
         gh, gw = h, w
