@@ -57,6 +57,28 @@ def test_image_to_tokens_without_projecting_the_image(t):
     close(fast_paths.image_to_tokens(a, q, k, v), a(q, k, v))
 
 
+def test_image_to_tokens_adds_the_residual_inside_the_product():
+    """The residual stream plus the attention, in a new tensor or written into the residual (a later block's keys)."""
+    a = attention(8)
+    g = torch.Generator().manual_seed(9)
+    q, kv = torch.randn(2, 3, 100, 64, generator=g), torch.randn(2, 3, 5, 64, generator=g)
+    keys = torch.randn(2, 3, 100, 64, generator=g)
+    want = keys + a(q, kv, kv)
+    kept = keys.clone()
+    close(fast_paths.image_to_tokens(a, q, kv, kv, residual=keys), want)
+    assert torch.equal(keys, kept)  # not in place: the residual is untouched
+    out = fast_paths.image_to_tokens(a, q, kv, kv, residual=keys, in_place=True)
+    assert out.data_ptr() == keys.data_ptr()
+    close(out, want)
+    # one image's tokens (B, 1, HW, C) shared by the P prompts: broadcast, never written
+    image = torch.randn(2, 1, 100, 64, generator=g)
+    kept = image.clone()
+    shared_q = a.heads(a.q_proj(image))[:, 0].contiguous()
+    full = image.expand(2, 3, 100, 64)
+    close(fast_paths.image_to_tokens(a, None, kv, kv, shared_q, residual=image), full + a(full, kv, kv))
+    assert torch.equal(image, kept)
+
+
 def test_many_tokens_use_the_plain_attention():
     a = attention(4)
     g = torch.Generator().manual_seed(5)

@@ -159,9 +159,21 @@ def _absorbs(attn, tokens: torch.Tensor, image: torch.Tensor | None) -> bool:
 
 
 def _value_out(attn, v: torch.Tensor) -> torch.Tensor:
-    """Tokens v (..., T, C) -> each head's values through its slice of out_proj, (..., heads*T, C)."""
+    """Tokens v (..., T, C) -> each head's values through its slice of out_proj, plus out_proj's bias / heads,
+    (..., heads*T, C). Each head's softmax weights sum to one, so weights over all heads*T rows add the bias once."""
     w = attn.out_proj.weight.unflatten(1, (attn.num_heads, -1)).permute(1, 2, 0)  # (heads, d, C)
-    return (attn.heads(attn.v_proj(v)) @ w).flatten(-3, -2)
+    return (attn.heads(attn.v_proj(v)) @ w + attn.out_proj.bias / attn.num_heads).flatten(-3, -2)
+
+
+def _plus_product(residual, a: torch.Tensor, vo: torch.Tensor, shape, in_place: bool) -> torch.Tensor:
+    """`residual + a @ vo` of shape `shape` (B, P, HW, C), the sum made by the product itself: a (BP, HW, heads*T),
+    vo (BP, heads*T, C), residual broadcastable to `shape` or None (the product alone). in_place: residual has
+    `shape`, is contiguous and is not read again, so the sum is written into it."""
+    if residual is None:
+        return torch.bmm(a, vo).view(shape)
+    out = residual if in_place else residual.expand(shape).clone(memory_format=torch.contiguous_format)
+    out.view(a.shape[0], a.shape[1], -1).baddbmm_(a, vo)
+    return out
 
 
 def tokens_to_image(attn, q, k, v, shared=None) -> torch.Tensor:
@@ -186,11 +198,12 @@ def tokens_to_image(attn, q, k, v, shared=None) -> torch.Tensor:
     return attn.out_proj(out.transpose(-3, -2).flatten(-2))
 
 
-def image_to_tokens(attn, q, k, v, shared=None) -> torch.Tensor:
-    """`attn(q, k, v)` for image tokens q (B, P, HW, C) attending to tokens k, v (B, P, T, C) -> (B, P, HW, C).
+def image_to_tokens(attn, q, k, v, shared=None, residual=None, in_place=False) -> torch.Tensor:
+    """`residual + attn(q, k, v)` for image tokens q (B, P, HW, C) attending to tokens k, v (B, P, T, C) -> (B, P, HW, C).
 
     shared: the image's projected queries in head layout, (B, heads, HW, d), when one image (q = None)
-    serves all P prompts.
+    serves all P prompts. residual: None, or the image tokens (B, 1 or P, HW, C) the attention is added to
+    (the block's residual stream); in_place: see `_plus_product`.
     """
     heads, t = attn.num_heads, k.shape[-2]
     if shared is not None:
@@ -198,20 +211,22 @@ def image_to_tokens(attn, q, k, v, shared=None) -> torch.Tensor:
         kh = attn.heads(attn.k_proj(k)).permute(0, 2, 4, 1, 3).reshape(b, heads, -1, p * t)  # (B, heads, d, P*T)
         a = ((shared @ kh) * attn.head_dim ** -0.5).view(b, heads, -1, p, t).softmax(-1)
         a = a.permute(0, 3, 2, 1, 4).flatten(-2).flatten(0, 1)  # (B*P, HW, heads*T)
-        return torch.baddbmm(attn.out_proj.bias, a, _value_out(attn, v).flatten(0, 1)).view(b, p, -1, v.shape[-1])
+        return _plus_product(residual, a, _value_out(attn, v).flatten(0, 1), (b, p, a.shape[1], v.shape[-1]), in_place)
     if not _absorbs(attn, k, q):
-        return attn(q, k, v)
+        out = attn(q, k, v)
+        return out if residual is None else residual + out
     kh = attn.heads(attn.k_proj(k))  # (..., heads, T, d)
     scale = attn.head_dim ** -0.5
     qk = (kh @ _head_weight(attn, attn.q_proj)).flatten(-3, -2) * scale  # (..., heads*T, C)
     bias = (kh @ attn.q_proj.bias.view(heads, -1, 1)).flatten(-3) * scale  # (..., heads*T)
     a = torch.baddbmm(bias.flatten(0, -2)[:, None], q.flatten(0, -3), qk.flatten(0, -3).transpose(1, 2))
     a = a.unflatten(-1, (heads, t)).softmax(-1).flatten(-2)  # (N, HW, heads*T)
-    return torch.baddbmm(attn.out_proj.bias, a, _value_out(attn, v).flatten(0, -3)).view(q.shape)
+    return _plus_product(residual, a, _value_out(attn, v).flatten(0, -3), q.shape, in_place)
 
 
-def _two_way_block(block, queries, keys, query_pe, key_pe, shared=None):
-    """`TwoWayBlock.forward` on (B, P, ...) tensors; keys (B, 1 or P, HW, C), or `shared` for the first layer."""
+def _two_way_block(block, queries, keys, query_pe, key_pe, shared=None, own_keys=False):
+    """`TwoWayBlock.forward` on (B, P, ...) tensors; keys (B, 1 or P, HW, C), or `shared` for the first layer.
+    own_keys: keys is this decode's own (B, P, HW, C) tensor (a previous block's output), overwritten here."""
     if block.skip_first_layer_pe:
         queries = block.self_attn(queries, queries, queries)
     else:
@@ -226,9 +241,9 @@ def _two_way_block(block, queries, keys, query_pe, key_pe, shared=None):
         t2i = tokens_to_image(block.cross_attn_token_to_image, queries + query_pe, None, None, (shared["k"], shared["v"]))
     queries = block.layer_norm2(queries + t2i)
     queries = block.layer_norm3(queries + block.mlp(queries))
-    i2t = image_to_tokens(block.cross_attn_image_to_token, k, queries + query_pe, queries,
-                          None if shared is None else shared["q"])
-    return queries, block.layer_norm4(keys + i2t)
+    keys = image_to_tokens(block.cross_attn_image_to_token, k, queries + query_pe, queries,
+                           None if shared is None else shared["q"], residual=keys, in_place=own_keys)
+    return queries, block.layer_norm4(keys)
 
 
 def image_context(decoder, image_embeddings: torch.Tensor, image_pe: torch.Tensor, dense: torch.Tensor) -> dict:
@@ -259,7 +274,7 @@ def _transformer(transformer, image, image_pe, tokens, context=None):
         keys, key_pe = context["keys"], context["key_pe"]
     queries = tokens
     for i, layer in enumerate(transformer.layers):
-        queries, keys = _two_way_block(layer, queries, keys, tokens, key_pe, context if i == 0 else None)
+        queries, keys = _two_way_block(layer, queries, keys, tokens, key_pe, context if i == 0 else None, own_keys=i > 0)
     attn = tokens_to_image(transformer.final_attn_token_to_image, queries + tokens, keys + key_pe, keys)
     return transformer.layer_norm_final_attn(queries + attn), keys
 
