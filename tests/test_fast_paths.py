@@ -54,7 +54,7 @@ def test_image_to_tokens_without_projecting_the_image(t):
     g = torch.Generator().manual_seed(3)
     q = torch.randn(2, 3, 100, 64, generator=g)
     k, v = torch.randn(2, 3, t, 64, generator=g), torch.randn(2, 3, t, 64, generator=g)
-    close(fast_paths.image_to_tokens(a, q, k, v), a(q, k, v))
+    close(fast_paths.image_to_tokens(a, q, k, v, torch.zeros_like(q)), a(q, k, v))
 
 
 def test_image_to_tokens_adds_the_residual_inside_the_product():
@@ -65,9 +65,9 @@ def test_image_to_tokens_adds_the_residual_inside_the_product():
     keys = torch.randn(2, 3, 100, 64, generator=g)
     want = keys + a(q, kv, kv)
     kept = keys.clone()
-    close(fast_paths.image_to_tokens(a, q, kv, kv, residual=keys), want)
+    close(fast_paths.image_to_tokens(a, q, kv, kv, keys), want)
     assert torch.equal(keys, kept)  # not in place: the residual is untouched
-    out = fast_paths.image_to_tokens(a, q, kv, kv, residual=keys, in_place=True)
+    out = fast_paths.image_to_tokens(a, q, kv, kv, keys, in_place=True)
     assert out.data_ptr() == keys.data_ptr()
     close(out, want)
     # one image's tokens (B, 1, HW, C) shared by the P prompts: broadcast, never written
@@ -75,7 +75,7 @@ def test_image_to_tokens_adds_the_residual_inside_the_product():
     kept = image.clone()
     shared_q = a.heads(a.q_proj(image))[:, 0].contiguous()
     full = image.expand(2, 3, 100, 64)
-    close(fast_paths.image_to_tokens(a, None, kv, kv, shared_q, residual=image), full + a(full, kv, kv))
+    close(fast_paths.image_to_tokens(a, None, kv, kv, image, shared_q), full + a(full, kv, kv))
     assert torch.equal(image, kept)
 
 
@@ -83,7 +83,7 @@ def test_many_tokens_use_the_plain_attention():
     a = attention(4)
     g = torch.Generator().manual_seed(5)
     q, kv = torch.randn(1, 2, 100, 64, generator=g), torch.randn(1, 2, a.head_dim, 64, generator=g)
-    torch.testing.assert_close(fast_paths.image_to_tokens(a, q, kv, kv), a(q, kv, kv), rtol=0, atol=0)
+    torch.testing.assert_close(fast_paths.image_to_tokens(a, q, kv, kv, torch.zeros_like(q)), a(q, kv, kv), rtol=0, atol=0)
 
 
 def test_shared_image_projections():
@@ -96,7 +96,8 @@ def test_shared_image_projections():
     full = image.expand(2, 3, 100, 64)
     close(fast_paths.tokens_to_image(a, tokens, None, None, (heads(a.k_proj(image)), heads(a.v_proj(image)))),
           a(tokens, full, full))
-    close(fast_paths.image_to_tokens(a, None, tokens, tokens, heads(a.q_proj(image))), a(full, tokens, tokens))
+    close(fast_paths.image_to_tokens(a, None, tokens, tokens, torch.zeros_like(image), heads(a.q_proj(image))),
+          a(full, tokens, tokens))
 
 
 def both(model, fn):

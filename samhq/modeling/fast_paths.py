@@ -167,10 +167,8 @@ def _value_out(attn, v: torch.Tensor) -> torch.Tensor:
 
 def _plus_product(residual, a: torch.Tensor, vo: torch.Tensor, shape, in_place: bool) -> torch.Tensor:
     """`residual + a @ vo` of shape `shape` (B, P, HW, C), the sum made by the product itself: a (BP, HW, heads*T),
-    vo (BP, heads*T, C), residual broadcastable to `shape` or None (the product alone). in_place: residual has
-    `shape`, is contiguous and is not read again, so the sum is written into it."""
-    if residual is None:
-        return torch.bmm(a, vo).view(shape)
+    vo (BP, heads*T, C), residual broadcastable to `shape`. in_place: residual has `shape`, is contiguous and is not
+    read again, so the sum is written into it."""
     out = residual if in_place else residual.expand(shape).clone(memory_format=torch.contiguous_format)
     out.view(a.shape[0], a.shape[1], -1).baddbmm_(a, vo)
     return out
@@ -198,12 +196,12 @@ def tokens_to_image(attn, q, k, v, shared=None) -> torch.Tensor:
     return attn.out_proj(out.transpose(-3, -2).flatten(-2))
 
 
-def image_to_tokens(attn, q, k, v, shared=None, residual=None, in_place=False) -> torch.Tensor:
+def image_to_tokens(attn, q, k, v, residual, shared=None, in_place=False) -> torch.Tensor:
     """`residual + attn(q, k, v)` for image tokens q (B, P, HW, C) attending to tokens k, v (B, P, T, C) -> (B, P, HW, C).
 
+    residual: the image tokens (B, 1 or P, HW, C) the attention is added to (the block's residual stream).
     shared: the image's projected queries in head layout, (B, heads, HW, d), when one image (q = None)
-    serves all P prompts. residual: None, or the image tokens (B, 1 or P, HW, C) the attention is added to
-    (the block's residual stream); in_place: see `_plus_product`.
+    serves all P prompts. in_place: see `_plus_product`.
     """
     heads, t = attn.num_heads, k.shape[-2]
     if shared is not None:
@@ -213,8 +211,7 @@ def image_to_tokens(attn, q, k, v, shared=None, residual=None, in_place=False) -
         a = a.permute(0, 3, 2, 1, 4).flatten(-2).flatten(0, 1)  # (B*P, HW, heads*T)
         return _plus_product(residual, a, _value_out(attn, v).flatten(0, 1), (b, p, a.shape[1], v.shape[-1]), in_place)
     if not _absorbs(attn, k, q):
-        out = attn(q, k, v)
-        return out if residual is None else residual + out
+        return residual + attn(q, k, v)
     kh = attn.heads(attn.k_proj(k))  # (..., heads, T, d)
     scale = attn.head_dim ** -0.5
     qk = (kh @ _head_weight(attn, attn.q_proj)).flatten(-3, -2) * scale  # (..., heads*T, C)
@@ -241,8 +238,8 @@ def _two_way_block(block, queries, keys, query_pe, key_pe, shared=None, own_keys
         t2i = tokens_to_image(block.cross_attn_token_to_image, queries + query_pe, None, None, (shared["k"], shared["v"]))
     queries = block.layer_norm2(queries + t2i)
     queries = block.layer_norm3(queries + block.mlp(queries))
-    keys = image_to_tokens(block.cross_attn_image_to_token, k, queries + query_pe, queries,
-                           None if shared is None else shared["q"], residual=keys, in_place=own_keys)
+    keys = image_to_tokens(block.cross_attn_image_to_token, k, queries + query_pe, queries, keys,
+                           None if shared is None else shared["q"], in_place=own_keys)
     return queries, block.layer_norm4(keys)
 
 
