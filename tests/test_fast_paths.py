@@ -130,11 +130,30 @@ def test_vit_encoder(vision):
 
 def test_vit_attention_blocks_cover_every_query_row(monkeypatch):
     """Blocks of query rows smaller than the grid (as at 1024 px) give the whole attention."""
-    monkeypatch.setattr(fast_paths, "MAX_BIAS_ELEMENTS", 3 * 64 * 64 * 2)  # 3 rows per block, a shorter last block
+    per_query = 2 * 64 * 64  # the test model: 2 heads, 64x64 tokens
+    monkeypatch.setattr(fast_paths, "MAX_BIAS_ELEMENTS", 3 * 64 * per_query)  # at most 3 query rows per block
+    monkeypatch.setattr(fast_paths, "MIN_BLOCK_QUERIES", 1)
+    assert set(np.diff(fast_paths.bias_blocks(64, 64, per_query)).tolist()) == {2, 3}  # 22 blocks
     m = random_model(seed=13)
     x = torch.randn(1, 3, 1024, 1024, generator=torch.Generator().manual_seed(1))
     (emb, _), (emb0, _) = both(m, lambda: m.get_image_embeddings(x))
     close(emb, emb0)
+
+
+@pytest.mark.parametrize("h, w, per_query", [(64, 64, 12 * 4096), (64, 64, 16 * 4096), (64, 64, 2 * 4096),
+                                             (14, 14, 25 * 12 * 196), (20, 30, 12 * 600), (128, 128, 16384)])
+def test_vit_attention_blocks(h, w, per_query):
+    """The query-row blocks cover every row once, differ by at most a row, hold at most MAX_BIAS_ELEMENTS of bias
+    unless that would mean blocks under MIN_BLOCK_QUERIES queries, and are as few as those two rules allow."""
+    bounds = fast_paths.bias_blocks(h, w, per_query)
+    sizes = np.diff(bounds)
+    assert bounds[0] == 0 and bounds[-1] == h and sizes.min() >= 1 and sizes.max() - sizes.min() <= 1
+    fits = sizes.max() * w * per_query <= fast_paths.MAX_BIAS_ELEMENTS
+    assert fits or h * w / len(sizes) >= fast_paths.MIN_BLOCK_QUERIES
+    if len(sizes) > 1:  # one block fewer would break a rule
+        fewer = -(-h // (len(sizes) - 1))
+        assert fewer * w * per_query > fast_paths.MAX_BIAS_ELEMENTS
+        assert fits or h * w / (len(sizes) + 1) < fast_paths.MIN_BLOCK_QUERIES
 
 
 def test_tiny_vit_encoder():

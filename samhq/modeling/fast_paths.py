@@ -41,8 +41,11 @@ from torch.nn import functional as F
 from .common import gelu, kept_rows, rel_pos_terms
 
 # Global attention over 64x64 tokens would need a (heads, 4096, 4096) bias; query rows are processed
-# in blocks so that no block's bias exceeds this many elements.
+# in blocks so that no block's bias exceeds this many elements, unless that would leave a block with fewer
+# than MIN_BLOCK_QUERIES queries: PyTorch's CPU flash-attention kernel tiles 768 or more queries by 256 and
+# fewer by 64, which costs 10-20% more per query (torch 2.13; ViT-B: blocks of 13 rows, 163 MB, not 10).
 MAX_BIAS_ELEMENTS = 1 << 25
+MIN_BLOCK_QUERIES = 768
 # Prompts per pass through the decoder's transformer.
 DECODE_CHUNK = 8
 # Pixels per band of rows in the HQ branch's full-resolution convolution.
@@ -60,15 +63,25 @@ def vit_attention(attn, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, h: in
     b, n, _, _ = q.shape
     # contiguous terms: broadcasting over strided einsum outputs is several times slower
     term_h, term_w = (t.contiguous() for t in rel_pos_terms(q, attn.rel_pos_h, attn.rel_pos_w, h, w))
-    rows = max(1, min(h, MAX_BIAS_ELEMENTS // (b * n * w * h * w)))
-    buf = q.new_empty(b, n, rows, w, h, w)
+    bounds = bias_blocks(h, w, b * n * h * w)
+    buf = q.new_empty(b, n, max(r1 - r0 for r0, r1 in zip(bounds, bounds[1:])), w, h, w)
     blocks = []
-    for r0 in range(0, h, rows):
-        r1 = min(h, r0 + rows)
+    for r0, r1 in zip(bounds, bounds[1:]):
         bias = torch.add(term_h[:, :, r0:r1, :, :, None], term_w[:, :, r0:r1, :, None, :], out=buf[:, :, : r1 - r0])
-        bias = bias.reshape(b, n, (r1 - r0) * w, h * w)  # a view, except for the last, shorter block's buffer slice
+        bias = bias.reshape(b, n, (r1 - r0) * w, h * w)  # a view (a shorter block keeps the buffer's head stride)
         blocks.append(F.scaled_dot_product_attention(q[:, :, r0 * w : r1 * w], k, v, attn_mask=bias).transpose(1, 2))
     return torch.cat(blocks, dim=1) if len(blocks) > 1 else blocks[0]
+
+
+def bias_blocks(h: int, w: int, per_query: int) -> list[int]:
+    """Row bounds [0, ..., h] of the blocks of query rows `vit_attention` processes; per_query: bias elements per query.
+
+    As few blocks as `MAX_BIAS_ELEMENTS` allows, but never so many that they average under `MIN_BLOCK_QUERIES`
+    queries; their sizes differ by at most one row.
+    """
+    cap_rows = max(1, MAX_BIAS_ELEMENTS // (per_query * w))
+    count = max(1, min(-(-h // cap_rows), h * w // MIN_BLOCK_QUERIES))
+    return [round(i * h / count) for i in range(count + 1)]
 
 
 def patch_embed(conv: nn.Conv2d, pixel_values: torch.Tensor) -> torch.Tensor:
