@@ -60,10 +60,21 @@ def upscale_logits(
     (`pad_size`, an int S or (S_h, S_w)), crop the padding to `input_size`, then resize to
     `original_size` (bilinear, float32)."""
     pad = (pad_size, pad_size) if isinstance(pad_size, int) else tuple(pad_size)
+    kept = (int(input_size[0]), int(input_size[1]))
     lead = low_res.shape[:-2]
     x = low_res.float().reshape(1, -1, *low_res.shape[-2:])
-    x = F.interpolate(x, pad, mode="bilinear", align_corners=False)
-    x = x[..., : int(input_size[0]), : int(input_size[1])]
+    # Only the part the crop keeps is upsampled. Along an axis enlarged by a whole factor s, output pixels
+    # below k read low-res pixels below ceil(k / s) + 1 only, at the same source coordinates (the scale
+    # n / (n * s) is the same float for every n), so the kept part is bit for bit the full upsampling's.
+    size = list(pad)
+    for axis in (0, 1):
+        n = x.shape[2 + axis]
+        if pad[axis] % n == 0:
+            s = pad[axis] // n
+            n = min(n, -(-kept[axis] // s) + 1)
+            x, size[axis] = x.narrow(2 + axis, 0, n), n * s
+    x = F.interpolate(x, size, mode="bilinear", align_corners=False)
+    x = x[..., : kept[0], : kept[1]]
     if tuple(x.shape[-2:]) != tuple(int(v) for v in original_size):  # a same-size bilinear resize is the identity
         x = F.interpolate(x, tuple(int(v) for v in original_size), mode="bilinear", align_corners=False)
     return x.reshape(*lead, *x.shape[-2:])

@@ -124,3 +124,21 @@ def test_from_pretrained_takes_the_input_size_from_the_checkpoint(tmp_path):
         batch = proc(np.zeros((40, 80, 3), np.uint8), input_points=[[[40, 20]]])
         assert tuple(batch["pixel_values"].shape) == (1, 3, 256, 256)
         assert batch["input_points"][0, 0, 0].tolist() == [128.0, 64.0]
+
+
+@pytest.mark.parametrize("input_size, original_size, pad, low", [
+    ((768, 1024), (768, 1024), 1024, 256), ((1024, 768), (1200, 900), 1024, 256), ((1024, 1024), (512, 512), 1024, 256),
+    ((5, 1024), (5, 1024), 1024, 256), ((1021, 1024), (1021, 1024), 1024, 256), ((300, 451), (300, 451), (600, 900), 200),
+    ((101, 64), (101, 64), (128, 64), 64), ((700, 1000), (700, 1000), 1000, 256)])  # the last: 1000 is not 4 x 256
+def test_upscale_logits_equals_upsample_then_crop(input_size, original_size, pad, low):
+    """Upsampling only the low-res rows and columns the crop keeps gives exactly the full upsampling's crop."""
+    import torch.nn.functional as F
+
+    from samhq.processing import upscale_logits
+
+    logits = torch.randn(3, 1, low, low, generator=torch.Generator().manual_seed(0)) * 8
+    size = (pad, pad) if isinstance(pad, int) else pad
+    full = F.interpolate(logits, size, mode="bilinear", align_corners=False)[..., :input_size[0], :input_size[1]]
+    if tuple(original_size) != tuple(input_size):
+        full = F.interpolate(full, original_size, mode="bilinear", align_corners=False)
+    assert torch.equal(upscale_logits(logits, input_size, original_size, pad), full)
