@@ -210,7 +210,7 @@ class SamHQAutomaticMaskGenerator:
         # without m2m the IoU filter below drops every mask scoring <= pred_iou_thresh: those need not be computed (NaN)
         skip = self.pred_iou_thresh if self.pred_iou_thresh > 0 and not self.use_m2m else None
         low_res, iou = p.decode(coords, labels, multimask_output=multimask, hq_token_only=hq_only,
-                                pred_iou_thresh=skip)  # (P, M, h, w), (P, M)
+                                pred_iou_thresh=skip, upscaled_only=not self.use_m2m)  # (P, M, h, w), (P, M)
         n_per_point = low_res.shape[1]
         low_res, iou = low_res.flatten(0, 1), iou.flatten()  # (P*M, h, w), (P*M,)
         points = torch.as_tensor(points, device=low_res.device).repeat_interleave(n_per_point, dim=0)

@@ -607,6 +607,7 @@ class SamHQPredictor:
         hq_token_only: bool = False,
         sam_token_only: bool = False,
         pred_iou_thresh: float | None = None,
+        upscaled_only: bool = False,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """The low-resolution half of `predict_torch`: B prompts in the resized frame -> low-res logits
         (B, C, 256, 256) float32 and scores (B, C), without upscaling (see `upscale_masks`).
@@ -614,12 +615,19 @@ class SamHQPredictor:
         `pred_iou_thresh` (the automatic generator's filter): a prompt none of whose scores exceeds it may come
         back with NaN logits instead of computed ones (the torch engine skips their upscaling and HQ branch, most
         of a prompt's cost on a CPU; the ONNX engines compute them); its scores are always computed.
+        `upscaled_only`: the caller reads the logits only through `upscale_masks`, so the rows of the padded frame
+        that it never reads (`transform.low_res_read`: the bottom quarter for a 4:3 landscape image) may come back NaN
+        instead of computed (torch engine, SAM-HQ models, no hole or sprinkle removal).
         Raises ValueError for malformed prompts.
         """
         self._require_image()
         points, labels, boxes, masks = self._check_batch(point_coords, point_labels, boxes, mask_input)
+        mask_rows = None
+        if upscaled_only and self.max_hole_area <= 0 and self.max_sprinkle_area <= 0:  # hole removal reads every row
+            low = self.image_size // 4
+            mask_rows = self.transform.low_res_read((low, low), self.input_size)[0]
         return self.engine.decode(self._features, points, labels, boxes, masks, multimask_output, hq_token_only,
-                                  self.selection, sam_token_only, pred_iou_thresh)
+                                  self.selection, sam_token_only, pred_iou_thresh, mask_rows)
 
     def _check_batch(self, points, labels, boxes, masks):
         """B prompts in the resized frame (see `predict_torch`) as tensors on the device, checked once."""

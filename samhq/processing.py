@@ -53,6 +53,21 @@ def scale_coords(coords, original_size: tuple[int, int], long_side: int):
     return np.asarray(coords, dtype=np.float64) * np.asarray(factor)
 
 
+def low_res_read(low_hw, input_size, pad_size) -> tuple[int, int]:
+    """How many leading rows and columns of low-res logits (..., h, w) `upscale_logits` reads, for an image resized
+    to input_size (h_in, w_in) and padded to pad_size (an int S or (S_h, S_w)).
+
+    Along an axis the padding enlarges by a whole factor s, the bilinear upsampling's pixels below k (the crop) read
+    low-res pixels below ceil(k / s) + 1 only, at the same source coordinates as in the full upsampling (its scale
+    n / (n * s) is the same float for every n); along any other axis, all of them.
+    """
+    pad = (pad_size, pad_size) if isinstance(pad_size, int) else tuple(pad_size)
+    out = []
+    for n, k, p in zip((int(v) for v in low_hw), (int(v) for v in input_size), (int(v) for v in pad)):
+        out.append(min(n, -(-k // (p // n)) + 1) if p >= n and p % n == 0 else n)
+    return out[0], out[1]
+
+
 def upscale_logits(
     low_res: torch.Tensor, input_size: tuple[int, int], original_size: tuple[int, int], pad_size
 ) -> torch.Tensor:
@@ -60,21 +75,13 @@ def upscale_logits(
     (`pad_size`, an int S or (S_h, S_w)), crop the padding to `input_size`, then resize to
     `original_size` (bilinear, float32)."""
     pad = (pad_size, pad_size) if isinstance(pad_size, int) else tuple(pad_size)
-    kept = (int(input_size[0]), int(input_size[1]))
     lead = low_res.shape[:-2]
     x = low_res.float().reshape(1, -1, *low_res.shape[-2:])
-    # Only the part the crop keeps is upsampled. Along an axis enlarged by a whole factor s, output pixels
-    # below k read low-res pixels below ceil(k / s) + 1 only, at the same source coordinates (the scale
-    # n / (n * s) is the same float for every n), so the kept part is bit for bit the full upsampling's.
-    size = list(pad)
-    for axis in (0, 1):
-        n = x.shape[2 + axis]
-        if pad[axis] % n == 0:
-            s = pad[axis] // n
-            n = min(n, -(-kept[axis] // s) + 1)
-            x, size[axis] = x.narrow(2 + axis, 0, n), n * s
-    x = F.interpolate(x, size, mode="bilinear", align_corners=False)
-    x = x[..., : kept[0], : kept[1]]
+    # only the part the crop keeps is upsampled (see low_res_read), bit for bit the full upsampling's
+    h, w = x.shape[-2:]
+    rows, cols = low_res_read((h, w), input_size, pad)
+    x = F.interpolate(x[..., :rows, :cols], (pad[0] * rows // h, pad[1] * cols // w), mode="bilinear", align_corners=False)
+    x = x[..., : int(input_size[0]), : int(input_size[1])]
     if tuple(x.shape[-2:]) != tuple(int(v) for v in original_size):  # a same-size bilinear resize is the identity
         x = F.interpolate(x, tuple(int(v) for v in original_size), mode="bilinear", align_corners=False)
     return x.reshape(*lead, *x.shape[-2:])
@@ -132,6 +139,10 @@ class ResizeLongestSide:
         """Low-res logits (..., m, m) -> float32 logits (..., H, W) at the original size (`upscale_logits`)."""
         return upscale_logits(low_res, input_size, original_size, self.target_length)
 
+    def low_res_read(self, low_hw, input_size) -> tuple[int, int]:
+        """The leading rows and columns of low-res logits (..., m, m) `postprocess_masks` reads (`low_res_read`)."""
+        return low_res_read(low_hw, input_size, self.target_length)
+
 
 class ResizeSquare:
     """SAM 2's image transform: resize the image to `target_length` squared without keeping its aspect
@@ -182,6 +193,10 @@ class ResizeSquare:
         x = F.interpolate(x.reshape(1, -1, *x.shape[-2:]), tuple(int(v) for v in original_size), mode="bilinear",
                           align_corners=False)
         return x.reshape(*lead, *x.shape[-2:])
+
+    def low_res_read(self, low_hw, input_size) -> tuple[int, int]:
+        """The low-res rows and columns `postprocess_masks` reads: all of them (nothing is padded)."""
+        return int(low_hw[0]), int(low_hw[1])
 
 
 def fill_holes_and_sprinkles(logits: torch.Tensor, max_hole_area: float, max_sprinkle_area: float,

@@ -228,6 +228,49 @@ def test_decoder_skips_the_masks_not_needed(model, monkeypatch, b):
     assert sum(calls) == want.sum()  # the fast path decoded the kept prompts' masks only
 
 
+def test_decoder_computes_only_the_mask_rows_asked_for(model):
+    """mask_rows: each mask's first rows are the full decode's, the rest NaN (with `needed` too, over two chunks);
+    the plain forms compute everything."""
+    g = torch.Generator().manual_seed(41)
+    emb, inter = model.get_image_embeddings(torch.randn(1, 3, 1024, 1024, generator=g))
+    hq_features = model.compute_hq_features(emb, inter)
+    points = torch.rand(1, 11, 1, 2, generator=g) * 1024
+    full, iou_full = model.predict_all(emb, hq_features, input_points=points)
+    side = full.shape[-2]
+    best = iou_full[..., 1:].amax(-1)
+    t = gap_threshold(best)
+    want = best > t
+    assert 0 < want.sum() < want.numel()
+    for rows in (1, 2, 63, 64, 65, 193, side - 2, side - 1, side):
+        masks, iou = model.predict_all(emb, hq_features, input_points=points, context=model.decoder_context(emb),
+                                       needed=lambda iou: iou[..., 1:].amax(-1) > t, mask_rows=rows)
+        close(iou, iou_full)
+        assert masks[~want].isnan().all() and masks[want][..., rows:, :].isnan().all()
+        close(masks[want][..., :rows, :], full[want][..., :rows, :])
+    model.set_fast_path(False)
+    try:
+        masks, _ = model.predict_all(emb, hq_features, input_points=points, mask_rows=5)
+    finally:
+        model.set_fast_path(True)
+    close(masks, full)
+
+
+def test_predictor_upscaled_only_gives_the_same_upscaled_masks(model):
+    """decode(upscaled_only=True) leaves the padded frame's unread rows NaN; upscale_masks gives the full decode's
+    masks (a 4:3 image: 193 of 256 rows), and hole removal turns the option off (it reads every row)."""
+    p = SamHQPredictor(model)
+    p.set_image(np.random.default_rng(5).integers(0, 255, (600, 800, 3), dtype=np.uint8))
+    pts, lab = torch.tensor([[[300.0, 200.0]], [[100.0, 500.0]]]), torch.ones(2, 1, dtype=torch.int)
+    low, scores = p.decode(pts, lab)
+    part, part_scores = p.decode(pts, lab, upscaled_only=True)
+    rows = p.transform.low_res_read(low.shape[-2:], p.input_size)[0]
+    assert rows == 193 and part[..., rows:, :].isnan().all() and not part[..., :rows, :].isnan().any()
+    close(part_scores, scores)
+    close(p.upscale_masks(part), p.upscale_masks(low))
+    p.max_hole_area = 10.0
+    assert not p.decode(pts, lab, upscaled_only=True)[0].isnan().any()
+
+
 @pytest.mark.parametrize("p", [1, 4])
 def test_decoder_graph_forms(model, p):
     """set_fast_path("graph") (the ONNX export's setting: the folded HQ convolution as plain algebra) = plain forms."""

@@ -293,17 +293,20 @@ def _transformer(transformer, image, image_pe, tokens, context=None):
 # Mask decoder
 
 
-def decode_masks(decoder, image_embeddings, image_pe, sparse, dense, hq_features, context=None, needed=None):
+def decode_masks(decoder, image_embeddings, image_pe, sparse, dense, hq_features, context=None, needed=None,
+                 mask_rows=None):
     """`MaskDecoder.forward`: every output token's mask logits (B, P, K, 4h, 4w) and IoU predictions (B, P, 4).
 
     context: `image_context(...)` of these image embeddings, for prompts without a mask input.
     needed: see `MaskDecoder.forward`; the masks of the prompts it rejects are NaN, never computed.
+    mask_rows: see `MaskDecoder.forward`; the rows below it are NaN, never computed.
     """
     b, p = sparse.shape[:2]
     c, h, w = image_embeddings.shape[1:]
     if p > DECODE_CHUNK:
         parts = [decode_masks(decoder, image_embeddings, image_pe, sparse[:, i:i + DECODE_CHUNK],
-                              dense[:, i:i + DECODE_CHUNK] if dense.shape[1] > 1 else dense, hq_features, context, needed)
+                              dense[:, i:i + DECODE_CHUNK] if dense.shape[1] > 1 else dense, hq_features, context, needed,
+                              mask_rows)
                  for i in range(0, p, DECODE_CHUNK)]
         return torch.cat([m for m, _ in parts], dim=1), torch.cat([q for _, q in parts], dim=1)
     out_tokens = decoder.output_tokens(hq_features is not None).to(sparse.dtype)
@@ -321,32 +324,39 @@ def decode_masks(decoder, image_embeddings, image_pe, sparse, dense, hq_features
     hyper = torch.stack([mlp(hs[:, 1 + i]) for i, mlp in enumerate(decoder.output_hypernetworks_mlps)], dim=1)
     hyper_hq = decoder.hq_mask_mlp(hs[:, 1 + n]) if hq_features is not None else None
     k = n + (hq_features is not None)
-    masks = hs.new_empty(b * p, k, 16 * h * w) if needed is None else hs.new_full((b * p, k, 16 * h * w), float("nan"))
+    rows_out = 4 * h if mask_rows is None else max(1, min(4 * h, mask_rows))
+    size = rows_out * 4 * w
+    whole = needed is None and rows_out == 4 * h
+    masks = hs.new_empty(b * p, k, 16 * h * w) if whole else hs.new_full((b * p, k, 16 * h * w), float("nan"))
     # one prompt at a time: its C/4 x 16hw fusion tensors stay in cache
     for i in rows:
-        masks[i] = _prompt_masks(decoder, keys[i:i + 1], hyper[i:i + 1], None if hyper_hq is None else hyper_hq[i:i + 1])[0]
+        masks[i, :, :size] = _prompt_masks(decoder, keys[i:i + 1], hyper[i:i + 1],
+                                           None if hyper_hq is None else hyper_hq[i:i + 1], rows_out)[0]
     if hq_features is not None:
         for j in range(b):  # the image-wide HQ term, one product per image
             mine = [i for i in rows if i // p == j]
-            masks[mine, n] += hyper_hq[mine] @ hq_features[j].flatten(1).to(hyper_hq.dtype)
+            masks[mine, n, :size] += hyper_hq[mine] @ hq_features[j, :, :rows_out].flatten(1).to(hyper_hq.dtype)
     return masks.view(b, p, -1, 4 * h, 4 * w), iou
 
 
-def _prompt_masks(decoder, keys: torch.Tensor, hyper: torch.Tensor, hyper_hq: torch.Tensor | None) -> torch.Tensor:
-    """Mask logits of N prompts, (N, 4 or 5, 16hw), the HQ one without the image-only hq_features term.
+def _prompt_masks(decoder, keys: torch.Tensor, hyper: torch.Tensor, hyper_hq: torch.Tensor | None,
+                  rows: int) -> torch.Tensor:
+    """The first `rows` rows of N prompts' mask logits, (N, 4 or 5, rows * 4w), the HQ one without the image-only
+    hq_features term.
 
     keys (N, h, w, C) image tokens after the transformer, hyper (N, 4, C/8), hyper_hq (N, C/8) or None.
     Everything runs channels-last (N, H, W, C).
     """
-    up = _upscale(decoder, keys)  # (N, H, W, C/8)
-    nb, hh, ww, _ = up.shape
-    masks = hyper @ up.view(nb, hh * ww, -1).transpose(1, 2)  # (N, 4, HW)
+    # the HQ branch's two 3x3 convolutions read two rows of the upscaled features below the last row out
+    up = _upscale(decoder, keys[:, :-(-min(4 * keys.shape[1], rows + 2) // 4)])  # (N, H' >= rows + 2 or H, W, C/8)
+    nb, _, ww, _ = up.shape
+    masks = hyper @ up[:, :rows].reshape(nb, rows * ww, -1).transpose(1, 2)  # (N, 4, rows * W)
     if hyper_hq is None:
         return masks
     taps = _hq_taps(decoder, hyper_hq)
     step = max(1, HQ_BAND_PIXELS // ww)
-    hq = torch.cat([_hq_rows(decoder, up, taps, r0, min(r0 + step, hh)) for r0 in range(0, hh, step)], dim=1)
-    hq = hq.reshape(nb, 1, hh * ww) + (hyper_hq @ decoder.mask_conv2.bias)[:, None, None]
+    hq = torch.cat([_hq_rows(decoder, up, taps, r0, min(r0 + step, rows)) for r0 in range(0, rows, step)], dim=1)
+    hq = hq.reshape(nb, 1, rows * ww) + (hyper_hq @ decoder.mask_conv2.bias)[:, None, None]
     return torch.cat([masks, hq], dim=1)
 
 
@@ -391,7 +401,8 @@ def _upscale(decoder, keys: torch.Tensor) -> torch.Tensor:
 
 
 def _hq_rows(decoder, up: torch.Tensor, taps: torch.Tensor, r0: int, r1: int) -> torch.Tensor:
-    """Rows r0:r1 of the HQ mask logits (N, r1-r0, W) from up (N, H, W, C/8) and the folded taps (N, 9, C/4)."""
+    """Rows r0:r1 of the HQ mask logits (N, r1-r0, W) from up (N, H, W, C/8) and the folded taps (N, 9, C/4).
+    up may be the first rows of the upscaled features only, if it holds at least r1 + 2 of them."""
     hh, ww = up.shape[1:3]
     lo, hi = max(r0 - 1, 0), min(r1 + 1, hh)  # rows of mask_conv1's output these need
     ulo, uhi = max(lo - 1, 0), min(hi + 1, hh)  # rows of up those need
