@@ -77,7 +77,7 @@ def upscale_logits(
     pad = (pad_size, pad_size) if isinstance(pad_size, int) else tuple(pad_size)
     lead = low_res.shape[:-2]
     x = low_res.float().reshape(1, -1, *low_res.shape[-2:])
-    # only the part the crop keeps is upsampled (see low_res_read), bit for bit the full upsampling's
+    # only the part the crop keeps is upsampled (see low_res_read): the full upsampling's values, up to rounding
     h, w = x.shape[-2:]
     rows, cols = low_res_read((h, w), input_size, pad)
     x = F.interpolate(x[..., :rows, :cols], (pad[0] * rows // h, pad[1] * cols // w), mode="bilinear", align_corners=False)

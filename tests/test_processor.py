@@ -131,14 +131,18 @@ def test_from_pretrained_takes_the_input_size_from_the_checkpoint(tmp_path):
     ((5, 1024), (5, 1024), 1024, 256), ((1021, 1024), (1021, 1024), 1024, 256), ((300, 451), (300, 451), (600, 900), 200),
     ((101, 64), (101, 64), (128, 64), 64), ((700, 1000), (700, 1000), 1000, 256)])  # the last: 1000 is not 4 x 256
 def test_upscale_logits_equals_upsample_then_crop(input_size, original_size, pad, low):
-    """Upsampling only the low-res rows and columns the crop keeps gives exactly the full upsampling's crop."""
+    """Upsampling only the low-res rows and columns the crop keeps gives the full upsampling's crop (up to float
+    rounding: the kernel may vectorise a shorter row differently)."""
     import torch.nn.functional as F
 
     from samhq.processing import upscale_logits
 
     logits = torch.randn(3, 1, low, low, generator=torch.Generator().manual_seed(0)) * 8
     size = (pad, pad) if isinstance(pad, int) else pad
-    full = F.interpolate(logits, size, mode="bilinear", align_corners=False)[..., :input_size[0], :input_size[1]]
+    full = F.interpolate(logits.reshape(1, 3, low, low), size, mode="bilinear", align_corners=False)
+    full = full[..., :input_size[0], :input_size[1]]
     if tuple(original_size) != tuple(input_size):
         full = F.interpolate(full, original_size, mode="bilinear", align_corners=False)
-    assert torch.equal(upscale_logits(logits, input_size, original_size, pad), full)
+    got = upscale_logits(logits, input_size, original_size, pad)
+    assert got.shape == (3, 1, *original_size)
+    assert (got - full.reshape(got.shape)).abs().max() <= 1e-6 * full.abs().max()

@@ -41,7 +41,7 @@ from torch.nn import functional as F
 from .common import gelu, kept_rows, rel_pos_terms
 
 # Global attention over 64x64 tokens would need a (heads, 4096, 4096) bias; query rows are processed
-# in blocks so that no block's bias exceeds this many elements, unless that would leave a block with fewer
+# in blocks so that no block's bias exceeds this many elements, unless the blocks would then average fewer
 # than MIN_BLOCK_QUERIES queries: PyTorch's CPU flash-attention kernel tiles 768 or more queries by 256 and
 # fewer by 64, which costs 10-20% more per query (torch 2.13; ViT-B: blocks of 13 rows, 163 MB, not 10).
 MAX_BIAS_ELEMENTS = 1 << 25
