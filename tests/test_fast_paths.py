@@ -214,8 +214,8 @@ def test_decoder_skips_the_masks_not_needed(model, monkeypatch, b):
     want = best > t
     assert 0 < want.sum() < want.numel()
     calls = []
-    prompt_masks = fast_paths._prompt_masks
-    monkeypatch.setattr(fast_paths, "_prompt_masks", lambda d, k, *a: calls.append(len(k)) or prompt_masks(d, k, *a))
+    prompt_masks = fast_paths._prompt_bands
+    monkeypatch.setattr(fast_paths, "_prompt_bands", lambda *a: calls.append(1) or prompt_masks(*a))
 
     def run():
         return model.predict_all(emb, hq_features, input_points=points, context=model.decoder_context(emb),
@@ -373,3 +373,112 @@ def test_window_order_is_window_partition(b, h, w, window):
     gathered = x.reshape(-1, 3)[order.clamp(min=0)] * (order >= 0)[:, None]
     windows, _ = window_partition(x, window)
     assert torch.equal(gathered, windows.reshape(-1, 3))
+
+
+@pytest.fixture
+def two_threads():
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(before)
+
+
+def test_run_jobs_on_worker_threads_one_torch_thread_each(two_threads):
+    """Results in order, computed on the pool's threads with one torch thread, under the caller's grad mode; torch's
+    thread count comes back; a job's own jobs run in turn on its thread; one job runs on the caller's thread."""
+    import threading
+
+    def job(i):
+        inner = fast_paths.run_jobs([lambda: threading.current_thread().name] * 2)
+        return i, threading.current_thread().name, torch.get_num_threads(), torch.is_grad_enabled(), inner
+
+    with torch.no_grad():
+        out = fast_paths.run_jobs([lambda i=i: job(i) for i in range(5)])
+    assert [o[0] for o in out] == list(range(5))
+    assert all(name.startswith("samhq-jobs") and threads == 1 and not grad and inner == [name, name]
+               for _, name, threads, grad, inner in out)
+    assert torch.get_num_threads() == 2
+    assert fast_paths.run_jobs([lambda: threading.current_thread().name]) == [threading.current_thread().name]
+    with torch.inference_mode():
+        assert fast_paths.run_jobs([torch.is_inference_mode_enabled] * 3) == [True] * 3
+
+
+def test_run_jobs_waits_for_all_then_raises(two_threads):
+    import time
+
+    done = []
+
+    def slow():
+        time.sleep(0.2)
+        done.append(1)
+
+    def bad():
+        raise ValueError("job failed")
+
+    with pytest.raises(ValueError, match="job failed"):
+        fast_paths.run_jobs([bad, slow, slow])
+    assert len(done) == 2 and torch.get_num_threads() == 2
+
+
+def test_run_jobs_leave_other_threads_their_thread_count(two_threads):
+    """While jobs run on their one-thread workers, and after, this thread and threads started later keep torch's
+    count (setting the workers' count must not leak into the default a new thread starts with)."""
+    import threading
+
+    fast_paths._pools.clear()  # the pool is started (its workers set) inside this test
+    seen = []
+    out = fast_paths.run_jobs([lambda: torch.get_num_threads()] * 4)
+    thread = threading.Thread(target=lambda: seen.append(torch.get_num_threads()))
+    thread.start()
+    thread.join()
+    assert out == [1] * 4 and seen == [2] and torch.get_num_threads() == 2
+
+
+def _jobs_in_child(queue):
+    queue.put(fast_paths.run_jobs([lambda i=i: i * i for i in range(4)]))
+
+
+def test_run_jobs_after_fork(two_threads):
+    """A forked child inherits the pool object but none of its threads: it makes its own instead of waiting forever."""
+    import multiprocessing
+
+    fast_paths.run_jobs([lambda: 0] * 2)  # the parent's pool exists
+    ctx = multiprocessing.get_context("fork")
+    queue = ctx.Queue()
+    child = ctx.Process(target=_jobs_in_child, args=(queue,))
+    child.start()
+    child.join(60)
+    alive = child.is_alive()
+    if alive:
+        child.kill()
+    assert not alive and queue.get(timeout=5) == [0, 1, 4, 9]
+
+
+@pytest.mark.parametrize("jobs", [True, False])
+def test_decoder_jobs_give_the_same_masks(model, monkeypatch, two_threads, jobs):
+    """Prompt chunks and bands of rows on worker threads (PARALLEL_JOBS) or in turn: the plain forward's masks, also
+    with `mask_rows` cutting a band and without the HQ branch; the bands of each prompt tile its rows once."""
+    import threading
+    from collections import Counter
+
+    g = torch.Generator().manual_seed(52)
+    emb, inter = model.get_image_embeddings(torch.randn(1, 3, 1024, 1024, generator=g))
+    hq_features = model.compute_hq_features(emb, inter)
+    points = torch.rand(1, 11, 1, 2, generator=g) * 1024
+    monkeypatch.setattr(fast_paths, "PARALLEL_JOBS", jobs)
+    bands, band = [], fast_paths._mask_band
+    monkeypatch.setattr(fast_paths, "_mask_band", lambda *a: bands.append((a[-2:], threading.current_thread().name))
+                        or band(*a))
+    for hq in (hq_features, None):
+        for rows in (None, 100):
+            bands.clear()
+            (masks, iou), (plain, plain_iou) = both(model, lambda hq=hq, rows=rows: model.predict_all(
+                emb, hq, input_points=points, context=model.decoder_context(emb), mask_rows=rows))
+            cut = plain.shape[-2] if rows is None else rows
+            close(masks[..., :cut, :], plain[..., :cut, :])
+            close(iou, plain_iou)
+            counts = Counter(b for b, _ in bands)
+            edges = sorted(counts)
+            assert set(counts.values()) == {11} and edges[0][0] == 0 and edges[-1][1] == cut
+            assert all(a[1] == b[0] for a, b in zip(edges, edges[1:]))
+            assert all(name.startswith("samhq-jobs") == jobs for _, name in bands)

@@ -20,8 +20,10 @@ against the plain form. What they do:
   - cross attention between the T prompt tokens and the HW image tokens never projects the image
     tokens while T is below the head width: the query/key projections move onto the tokens' side of
     the product, the value/output projections after the weighted sum (T/d of the multiply-adds);
-  - prompts are decoded a few at a time through the transformer (`DECODE_CHUNK`) and one at a time
-    through upscaling and the HQ branch, so the large per-prompt tensors stay in cache;
+  - prompts are decoded a few at a time through the transformer (`DECODE_CHUNK`) and one band of rows
+    at a time through upscaling and the HQ branch, so the large per-prompt tensors stay in cache;
+  - the chunks, or one chunk's bands, run as jobs on worker threads with one torch thread each
+    (`run_jobs`, `PARALLEL_JOBS`): far fewer thread wake-ups than OpenMP's per-operation ones;
   - the two 2x2 transposed convolutions of the upscaling are per-pixel matmuls on unshuffled
     sub-pixels (with LayerNorm and GELU, which also act per pixel), shuffled once at the end;
   - the HQ hypernetwork vector is folded into `mask_conv2` (linear), so the HQ branch computes one
@@ -33,6 +35,11 @@ forms except where a fast form is plain tensor algebra that traces to one graph 
 convolution).
 """
 from __future__ import annotations
+
+import os
+import threading
+from concurrent.futures import ThreadPoolExecutor, wait
+from functools import partial
 
 import torch
 from torch import nn
@@ -50,6 +57,70 @@ MIN_BLOCK_QUERIES = 768
 DECODE_CHUNK = 8
 # Pixels per band of rows in the HQ branch's full-resolution convolution.
 HQ_BAND_PIXELS = 16384
+
+
+# Run the decoder's independent pieces (prompt chunks, bands of mask rows) as `run_jobs` jobs on worker threads.
+PARALLEL_JOBS = True
+
+
+# ------------------------------------------------------------------------------------------------
+# Jobs on worker threads
+
+
+_pools: dict = {}  # (process id, threads) -> the pool `run_jobs` uses
+_pools_lock = threading.Lock()
+_in_job = threading.local()
+
+
+def run_jobs(jobs: list) -> list:
+    """Call each of `jobs` (functions of no arguments) and return their results in order: on `torch.get_num_threads()`
+    worker threads, one torch thread each, or in turn on this thread (one torch thread, `PARALLEL_JOBS` off, a single
+    job, or a call from inside a job). The jobs run under this thread's grad, inference and CPU autocast modes.
+    Exceptions raised by a job are raised here, after every job has finished.
+
+    Why: with OMP_WAIT_POLICY=PASSIVE (samhq's default, docs/performance.md) every parallel region wakes sleeping
+    OpenMP threads, which costs 0.1-0.5 ms on a VM; the decoder's hundreds of small and mid-sized operations per prompt
+    then run little faster on two threads than on one. Whole prompt chunks or bands of rows on threads of their own
+    wake a thread once per job.
+    """
+    threads = torch.get_num_threads()
+    if len(jobs) < 2 or threads < 2 or not PARALLEL_JOBS or getattr(_in_job, "active", False):
+        return [job() for job in jobs]
+    pool = _pool(threads)
+    modes = (torch.is_grad_enabled(), torch.is_inference_mode_enabled(), torch.is_autocast_enabled("cpu"),
+             torch.get_autocast_dtype("cpu"))  # thread-local: the jobs run as this thread would
+    futures = [pool.submit(_job, job, *modes) for job in jobs]
+    wait(futures)
+    return [f.result() for f in futures]
+
+
+def _pool(threads: int) -> ThreadPoolExecutor:
+    """This process's pool of `threads` workers, each set to one torch thread (a forked child inherits the parent's
+    pool objects but none of their threads, hence the process id in the key)."""
+    key = (os.getpid(), threads)
+    with _pools_lock:
+        if key not in _pools:
+            pool = ThreadPoolExecutor(threads, "samhq-jobs")
+            started = threading.Barrier(threads)  # each worker takes one of these calls: all of them are set
+            for f in [pool.submit(_one_thread, started) for _ in range(threads)]:
+                f.result()
+            # torch.set_num_threads also sets the count that threads starting later begin with: put it back
+            torch.set_num_threads(threads)
+            _pools[key] = pool
+        return _pools[key]
+
+
+def _one_thread(started: threading.Barrier) -> None:
+    torch.get_num_threads()  # torch's first call on a thread sets it to the process default: let that happen first
+    torch.set_num_threads(1)
+    started.wait()
+
+
+def _job(job, grad: bool, inference: bool, autocast: bool, autocast_dtype):
+    _in_job.active = True
+    with torch.inference_mode(inference), torch.set_grad_enabled(grad), \
+            torch.autocast("cpu", autocast_dtype, enabled=autocast):
+        return job()
 
 
 # ------------------------------------------------------------------------------------------------
@@ -300,14 +371,16 @@ def decode_masks(decoder, image_embeddings, image_pe, sparse, dense, hq_features
     context: `image_context(...)` of these image embeddings, for prompts without a mask input.
     needed: see `MaskDecoder.forward`; the masks of the prompts it rejects are NaN, never computed.
     mask_rows: see `MaskDecoder.forward`; the rows below it are NaN, never computed.
+    More than `DECODE_CHUNK` prompts are decoded chunk by chunk, the chunks as `run_jobs` jobs; a chunk's masks
+    are jobs of one prompt's band of rows each.
     """
     b, p = sparse.shape[:2]
     c, h, w = image_embeddings.shape[1:]
     if p > DECODE_CHUNK:
-        parts = [decode_masks(decoder, image_embeddings, image_pe, sparse[:, i:i + DECODE_CHUNK],
-                              dense[:, i:i + DECODE_CHUNK] if dense.shape[1] > 1 else dense, hq_features, context, needed,
-                              mask_rows)
-                 for i in range(0, p, DECODE_CHUNK)]
+        parts = run_jobs([partial(decode_masks, decoder, image_embeddings, image_pe, sparse[:, i:i + DECODE_CHUNK],
+                                  dense[:, i:i + DECODE_CHUNK] if dense.shape[1] > 1 else dense, hq_features, context,
+                                  needed, mask_rows)
+                          for i in range(0, p, DECODE_CHUNK)])
         return torch.cat([m for m, _ in parts], dim=1), torch.cat([q for _, q in parts], dim=1)
     out_tokens = decoder.output_tokens(hq_features is not None).to(sparse.dtype)
     tokens = torch.cat([out_tokens.expand(b, p, -1, -1), sparse], dim=2)
@@ -325,39 +398,45 @@ def decode_masks(decoder, image_embeddings, image_pe, sparse, dense, hq_features
     hyper_hq = decoder.hq_mask_mlp(hs[:, 1 + n]) if hq_features is not None else None
     k = n + (hq_features is not None)
     rows_out = 4 * h if mask_rows is None else max(1, min(4 * h, mask_rows))
-    size = rows_out * 4 * w
     whole = needed is None and rows_out == 4 * h
     masks = hs.new_empty(b * p, k, 16 * h * w) if whole else hs.new_full((b * p, k, 16 * h * w), float("nan"))
-    # one prompt at a time: its C/4 x 16hw fusion tensors stay in cache
-    for i in rows:
-        masks[i, :, :size] = _prompt_masks(decoder, keys[i:i + 1], hyper[i:i + 1],
-                                           None if hyper_hq is None else hyper_hq[i:i + 1], rows_out)[0]
-    if hq_features is not None:
-        for j in range(b):  # the image-wide HQ term, one product per image
-            mine = [i for i in rows if i // p == j]
-            masks[mine, n, :size] += hyper_hq[mine] @ hq_features[j, :, :rows_out].flatten(1).to(hyper_hq.dtype)
+    run_jobs([job for i in rows for job in _prompt_bands(
+        decoder, masks[i], keys[i], hyper[i],
+        None if hyper_hq is None else hyper_hq[i], None if hyper_hq is None else hq_features[i // p], rows_out)])
     return masks.view(b, p, -1, 4 * h, 4 * w), iou
 
 
-def _prompt_masks(decoder, keys: torch.Tensor, hyper: torch.Tensor, hyper_hq: torch.Tensor | None,
-                  rows: int) -> torch.Tensor:
-    """The first `rows` rows of N prompts' mask logits, (N, 4 or 5, rows * 4w), the HQ one without the image-only
-    hq_features term.
+def _prompt_bands(decoder, out: torch.Tensor, keys: torch.Tensor, hyper: torch.Tensor, hyper_hq: torch.Tensor | None,
+                  image_hq: torch.Tensor | None, rows: int) -> list:
+    """The jobs that write the first `rows` rows of one prompt's mask logits into out (K, 16hw), a band of rows each
+    (`HQ_BAND_PIXELS`, equal bands): K = 4 SAM masks, plus the HQ mask when hyper_hq is given.
 
-    keys (N, h, w, C) image tokens after the transformer, hyper (N, 4, C/8), hyper_hq (N, C/8) or None.
-    Everything runs channels-last (N, H, W, C).
+    keys (h, w, C) image tokens after the transformer, hyper (4, C/8), hyper_hq (C/8) or None, image_hq (C/8, 4h, 4w)
+    the image's fused HQ features or None.
     """
-    # the HQ branch's two 3x3 convolutions read two rows of the upscaled features below the last row out
-    up = _upscale(decoder, keys[:, :-(-min(4 * keys.shape[1], rows + 2) // 4)])  # (N, H' >= rows + 2 or H, W, C/8)
-    nb, _, ww, _ = up.shape
-    masks = hyper @ up[:, :rows].reshape(nb, rows * ww, -1).transpose(1, 2)  # (N, 4, rows * W)
+    ww = 4 * keys.shape[1]
+    count = -(-rows // max(1, HQ_BAND_PIXELS // ww))
+    bounds = [round(i * rows / count) for i in range(count + 1)]
+    taps = None if hyper_hq is None else _hq_taps(decoder, hyper_hq[None])
+    return [partial(_mask_band, decoder, out, keys, hyper, hyper_hq, taps, image_hq, r0, r1)
+            for r0, r1 in zip(bounds, bounds[1:])]
+
+
+def _mask_band(decoder, out, keys, hyper, hyper_hq, taps, image_hq, r0: int, r1: int) -> None:
+    """Rows r0:r1 of one prompt's masks into out (K, 16hw), from its image tokens alone (`_prompt_bands`' arguments;
+    taps: `_hq_taps` of hyper_hq). Everything runs channels-last (N, H, W, C)."""
+    hh, ww = 4 * keys.shape[0], 4 * keys.shape[1]
+    # the HQ branch's two 3x3 convolutions read two rows of the upscaled features beyond the band on each side
+    halo = 0 if hyper_hq is None else 2
+    top, bottom = max(r0 - halo, 0) // 4, -(-min(r1 + halo, hh) // 4)  # rows of the image tokens those come from
+    up = _upscale(decoder, keys[None, top:bottom])  # (1, 4 * (bottom - top), W, C/8), from row 4 * top
+    band = out[:, r0 * ww:r1 * ww]
+    n = hyper.shape[0]
+    band[:n] = hyper @ up[0, r0 - 4 * top:r1 - 4 * top].reshape((r1 - r0) * ww, -1).t()
     if hyper_hq is None:
-        return masks
-    taps = _hq_taps(decoder, hyper_hq)
-    step = max(1, HQ_BAND_PIXELS // ww)
-    hq = torch.cat([_hq_rows(decoder, up, taps, r0, min(r0 + step, rows)) for r0 in range(0, rows, step)], dim=1)
-    hq = hq.reshape(nb, 1, rows * ww) + (hyper_hq @ decoder.mask_conv2.bias)[:, None, None]
-    return torch.cat([masks, hq], dim=1)
+        return
+    hq = _hq_rows(decoder, up, taps, r0, r1, 4 * top, hh)[0].view(-1) + hyper_hq @ decoder.mask_conv2.bias
+    band[n] = hq + hyper_hq @ image_hq[:, r0:r1].flatten(1).to(hyper_hq.dtype)
 
 
 def _hq_taps(decoder, hyper_hq: torch.Tensor) -> torch.Tensor:
@@ -400,17 +479,18 @@ def _upscale(decoder, keys: torch.Tensor) -> torch.Tensor:
     return x.permute(0, 1, 3, 5, 2, 4, 6, 7).reshape(n, 4 * h, 4 * w, -1)
 
 
-def _hq_rows(decoder, up: torch.Tensor, taps: torch.Tensor, r0: int, r1: int) -> torch.Tensor:
-    """Rows r0:r1 of the HQ mask logits (N, r1-r0, W) from up (N, H, W, C/8) and the folded taps (N, 9, C/4).
-    up may be the first rows of the upscaled features only, if it holds at least r1 + 2 of them."""
-    hh, ww = up.shape[1:3]
-    lo, hi = max(r0 - 1, 0), min(r1 + 1, hh)  # rows of mask_conv1's output these need
-    ulo, uhi = max(lo - 1, 0), min(hi + 1, hh)  # rows of up those need
-    g = decoder.mask_conv1(up[:, ulo:uhi].permute(0, 3, 1, 2))  # channels-last memory in and out
+def _hq_rows(decoder, up: torch.Tensor, taps: torch.Tensor, r0: int, r1: int, top: int, height: int) -> torch.Tensor:
+    """Rows r0:r1 of the HQ mask logits (N, r1-r0, W) from the folded taps (N, 9, C/4) and up (N, H', W, C/8), rows
+    top:top+H' of the upscaled features, which are `height` rows high; up must hold the rows r0-2 .. r1+1 that exist."""
+    ww = up.shape[2]
+    lo, hi = max(r0 - 1, 0), min(r1 + 1, height)  # rows of mask_conv1's output these need
+    ulo, uhi = max(lo - 1, 0), min(hi + 1, height)  # rows of up those need
+    assert top <= ulo and uhi <= top + up.shape[1], "up lacks rows the band needs"
+    g = decoder.mask_conv1(up[:, ulo - top:uhi - top].permute(0, 3, 1, 2))  # channels-last memory in and out
     g = gelu(decoder.mask_norm.last_dim(g[:, :, lo - ulo:hi - ulo].permute(0, 2, 3, 1)), in_place=True)  # (N, hi-lo, W, C/4)
     nb, rows = g.shape[:2]
     r = (taps @ g.reshape(nb, rows * ww, -1).transpose(1, 2)).view(nb, 9, rows, ww)
-    r = F.pad(r, (1, 1, int(r0 == 0), int(r1 == hh)))  # zeros beyond the image: rows r0-1 .. r1
+    r = F.pad(r, (1, 1, int(r0 == 0), int(r1 == height)))  # zeros beyond the image: rows r0-1 .. r1
     m = r1 - r0
     out = r[:, 0, :m, :ww].clone()
     for k in range(1, 9):
