@@ -1,3 +1,4 @@
+import contextlib
 import sys
 from pathlib import Path
 
@@ -36,6 +37,17 @@ def gap_threshold(scores: torch.Tensor) -> float:
     lo = len(v) // 4
     k = lo + int((v[lo + 1:len(v) - lo] - v[lo:len(v) - lo - 1]).argmax())
     return float(v[k] + v[k + 1]) / 2
+
+
+@contextlib.contextmanager
+def torch_threads(n: int):
+    """torch's intra-op thread count set to n inside the block, put back after it."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 @pytest.fixture

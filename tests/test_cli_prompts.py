@@ -34,22 +34,18 @@ def dets(tmp_path_factory):
 
 def library_records(root, **options):
     """The library's records with the thread count the command runs with (--threads 1)."""
-    import torch
-
     from samhq import SamHQPredictor
     from samhq.prompt_files import iter_prompt_results, read_prompts
 
+    from conftest import torch_threads
+
     predictor = SamHQPredictor.from_pretrained(NAME)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        out = []
+    out = []
+    with torch_threads(1):
         for _, records, err in iter_prompt_results(predictor, read_prompts(root / "dets.json", root / "gt.json",
                                                                            image_dir=root / "img"), **options):
             assert err is None
             out += records
-    finally:
-        torch.set_num_threads(threads)
     return json.loads(json.dumps(out))
 
 
@@ -172,23 +168,19 @@ def test_a_killed_run_resumed_writes_the_same_files(many, tmp_path):
 
 def test_prompt_files_in_tiles(dets, tmp_path, capsys):
     """--tiles: the records of `samhq.prompt_files` with a TiledPredictor (128-px tiles on 256-px images)."""
-    import torch
-
     from samhq.modeling.model import SamHQModel
     from samhq.prompt_files import iter_prompt_results, read_prompts
     from samhq.tiles import TiledPredictor
+
+    from conftest import torch_threads
 
     root, _, _ = dets
     out = tmp_path / "out"
     assert main(["segment", str(root / "gt.json"), "--image-dir", str(root / "img"), "--prompts", str(root / "dets.json"),
                  "--out", str(out), "--model", NAME, "--threads", "1", "--tiles", "--tile-size", "128", "--overlap", "32"]) == 0
     capsys.readouterr()
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with torch_threads(1):
         tp = TiledPredictor(SamHQModel.from_pretrained(NAME).eval(), tile_size=128, overlap=32)
         entries = read_prompts(root / "dets.json", root / "gt.json", image_dir=root / "img")
         want = [r for _, records, _ in iter_prompt_results(tp, entries) for r in records]
-    finally:
-        torch.set_num_threads(threads)
     assert json.loads((out / "results.json").read_text()) == json.loads(json.dumps(want))

@@ -19,7 +19,7 @@ from samhq.modeling import fast_paths
 from samhq.modeling.two_way_transformer import Attention
 from samhq.predictor import SamHQPredictor
 
-from conftest import gap_threshold, random_model
+from conftest import gap_threshold, random_model, torch_threads
 
 NO_GRAD = True
 
@@ -377,10 +377,8 @@ def test_window_order_is_window_partition(b, h, w, window):
 
 @pytest.fixture
 def two_threads():
-    before = torch.get_num_threads()
-    torch.set_num_threads(2)
-    yield
-    torch.set_num_threads(before)
+    with torch_threads(2):
+        yield
 
 
 def test_run_jobs_on_worker_threads_one_torch_thread_each(two_threads):

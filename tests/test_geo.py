@@ -231,14 +231,12 @@ def test_a_georeferenced_scene_end_to_end(tmp_path):
 
     if not (BUNDLED["samhq-tiny-shapes"] / "model.safetensors").exists():
         pytest.skip("the demo model is not in this checkout")
-    import torch
+    from conftest import torch_threads
 
     sys.path.insert(0, str(Path(__file__).parent))
     from test_tiles import OVERLAP_SCENE, iou, scene
 
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with torch_threads(1):
         model = SamHQModel.from_pretrained("samhq-tiny-shapes").eval()
         image, masks = scene(384, 384, OVERLAP_SCENE)
         src = RasterSource(write_tif(tmp_path / "scene.tif", image))
@@ -276,5 +274,3 @@ def test_a_georeferenced_scene_end_to_end(tmp_path):
 
         (rec,) = segment_prompts(tp, src, [prompt], 1)
         assert np.array_equal(coco_to_mask(rec["segmentation"]), mask[0])
-    finally:
-        torch.set_num_threads(threads)

@@ -15,6 +15,8 @@ from samhq.train import TrainConfig, Trainer, init_weights, set_trainable
 from samhq.train.prompts import noisy_box, sample_points, sample_prompts
 from samhq.train.trainer import lr_factor
 
+from conftest import torch_threads
+
 
 def tiny_config() -> SamHQConfig:
     """128 input, 8x8 embedding grid, 32x32 masks: a training step in well under a second."""
@@ -34,10 +36,8 @@ def tiny_model(seed=0) -> SamHQModel:
 
 @pytest.fixture(autouse=True)
 def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+    with torch_threads(1):
+        yield
 
 
 def _params(model):
