@@ -2,7 +2,8 @@
 
 Each switchable part is run twice on the same random, perturbed weights and inputs, once with the
 fast path (eval mode, `set_fast_path(True)`) and once plain (`set_fast_path(False)`):
-- the attention shortcuts between few prompt tokens and many image tokens, against `Attention.forward`;
+- the two-way transformer (attention between few prompt tokens and many image tokens without projecting the image
+  tokens, its rows split between jobs), against `TwoWayTransformer.forward`;
 - ViT attention with the blocked relative-position bias, TinyViT's folded batch norms, in-place GELU:
   the encoders' outputs;
 - the decoder (prompt chunks, per-prompt upscaling on sub-pixels, the folded and banded HQ branch,
@@ -16,7 +17,6 @@ import torch
 
 from samhq import SamHQConfig, SamHQModel
 from samhq.modeling import fast_paths
-from samhq.modeling.two_way_transformer import Attention
 from samhq.predictor import SamHQPredictor
 
 from conftest import gap_threshold, random_model, torch_threads
@@ -30,74 +30,60 @@ def close(got, want, rel=1e-5):
     assert (got - want).abs().max() <= rel * want.abs().max()
 
 
-def attention(seed=0, dim=64, heads=4, rate=2):
-    torch.manual_seed(seed)
-    a = Attention(dim, heads, rate)
-    for p in a.parameters():
-        p.data.normal_(0, 0.3)
-    return a
+@pytest.mark.parametrize("b,p,t", [(1, 1, 7), (2, 3, 5), (1, 2, 16)])  # 16 tokens = the head width: the plain form
+@pytest.mark.parametrize("jobs", [True, False])
+def test_transformer(model, monkeypatch, two_threads, b, p, t, jobs):
+    """The fast two-way transformer gives TwoWayTransformer.forward's tokens and image tokens: from one image per
+    batch entry (its first layer's projections shared through `image_context`, or not) and from one image per prompt
+    (a mask input); with jobs on, each phase's rows are split between two jobs whose partial softmax sums are merged."""
+    import threading
+
+    tr = model.mask_decoder.transformer
+    g = torch.Generator().manual_seed(10 * b + p + t)
+    h, w, c = 9, 12, 256
+    image = torch.randn(b, 1, c, h, w, generator=g)
+    per_prompt = image + torch.randn(b, p, c, h, w, generator=g)
+    pe = torch.randn(1, c, h, w, generator=g)
+    tokens = torch.randn(b, p, t, c, generator=g)
+    monkeypatch.setattr(fast_paths, "PARALLEL_JOBS", jobs)
+    spans, rows = [], fast_paths._image_rows
+    monkeypatch.setattr(fast_paths, "_image_rows", lambda *a: spans.append((a[-2:], threading.current_thread().name))
+                        or rows(*a))
+    context = fast_paths.image_context(model.mask_decoder, image[:, 0], pe, torch.zeros(1, 1, c, 1, 1))
+    for src, args in ((image, (image, pe)), (image, (None, None, context)), (per_prompt, (per_prompt, pe))):
+        want_hs, want_keys = tr(src.expand(b, p, c, h, w).flatten(0, 1), pe, tokens.flatten(0, 1))
+        hs, keys = fast_paths._transformer(tr, args[0], args[1], tokens, *args[2:])
+        close(hs, want_hs.view(b, p, t, c))
+        close(keys, want_keys.view(b, p, h * w, c))
+    if t >= 16:
+        assert not spans
+        return
+    half = h * w // 2
+    assert sorted({s for s, _ in spans}) == ([(0, half), (half, h * w)] if jobs else [(0, h * w)])
+    assert all(name.startswith("samhq-jobs") == jobs for _, name in spans)
 
 
-@pytest.mark.parametrize("t", [1, 5, 7])
-def test_tokens_to_image_without_projecting_the_image(t):
-    a = attention()
-    g = torch.Generator().manual_seed(1)
-    q = torch.randn(2, 3, t, 64, generator=g)
-    k, v = torch.randn(2, 3, 100, 64, generator=g), torch.randn(2, 3, 100, 64, generator=g)
-    assert t < a.head_dim  # the shortcut applies
-    close(fast_paths.tokens_to_image(a, q, k, v), a(q, k, v))
+def test_main_thread_alone(monkeypatch, two_threads):
+    """Inside: this thread's torch operations run on one thread while `run_jobs` still runs two jobs at once (on its
+    one-thread workers); nested, it changes nothing; the count comes back on exit, also after an exception; with jobs
+    off there is nothing to keep the threads for."""
+    import threading
 
-
-@pytest.mark.parametrize("t", [1, 5, 7])
-def test_image_to_tokens_without_projecting_the_image(t):
-    a = attention(2)
-    g = torch.Generator().manual_seed(3)
-    q = torch.randn(2, 3, 100, 64, generator=g)
-    k, v = torch.randn(2, 3, t, 64, generator=g), torch.randn(2, 3, t, 64, generator=g)
-    close(fast_paths.image_to_tokens(a, q, k, v, torch.zeros_like(q)), a(q, k, v))
-
-
-def test_image_to_tokens_adds_the_residual_inside_the_product():
-    """The residual stream plus the attention, in a new tensor or written into the residual (a later block's keys)."""
-    a = attention(8)
-    g = torch.Generator().manual_seed(9)
-    q, kv = torch.randn(2, 3, 100, 64, generator=g), torch.randn(2, 3, 5, 64, generator=g)
-    keys = torch.randn(2, 3, 100, 64, generator=g)
-    want = keys + a(q, kv, kv)
-    kept = keys.clone()
-    close(fast_paths.image_to_tokens(a, q, kv, kv, keys), want)
-    assert torch.equal(keys, kept)  # not in place: the residual is untouched
-    out = fast_paths.image_to_tokens(a, q, kv, kv, keys, in_place=True)
-    assert out.data_ptr() == keys.data_ptr()
-    close(out, want)
-    # one image's tokens (B, 1, HW, C) shared by the P prompts: broadcast, never written
-    image = torch.randn(2, 1, 100, 64, generator=g)
-    kept = image.clone()
-    shared_q = a.heads(a.q_proj(image))[:, 0].contiguous()
-    full = image.expand(2, 3, 100, 64)
-    close(fast_paths.image_to_tokens(a, None, kv, kv, image, shared_q), full + a(full, kv, kv))
-    assert torch.equal(image, kept)
-
-
-def test_many_tokens_use_the_plain_attention():
-    a = attention(4)
-    g = torch.Generator().manual_seed(5)
-    q, kv = torch.randn(1, 2, 100, 64, generator=g), torch.randn(1, 2, a.head_dim, 64, generator=g)
-    torch.testing.assert_close(fast_paths.image_to_tokens(a, q, kv, kv, torch.zeros_like(q)), a(q, kv, kv), rtol=0, atol=0)
-
-
-def test_shared_image_projections():
-    """One image's projections shared by P prompts, as the decoder's per-image context gives them."""
-    a = attention(6)
-    g = torch.Generator().manual_seed(7)
-    image = torch.randn(2, 1, 100, 64, generator=g)
-    tokens = torch.randn(2, 3, 5, 64, generator=g)
-    heads = lambda x: a.heads(x)[:, 0].contiguous()  # noqa: E731  (B, 1, HW, inner) -> (B, heads, HW, d)
-    full = image.expand(2, 3, 100, 64)
-    close(fast_paths.tokens_to_image(a, tokens, None, None, (heads(a.k_proj(image)), heads(a.v_proj(image)))),
-          a(tokens, full, full))
-    close(fast_paths.image_to_tokens(a, None, tokens, tokens, torch.zeros_like(image), heads(a.q_proj(image))),
-          a(full, tokens, tokens))
+    with fast_paths.main_thread_alone():
+        assert torch.get_num_threads() == 1 and fast_paths.job_slots() == 2
+        out = fast_paths.run_jobs([lambda: (threading.current_thread().name, torch.get_num_threads())] * 2)
+        assert all(name.startswith("samhq-jobs") and threads == 1 for name, threads in out)
+        with fast_paths.main_thread_alone():
+            assert torch.get_num_threads() == 1 and fast_paths.job_slots() == 2
+        assert torch.get_num_threads() == 1
+    assert torch.get_num_threads() == 2
+    with pytest.raises(RuntimeError, match="inside"):
+        with fast_paths.main_thread_alone():
+            raise RuntimeError("inside")
+    assert torch.get_num_threads() == 2 and fast_paths.job_slots() == 2
+    monkeypatch.setattr(fast_paths, "PARALLEL_JOBS", False)
+    with fast_paths.main_thread_alone():
+        assert torch.get_num_threads() == 2 and fast_paths.job_slots() == 1
 
 
 def both(model, fn):

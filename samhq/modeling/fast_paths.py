@@ -23,7 +23,11 @@ against the plain form. What they do:
   - prompts are decoded a few at a time through the transformer (`DECODE_CHUNK`) and one band of rows
     at a time through upscaling and the HQ branch, so the large per-prompt tensors stay in cache;
   - the chunks, or one chunk's bands, run as jobs on worker threads with one torch thread each
-    (`run_jobs`, `PARALLEL_JOBS`): far fewer thread wake-ups than OpenMP's per-operation ones;
+    (`run_jobs`, `PARALLEL_JOBS`): far fewer thread wake-ups than OpenMP's per-operation ones; so does the
+    transformer's image side of one chunk, in phases split by rows (`_image_phase`: each applies a layer's
+    image->token attention and LayerNorm row by row, then the next token->image attention's softmax as partial
+    maxima and sums per job, combined as flash attention combines blocks), while the caller's own small operations
+    on the prompt tokens run on one torch thread (`main_thread_alone`);
   - the two 2x2 transposed convolutions of the upscaling are per-pixel matmuls on unshuffled
     sub-pixels (with LayerNorm and GELU, which also act per pixel), shuffled once at the end;
   - the HQ hypernetwork vector is folded into `mask_conv2` (linear), so the HQ branch computes one
@@ -39,7 +43,8 @@ from __future__ import annotations
 import os
 import threading
 from concurrent.futures import ThreadPoolExecutor, wait
-from functools import partial
+from contextlib import contextmanager
+from functools import partial, reduce
 
 import torch
 from torch import nn
@@ -69,7 +74,7 @@ PARALLEL_JOBS = True
 
 _pools: dict = {}  # (process id, threads) -> the pool `run_jobs` uses
 _pools_lock = threading.Lock()
-_in_job = threading.local()
+_local = threading.local()  # in_job: this thread runs a job; slots: see `main_thread_alone`
 
 
 def run_jobs(jobs: list) -> list:
@@ -83,8 +88,8 @@ def run_jobs(jobs: list) -> list:
     then run little faster on two threads than on one. Whole prompt chunks or bands of rows on threads of their own
     wake a thread once per job.
     """
-    threads = torch.get_num_threads()
-    if len(jobs) < 2 or threads < 2 or not PARALLEL_JOBS or getattr(_in_job, "active", False):
+    threads = job_slots()
+    if len(jobs) < 2 or threads < 2:
         return [job() for job in jobs]
     pool = _pool(threads)
     modes = (torch.is_grad_enabled(), torch.is_inference_mode_enabled(), torch.is_autocast_enabled("cpu"),
@@ -94,18 +99,45 @@ def run_jobs(jobs: list) -> list:
     return [f.result() for f in futures]
 
 
+def job_slots() -> int:
+    """How many jobs `run_jobs` runs at once from this thread: torch's thread count, or 1 (`PARALLEL_JOBS` off, or a
+    call from inside a job)."""
+    if not PARALLEL_JOBS or getattr(_local, "in_job", False):
+        return 1
+    return getattr(_local, "slots", None) or torch.get_num_threads()
+
+
+@contextmanager
+def main_thread_alone():
+    """Inside: this thread's own torch operations run on one thread, while `run_jobs` still runs `job_slots()` jobs
+    at once. For a caller whose heavy work is all in jobs: its many small operations (a few prompt tokens) then wake
+    no OpenMP threads, 0.1-0.5 ms each with OMP_WAIT_POLICY=PASSIVE on a VM. The thread count is restored on exit."""
+    slots = job_slots()
+    if slots < 2 or getattr(_local, "slots", None):
+        yield
+        return
+    _local.slots = slots
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(slots)
+        _local.slots = None
+
+
 def _pool(threads: int) -> ThreadPoolExecutor:
     """This process's pool of `threads` workers, each set to one torch thread (a forked child inherits the parent's
     pool objects but none of their threads, hence the process id in the key)."""
     key = (os.getpid(), threads)
     with _pools_lock:
         if key not in _pools:
+            caller = torch.get_num_threads()
             pool = ThreadPoolExecutor(threads, "samhq-jobs")
             started = threading.Barrier(threads)  # each worker takes one of these calls: all of them are set
             for f in [pool.submit(_one_thread, started) for _ in range(threads)]:
                 f.result()
             # torch.set_num_threads also sets the count that threads starting later begin with: put it back
-            torch.set_num_threads(threads)
+            torch.set_num_threads(caller)
             _pools[key] = pool
         return _pools[key]
 
@@ -117,7 +149,7 @@ def _one_thread(started: threading.Barrier) -> None:
 
 
 def _job(job, grad: bool, inference: bool, autocast: bool, autocast_dtype):
-    _in_job.active = True
+    _local.in_job = True
     with torch.inference_mode(inference), torch.set_grad_enabled(grad), \
             torch.autocast("cpu", autocast_dtype, enabled=autocast):
         return job()
@@ -238,93 +270,11 @@ def _head_weight(attn, proj: nn.Linear) -> torch.Tensor:
     return proj.weight.view(attn.num_heads, attn.head_dim, -1)  # (heads, d, C)
 
 
-def _absorbs(attn, tokens: torch.Tensor, image: torch.Tensor | None) -> bool:
-    return tokens.shape[-2] < attn.head_dim and (image is None or image.shape[:-2] == tokens.shape[:-2])
-
-
 def _value_out(attn, v: torch.Tensor) -> torch.Tensor:
     """Tokens v (..., T, C) -> each head's values through its slice of out_proj, plus out_proj's bias / heads,
     (..., heads*T, C). Each head's softmax weights sum to one, so weights over all heads*T rows add the bias once."""
     w = attn.out_proj.weight.unflatten(1, (attn.num_heads, -1)).permute(1, 2, 0)  # (heads, d, C)
     return (attn.heads(attn.v_proj(v)) @ w + attn.out_proj.bias / attn.num_heads).flatten(-3, -2)
-
-
-def _plus_product(residual, a: torch.Tensor, vo: torch.Tensor, shape, in_place: bool) -> torch.Tensor:
-    """`residual + a @ vo` of shape `shape` (B, P, HW, C), the sum made by the product itself: a (BP, HW, heads*T),
-    vo (BP, heads*T, C), residual broadcastable to `shape`. in_place: residual has `shape`, is contiguous and is not
-    read again, so the sum is written into it."""
-    out = residual if in_place else residual.expand(shape).clone(memory_format=torch.contiguous_format)
-    out.view(a.shape[0], a.shape[1], -1).baddbmm_(a, vo)
-    return out
-
-
-def tokens_to_image(attn, q, k, v, shared=None) -> torch.Tensor:
-    """`attn(q, k, v)` for tokens q (B, P, T, C) attending to image tokens k, v (B, P, HW, C) -> (B, P, T, C).
-
-    shared: the image's projected keys and values in head layout, (B, heads, HW, d) each, when one
-    image (k = v = None) serves all P prompts.
-    """
-    if shared is not None:
-        b, p, t, _ = q.shape
-        qh = attn.heads(attn.q_proj(q)).transpose(1, 2).reshape(b, attn.num_heads, p * t, -1)
-        out = F.scaled_dot_product_attention(qh, *shared)  # (B, heads, P*T, d)
-        return attn.out_proj(out.unflatten(2, (p, t)).permute(0, 2, 3, 1, 4).flatten(-2))
-    if not _absorbs(attn, q, k):
-        return attn(q, k, v)
-    # the key bias adds one constant to each query's scores: softmax ignores it
-    a = (attn.heads(attn.q_proj(q)) @ _head_weight(attn, attn.k_proj)) * attn.head_dim ** -0.5  # (..., heads, T, C)
-    scores = torch.bmm(k.flatten(0, -3), a.flatten(-3, -2).flatten(0, -3).transpose(1, 2))  # (N, HW, heads*T)
-    y = torch.bmm(scores.softmax(1).transpose(1, 2), v.flatten(0, -3)).view(*q.shape[:-2], attn.num_heads, -1, q.shape[-1])
-    # softmax weights sum to one, so the value bias passes through unchanged
-    out = y @ _head_weight(attn, attn.v_proj).transpose(-1, -2) + attn.v_proj.bias.view(attn.num_heads, 1, -1)
-    return attn.out_proj(out.transpose(-3, -2).flatten(-2))
-
-
-def image_to_tokens(attn, q, k, v, residual, shared=None, in_place=False) -> torch.Tensor:
-    """`residual + attn(q, k, v)` for image tokens q (B, P, HW, C) attending to tokens k, v (B, P, T, C) -> (B, P, HW, C).
-
-    residual: the image tokens (B, 1 or P, HW, C) the attention is added to (the block's residual stream).
-    shared: the image's projected queries in head layout, (B, heads, HW, d), when one image (q = None)
-    serves all P prompts. in_place: see `_plus_product`.
-    """
-    heads, t = attn.num_heads, k.shape[-2]
-    if shared is not None:
-        b, p = k.shape[:2]
-        kh = attn.heads(attn.k_proj(k)).permute(0, 2, 4, 1, 3).reshape(b, heads, -1, p * t)  # (B, heads, d, P*T)
-        a = ((shared @ kh) * attn.head_dim ** -0.5).view(b, heads, -1, p, t).softmax(-1)
-        a = a.permute(0, 3, 2, 1, 4).flatten(-2).flatten(0, 1)  # (B*P, HW, heads*T)
-        return _plus_product(residual, a, _value_out(attn, v).flatten(0, 1), (b, p, a.shape[1], v.shape[-1]), in_place)
-    if not _absorbs(attn, k, q):
-        return residual + attn(q, k, v)
-    kh = attn.heads(attn.k_proj(k))  # (..., heads, T, d)
-    scale = attn.head_dim ** -0.5
-    qk = (kh @ _head_weight(attn, attn.q_proj)).flatten(-3, -2) * scale  # (..., heads*T, C)
-    bias = (kh @ attn.q_proj.bias.view(heads, -1, 1)).flatten(-3) * scale  # (..., heads*T)
-    a = torch.baddbmm(bias.flatten(0, -2)[:, None], q.flatten(0, -3), qk.flatten(0, -3).transpose(1, 2))
-    a = a.unflatten(-1, (heads, t)).softmax(-1).flatten(-2)  # (N, HW, heads*T)
-    return _plus_product(residual, a, _value_out(attn, v).flatten(0, -3), q.shape, in_place)
-
-
-def _two_way_block(block, queries, keys, query_pe, key_pe, shared=None, own_keys=False):
-    """`TwoWayBlock.forward` on (B, P, ...) tensors; keys (B, 1 or P, HW, C), or `shared` for the first layer.
-    own_keys: keys is this decode's own (B, P, HW, C) tensor (a previous block's output), overwritten here."""
-    if block.skip_first_layer_pe:
-        queries = block.self_attn(queries, queries, queries)
-    else:
-        q = queries + query_pe
-        queries = queries + block.self_attn(q, q, queries)
-    queries = block.layer_norm1(queries)
-    if shared is None:
-        k = keys + key_pe
-        t2i = tokens_to_image(block.cross_attn_token_to_image, queries + query_pe, k, keys)
-    else:
-        k = None
-        t2i = tokens_to_image(block.cross_attn_token_to_image, queries + query_pe, None, None, (shared["k"], shared["v"]))
-    queries = block.layer_norm2(queries + t2i)
-    queries = block.layer_norm3(queries + block.mlp(queries))
-    keys = image_to_tokens(block.cross_attn_image_to_token, k, queries + query_pe, queries, keys,
-                           None if shared is None else shared["q"], in_place=own_keys)
-    return queries, block.layer_norm4(keys)
 
 
 def image_context(decoder, image_embeddings: torch.Tensor, image_pe: torch.Tensor, dense: torch.Tensor) -> dict:
@@ -335,7 +285,7 @@ def image_context(decoder, image_embeddings: torch.Tensor, image_pe: torch.Tenso
     projections of them (head layout), for `decode_masks(..., context=...)`.
     """
     image = image_embeddings[:, None] + dense
-    keys = image.flatten(-2).transpose(-1, -2).contiguous()  # (B, 1, HW, C); later sums keep this layout
+    keys = image.flatten(-2).transpose(-1, -2).contiguous()  # (B, 1, HW, C)
     key_pe = image_pe.to(image.dtype).flatten(-2).transpose(-1, -2).contiguous()
     k = keys + key_pe
     first = decoder.transformer.layers[0]
@@ -347,17 +297,119 @@ def image_context(decoder, image_embeddings: torch.Tensor, image_pe: torch.Tenso
 
 def _transformer(transformer, image, image_pe, tokens, context=None):
     """`TwoWayTransformer.forward` for P prompts per image: image (B, 1 or P, C, h, w), tokens (B, P, T, C),
-    or `context` in place of image and image_pe -> (tokens (B, P, T, C), image tokens (B, 1 or P, HW, C))."""
+    or `context` in place of image and image_pe -> (tokens (B, P, T, C), image tokens (B, P, HW, C)).
+
+    The attentions between the T tokens and the HW image tokens never project the image tokens (while T is below
+    the head width; the plain form otherwise): the query/key projections move onto the tokens' side of the product,
+    the value/output projections after the weighted sum (T/d of the multiply-adds). The image's side runs in phases,
+    one per token->image attention: each applies the previous layer's image->token attention and LayerNorm to the
+    image tokens, then sums this attention's softmax over them. A phase's rows run as `run_jobs` jobs (`_image_rows`),
+    whose partial sums are combined as flash attention combines blocks.
+    """
+    b, p, t, c = tokens.shape
     if context is None:
-        keys = image.flatten(-2).transpose(-1, -2)
-        key_pe = image_pe.flatten(-2).transpose(-1, -2)
+        keys = image.flatten(-2).transpose(-1, -2).contiguous()  # (B, 1 or P, HW, C)
+        key_pe = image_pe.flatten(-2).transpose(-1, -2)[0].contiguous()
     else:
-        keys, key_pe = context["keys"], context["key_pe"]
-    queries = tokens
+        keys, key_pe = context["keys"], context["key_pe"][0]
+    final = transformer.final_attn_token_to_image
+    if t >= final.head_dim:  # projecting the image tokens costs less: the plain form
+        hs, keys = transformer.attend(keys.expand(b, p, -1, -1).flatten(0, 1), key_pe, tokens.flatten(0, 1))
+        return hs.view(b, p, t, c), keys.view(b, p, -1, c)
+    own = keys.new_empty(b, p, keys.shape[-2], c)  # the image tokens after the first layer, written in place
+    queries, pending = tokens, None
     for i, layer in enumerate(transformer.layers):
-        queries, keys = _two_way_block(layer, queries, keys, tokens, key_pe, context if i == 0 else None, own_keys=i > 0)
-    attn = tokens_to_image(transformer.final_attn_token_to_image, queries + tokens, keys + key_pe, keys)
-    return transformer.layer_norm_final_attn(queries + attn), keys
+        if layer.skip_first_layer_pe:
+            queries = layer.self_attn(queries, queries, queries)
+        else:
+            q = queries + tokens
+            queries = queries + layer.self_attn(q, q, queries)
+        queries = layer.layer_norm1(queries)
+        attn = layer.cross_attn_token_to_image
+        if i == 0 and context is not None:  # the image's projections are shared by all prompts
+            qh = attn.heads(attn.q_proj(queries + tokens)).transpose(1, 2).reshape(b, attn.num_heads, p * t, -1)
+            out = F.scaled_dot_product_attention(qh, context["k"], context["v"])  # (B, heads, P*T, d)
+            out = attn.out_proj(out.unflatten(2, (p, t)).permute(0, 2, 3, 1, 4).flatten(-2))
+        else:
+            out = _image_phase(attn, queries + tokens, keys, own, key_pe, pending)
+            keys = own if pending is not None else keys
+        queries = layer.layer_norm2(queries + out)
+        queries = layer.layer_norm3(queries + layer.mlp(queries))
+        pending = _image_update(layer, queries + tokens, queries, context["q"] if i == 0 and context else None)
+    out = _image_phase(final, queries + tokens, keys, own, key_pe, pending)
+    keys = own if pending is not None else keys
+    return transformer.layer_norm_final_attn(queries + out), keys
+
+
+def _image_update(layer, k: torch.Tensor, v: torch.Tensor, shared_q: torch.Tensor | None) -> dict:
+    """A layer's image->token attention (plus residual and layer_norm4) as the token-side terms `_image_rows` applies:
+    tokens k, v (B, P, T, C); shared_q: the image's projected queries (B, heads, HW, d) when one image serves all P
+    prompts (the first layer), else the queries' projection moves onto the tokens' side (the query bias adds one
+    score per head and token)."""
+    attn = layer.cross_attn_image_to_token
+    heads, t, scale = attn.num_heads, k.shape[-2], attn.head_dim ** -0.5
+    kh = attn.heads(attn.k_proj(k)) * scale  # (B, P, heads, T, d)
+    update = {"norm": layer.layer_norm4, "heads": heads, "t": t, "vo": _value_out(attn, v).flatten(0, 1)}
+    if shared_q is not None:
+        b, p = k.shape[:2]
+        return {**update, "shared_q": shared_q, "kh": kh.permute(0, 2, 4, 1, 3).reshape(b, heads, -1, p * t)}
+    qk = (kh @ _head_weight(attn, attn.q_proj)).flatten(-3, -2)  # (B, P, heads*T, C)
+    bias = (kh @ attn.q_proj.bias.view(heads, -1, 1)).flatten(-3)  # (B, P, heads*T)
+    return {**update, "qk_t": qk.flatten(0, 1).transpose(1, 2), "bias": bias.flatten(0, 1)[:, None]}
+
+
+def _image_phase(attn, q: torch.Tensor, keys, own, key_pe, pending) -> torch.Tensor:
+    """Token->image attention `attn(q, keys + key_pe, keys)` (B, P, T, C) for tokens q (B, P, T, C), after applying
+    `pending` (`_image_update`, or None) to the image tokens keys (B, 1 or P, HW, C), which writes them into own
+    (B, P, HW, C); the attention then reads own. The rows run as `job_slots()` jobs."""
+    t, hw = q.shape[-2], keys.shape[-2]
+    # the key bias adds one constant to each query's scores: softmax ignores it
+    query = (attn.heads(attn.q_proj(q)) @ _head_weight(attn, attn.k_proj)) * attn.head_dim ** -0.5  # (B, P, heads, T, C)
+    query_t = query.flatten(-3, -2).flatten(0, 1).transpose(1, 2)  # (BP, C, heads*T)
+    parts = job_slots()
+    bounds = [round(i * hw / parts) for i in range(parts + 1)]
+    sums = run_jobs([partial(_image_rows, query_t, keys, own, key_pe, pending, lo, hi)
+                     for lo, hi in zip(bounds, bounds[1:])])
+    _, total, weighted = reduce(_merge, sums)
+    y = (weighted / total[..., None]).view(*q.shape[:-2], attn.num_heads, t, -1)  # (B, P, heads, T, C)
+    # softmax weights sum to one, so the value bias passes through unchanged
+    out = y @ _head_weight(attn, attn.v_proj).transpose(-1, -2) + attn.v_proj.bias.view(attn.num_heads, 1, -1)
+    return attn.out_proj(out.transpose(-3, -2).flatten(-2))
+
+
+def _image_rows(query_t, keys, own, key_pe, pending, lo: int, hi: int):
+    """Image tokens lo:hi of `_image_phase`: apply pending, then the softmax's partial sums over these tokens: (max
+    score (BP, K), sum of exp(score - max) (BP, K), those weights times the tokens (BP, K, C)), K = heads*T."""
+    b, p, _, c = own.shape
+    rows = keys[:, :, lo:hi].expand(b, p, -1, -1).reshape(b * p, hi - lo, c)
+    pe = key_pe[lo:hi]
+    if pending is not None:
+        rows = _apply_update(pending, rows, pe, lo, hi)
+        own[:, :, lo:hi] = rows.view(b, p, -1, c)
+    scores = torch.bmm(rows + pe, query_t)  # (BP, R, K)
+    top = scores.amax(1)
+    weights = scores.sub_(top[:, None]).exp_()
+    return top, weights.sum(1), torch.bmm(weights.transpose(1, 2), rows)
+
+
+def _apply_update(u: dict, rows: torch.Tensor, pe: torch.Tensor, r0: int, r1: int) -> torch.Tensor:
+    """`_image_update` u on image tokens r0:r1, rows (BP, R, C) with their positional encoding pe (R, C)."""
+    heads, t = u["heads"], u["t"]
+    if "shared_q" in u:
+        kh = u["kh"]
+        b, pt = kh.shape[0], kh.shape[-1]
+        a = (u["shared_q"][:, :, r0:r1] @ kh).view(b, heads, r1 - r0, pt // t, t).softmax(-1)
+        a = a.permute(0, 3, 2, 1, 4).reshape(-1, r1 - r0, heads * t)  # (BP, R, heads*T)
+    else:
+        a = torch.baddbmm(u["bias"], rows + pe, u["qk_t"]).unflatten(-1, (heads, t)).softmax(-1).flatten(-2)
+    return u["norm"](torch.baddbmm(rows, a, u["vo"]))
+
+
+def _merge(a: tuple, b: tuple) -> tuple:
+    """Two partial softmax sums (`_image_rows`) as one: each rescaled to the larger of their maxima."""
+    top = torch.maximum(a[0], b[0])
+    sa, sb = (a[0] - top).exp_(), (b[0] - top).exp_()
+    return top, a[1] * sa + b[1] * sb, torch.addcmul(a[2] * sa[..., None], b[2], sb[..., None])
 
 
 # ------------------------------------------------------------------------------------------------
@@ -372,12 +424,18 @@ def decode_masks(decoder, image_embeddings, image_pe, sparse, dense, hq_features
     needed: see `MaskDecoder.forward`; the masks of the prompts it rejects are NaN, never computed.
     mask_rows: see `MaskDecoder.forward`; the rows below it are NaN, never computed.
     More than `DECODE_CHUNK` prompts are decoded chunk by chunk, the chunks as `run_jobs` jobs; a chunk's masks
-    are jobs of one prompt's band of rows each.
+    are jobs of one prompt's band of rows each; this thread's own work (a few tokens) runs on one torch thread
+    (`main_thread_alone`).
     """
+    with main_thread_alone():
+        return _decode_masks(decoder, image_embeddings, image_pe, sparse, dense, hq_features, context, needed, mask_rows)
+
+
+def _decode_masks(decoder, image_embeddings, image_pe, sparse, dense, hq_features, context, needed, mask_rows):
     b, p = sparse.shape[:2]
     c, h, w = image_embeddings.shape[1:]
     if p > DECODE_CHUNK:
-        parts = run_jobs([partial(decode_masks, decoder, image_embeddings, image_pe, sparse[:, i:i + DECODE_CHUNK],
+        parts = run_jobs([partial(_decode_masks, decoder, image_embeddings, image_pe, sparse[:, i:i + DECODE_CHUNK],
                                   dense[:, i:i + DECODE_CHUNK] if dense.shape[1] > 1 else dense, hq_features, context,
                                   needed, mask_rows)
                           for i in range(0, p, DECODE_CHUNK)])

@@ -88,8 +88,10 @@ class TwoWayTransformer(nn.Module):
 
     def forward(self, image: torch.Tensor, image_pe: torch.Tensor, tokens: torch.Tensor):
         """image (N, C, h, w), image_pe (1 or N, C, h, w), tokens (N, T, C) -> (tokens (N, T, C), image tokens (N, h*w, C))."""
-        keys = image.flatten(2).transpose(1, 2)
-        key_pe = image_pe.flatten(2).transpose(1, 2)
+        return self.attend(image.flatten(2).transpose(1, 2), image_pe.flatten(2).transpose(1, 2), tokens)
+
+    def attend(self, keys: torch.Tensor, key_pe: torch.Tensor, tokens: torch.Tensor):
+        """`forward` on image tokens: keys (N, HW, C), key_pe (1 or N, HW, C), tokens (N, T, C) -> the same outputs."""
         queries = tokens
         for layer in self.layers:
             queries, keys = layer(queries, keys, tokens, key_pe)
