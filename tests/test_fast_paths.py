@@ -63,29 +63,6 @@ def test_transformer(model, monkeypatch, two_threads, b, p, t, jobs):
     assert all(name.startswith("samhq-jobs") == jobs for _, name in spans)
 
 
-def test_main_thread_alone(monkeypatch, two_threads):
-    """Inside: this thread's torch operations run on one thread while `run_jobs` still runs two jobs at once (on its
-    one-thread workers); nested, it changes nothing; the count comes back on exit, also after an exception; with jobs
-    off there is nothing to keep the threads for."""
-    import threading
-
-    with fast_paths.main_thread_alone():
-        assert torch.get_num_threads() == 1 and fast_paths.job_slots() == 2
-        out = fast_paths.run_jobs([lambda: (threading.current_thread().name, torch.get_num_threads())] * 2)
-        assert all(name.startswith("samhq-jobs") and threads == 1 for name, threads in out)
-        with fast_paths.main_thread_alone():
-            assert torch.get_num_threads() == 1 and fast_paths.job_slots() == 2
-        assert torch.get_num_threads() == 1
-    assert torch.get_num_threads() == 2
-    with pytest.raises(RuntimeError, match="inside"):
-        with fast_paths.main_thread_alone():
-            raise RuntimeError("inside")
-    assert torch.get_num_threads() == 2 and fast_paths.job_slots() == 2
-    monkeypatch.setattr(fast_paths, "PARALLEL_JOBS", False)
-    with fast_paths.main_thread_alone():
-        assert torch.get_num_threads() == 2 and fast_paths.job_slots() == 1
-
-
 def both(model, fn):
     """fn() with the fast path, then with the plain forms; the model is left fast."""
     model.eval().set_fast_path(True)

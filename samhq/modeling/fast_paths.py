@@ -26,8 +26,7 @@ against the plain form. What they do:
     (`run_jobs`, `PARALLEL_JOBS`): far fewer thread wake-ups than OpenMP's per-operation ones; so does the
     transformer's image side of one chunk, in phases split by rows (`_image_phase`: each applies a layer's
     image->token attention and LayerNorm row by row, then the next token->image attention's softmax as partial
-    maxima and sums per job, combined as flash attention combines blocks), while the caller's own small operations
-    on the prompt tokens run on one torch thread (`main_thread_alone`);
+    maxima and sums per job, combined as flash attention combines blocks);
   - the two 2x2 transposed convolutions of the upscaling are per-pixel matmuls on unshuffled
     sub-pixels (with LayerNorm and GELU, which also act per pixel), shuffled once at the end;
   - the HQ hypernetwork vector is folded into `mask_conv2` (linear), so the HQ branch computes one
@@ -43,7 +42,6 @@ from __future__ import annotations
 import os
 import threading
 from concurrent.futures import ThreadPoolExecutor, wait
-from contextlib import contextmanager
 from functools import partial, reduce
 
 import torch
@@ -74,7 +72,7 @@ PARALLEL_JOBS = True
 
 _pools: dict = {}  # (process id, threads) -> the pool `run_jobs` uses
 _pools_lock = threading.Lock()
-_local = threading.local()  # in_job: this thread runs a job; slots: see `main_thread_alone`
+_local = threading.local()  # in_job: this thread runs a job
 
 
 def run_jobs(jobs: list) -> list:
@@ -104,25 +102,7 @@ def job_slots() -> int:
     call from inside a job)."""
     if not PARALLEL_JOBS or getattr(_local, "in_job", False):
         return 1
-    return getattr(_local, "slots", None) or torch.get_num_threads()
-
-
-@contextmanager
-def main_thread_alone():
-    """Inside: this thread's own torch operations run on one thread, while `run_jobs` still runs `job_slots()` jobs
-    at once. For a caller whose heavy work is all in jobs: its many small operations (a few prompt tokens) then wake
-    no OpenMP threads, 0.1-0.5 ms each with OMP_WAIT_POLICY=PASSIVE on a VM. The thread count is restored on exit."""
-    slots = job_slots()
-    if slots < 2 or getattr(_local, "slots", None):
-        yield
-        return
-    _local.slots = slots
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(slots)
-        _local.slots = None
+    return torch.get_num_threads()
 
 
 def _pool(threads: int) -> ThreadPoolExecutor:
@@ -424,18 +404,12 @@ def decode_masks(decoder, image_embeddings, image_pe, sparse, dense, hq_features
     needed: see `MaskDecoder.forward`; the masks of the prompts it rejects are NaN, never computed.
     mask_rows: see `MaskDecoder.forward`; the rows below it are NaN, never computed.
     More than `DECODE_CHUNK` prompts are decoded chunk by chunk, the chunks as `run_jobs` jobs; a chunk's masks
-    are jobs of one prompt's band of rows each; this thread's own work (a few tokens) runs on one torch thread
-    (`main_thread_alone`).
+    are jobs of one prompt's band of rows each.
     """
-    with main_thread_alone():
-        return _decode_masks(decoder, image_embeddings, image_pe, sparse, dense, hq_features, context, needed, mask_rows)
-
-
-def _decode_masks(decoder, image_embeddings, image_pe, sparse, dense, hq_features, context, needed, mask_rows):
     b, p = sparse.shape[:2]
     c, h, w = image_embeddings.shape[1:]
     if p > DECODE_CHUNK:
-        parts = run_jobs([partial(_decode_masks, decoder, image_embeddings, image_pe, sparse[:, i:i + DECODE_CHUNK],
+        parts = run_jobs([partial(decode_masks, decoder, image_embeddings, image_pe, sparse[:, i:i + DECODE_CHUNK],
                                   dense[:, i:i + DECODE_CHUNK] if dense.shape[1] > 1 else dense, hq_features, context,
                                   needed, mask_rows)
                           for i in range(0, p, DECODE_CHUNK)])
