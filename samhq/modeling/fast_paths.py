@@ -299,12 +299,7 @@ def _transformer(transformer, image, image_pe, tokens, context=None):
     own = keys.new_empty(b, p, keys.shape[-2], c)  # the image tokens after the first layer, written in place
     queries, pending = tokens, None
     for i, layer in enumerate(transformer.layers):
-        if layer.skip_first_layer_pe:
-            queries = layer.self_attn(queries, queries, queries)
-        else:
-            q = queries + tokens
-            queries = queries + layer.self_attn(q, q, queries)
-        queries = layer.layer_norm1(queries)
+        queries = layer.token_self_attention(queries, tokens)
         attn = layer.cross_attn_token_to_image
         if i == 0 and context is not None:  # the image's projections are shared by all prompts
             qh = attn.heads(attn.q_proj(queries + tokens)).transpose(1, 2).reshape(b, attn.num_heads, p * t, -1)

@@ -58,15 +58,19 @@ class TwoWayBlock(nn.Module):
         self.cross_attn_image_to_token = Attention(c, heads, rate)
         self.skip_first_layer_pe = skip_first_layer_pe
 
-    def forward(self, queries, keys, query_pe, key_pe):
-        """queries and query_pe (N, T, C) prompt tokens, keys and key_pe (N, HW, C) image tokens -> (queries, keys)."""
-        # (1) self-attention of the tokens; the first layer's tokens are their own positional encoding
+    def token_self_attention(self, queries: torch.Tensor, query_pe: torch.Tensor) -> torch.Tensor:
+        """Step (1): self-attention of the tokens (..., T, C) and layer_norm1; the first layer's tokens are their own
+        positional encoding."""
         if self.skip_first_layer_pe:
             queries = self.self_attn(queries, queries, queries)
         else:
             q = queries + query_pe
             queries = queries + self.self_attn(q, q, queries)
-        queries = self.layer_norm1(queries)
+        return self.layer_norm1(queries)
+
+    def forward(self, queries, keys, query_pe, key_pe):
+        """queries and query_pe (N, T, C) prompt tokens, keys and key_pe (N, HW, C) image tokens -> (queries, keys)."""
+        queries = self.token_self_attention(queries, query_pe)  # (1)
         # (2) tokens attend to the image
         k = keys + key_pe
         queries = self.layer_norm2(queries + self.cross_attn_token_to_image(queries + query_pe, k, keys))
