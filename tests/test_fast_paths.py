@@ -345,23 +345,62 @@ def two_threads():
 
 
 def test_run_jobs_on_worker_threads_one_torch_thread_each(two_threads):
-    """Results in order, computed on the pool's threads with one torch thread, under the caller's grad mode; torch's
-    thread count comes back; a job's own jobs run in turn on its thread; one job runs on the caller's thread."""
+    """Results in order, computed on the pool's threads with one torch thread, under the caller's grad and inference
+    modes; torch's thread count comes back; even a single job leaves the caller's thread."""
     import threading
 
     def job(i):
-        inner = fast_paths.run_jobs([lambda: threading.current_thread().name] * 2)
-        return i, threading.current_thread().name, torch.get_num_threads(), torch.is_grad_enabled(), inner
+        return i, threading.current_thread().name, torch.get_num_threads(), torch.is_grad_enabled()
 
     with torch.no_grad():
         out = fast_paths.run_jobs([lambda i=i: job(i) for i in range(5)])
     assert [o[0] for o in out] == list(range(5))
-    assert all(name.startswith("samhq-jobs") and threads == 1 and not grad and inner == [name, name]
-               for _, name, threads, grad, inner in out)
+    assert all(name.startswith("samhq-jobs") and threads == 1 and not grad for _, name, threads, grad in out)
     assert torch.get_num_threads() == 2
-    assert fast_paths.run_jobs([lambda: threading.current_thread().name]) == [threading.current_thread().name]
+    assert fast_paths.run_jobs([lambda: threading.current_thread().name])[0].startswith("samhq-jobs")
     with torch.inference_mode():
         assert fast_paths.run_jobs([torch.is_inference_mode_enabled] * 3) == [True] * 3
+
+
+def test_jobs_of_a_job_are_shared_with_an_idle_worker(two_threads):
+    """A job's own jobs run on its thread and on the idle worker at the same time (each waits for the other at a
+    barrier, which one thread alone would never pass), in order, under the job's grad mode."""
+    import threading
+
+    meet = threading.Barrier(2, timeout=30)
+
+    def inner(i):
+        meet.wait()
+        return i, threading.current_thread().name, torch.is_grad_enabled()
+
+    def outer():
+        return threading.current_thread().name, fast_paths.run_jobs([lambda i=i: inner(i) for i in range(2)])
+
+    with torch.no_grad():
+        [(name, out)] = fast_paths.run_jobs([outer])
+    assert [o[0] for o in out] == [0, 1] and not any(o[2] for o in out)
+    names = {o[1] for o in out}
+    assert name in names and len(names) == 2 and all(n.startswith("samhq-jobs") for n in names)
+
+
+def test_jobs_of_jobs_finish_when_every_worker_is_busy(two_threads):
+    """Every worker runs a job that has jobs of its own and no worker is idle to help: each job works through its own
+    list (its helpers, queued behind the other jobs, are cancelled or find nothing left), and an inner job's
+    exception reaches the caller after the rest have finished."""
+    def outer(k):
+        return fast_paths.run_jobs([lambda i=i: (k, i) for i in range(5)])
+
+    out = fast_paths.run_jobs([lambda k=k: outer(k) for k in range(6)])
+    assert out == [[(k, i) for i in range(5)] for k in range(6)]
+
+    done = []
+
+    def bad():
+        raise ValueError("inner job failed")
+
+    with pytest.raises(ValueError, match="inner job failed"):
+        fast_paths.run_jobs([lambda: fast_paths.run_jobs([bad, lambda: done.append(1), lambda: done.append(2)])])
+    assert sorted(done) == [1, 2] and torch.get_num_threads() == 2
 
 
 def test_run_jobs_waits_for_all_then_raises(two_threads):
@@ -443,3 +482,23 @@ def test_decoder_jobs_give_the_same_masks(model, monkeypatch, two_threads, jobs)
             assert set(counts.values()) == {11} and edges[0][0] == 0 and edges[-1][1] == cut
             assert all(a[1] == b[0] for a, b in zip(edges, edges[1:]))
             assert all(name.startswith("samhq-jobs") == jobs for _, name in bands)
+
+
+@pytest.mark.parametrize("clicks", [1, 12])
+def test_a_lone_chunk_runs_on_a_worker(model, monkeypatch, two_threads, clicks):
+    """One prompt's chunk is a job (its token work on a worker's one torch thread), unless its 12 clicks + 6 output
+    tokens reach the head width (16) and the transformer takes the plain form, which stays on the calling thread."""
+    import threading
+
+    g = torch.Generator().manual_seed(53)
+    emb, inter = model.get_image_embeddings(torch.randn(1, 3, 1024, 1024, generator=g))
+    hq_features = model.compute_hq_features(emb, inter)
+    points = torch.rand(1, 1, clicks, 2, generator=g) * 1024
+    seen, transformer = [], fast_paths._transformer
+    monkeypatch.setattr(fast_paths, "_transformer",
+                        lambda *a, **k: seen.append(threading.current_thread().name) or transformer(*a, **k))
+    (masks, iou), (plain, plain_iou) = both(model, lambda: model.predict_all(
+        emb, hq_features, input_points=points, context=model.decoder_context(emb)))
+    close(masks, plain)
+    close(iou, plain_iou)
+    assert len(seen) == 1 and seen[0].startswith("samhq-jobs") == (clicks == 1)

@@ -22,8 +22,9 @@ against the plain form. What they do:
     the product, the value/output projections after the weighted sum (T/d of the multiply-adds);
   - prompts are decoded a few at a time through the transformer (`DECODE_CHUNK`) and one band of rows
     at a time through upscaling and the HQ branch, so the large per-prompt tensors stay in cache;
-  - the chunks, or one chunk's bands, run as jobs on worker threads with one torch thread each
-    (`run_jobs`, `PARALLEL_JOBS`): far fewer thread wake-ups than OpenMP's per-operation ones; so does the
+  - the chunks (even a single one), and a chunk's bands, run as jobs on worker threads with one torch thread each
+    (`run_jobs`, `PARALLEL_JOBS`; a job's own jobs are shared with idle workers): far fewer thread wake-ups than
+    OpenMP's per-operation ones; so does the
     transformer's image side of one chunk, in phases split by rows (`_image_phase`: each applies a layer's
     image->token attention and LayerNorm row by row, then the next token->image attention's softmax as partial
     maxima and sums per job, combined as flash attention combines blocks);
@@ -72,37 +73,67 @@ PARALLEL_JOBS = True
 
 _pools: dict = {}  # (process id, threads) -> the pool `run_jobs` uses
 _pools_lock = threading.Lock()
-_local = threading.local()  # in_job: this thread runs a job
+_local = threading.local()  # slots: this thread runs a job, from a pool of this many workers
 
 
 def run_jobs(jobs: list) -> list:
-    """Call each of `jobs` (functions of no arguments) and return their results in order: on `torch.get_num_threads()`
-    worker threads, one torch thread each, or in turn on this thread (one torch thread, `PARALLEL_JOBS` off, a single
-    job, or a call from inside a job). The jobs run under this thread's grad, inference and CPU autocast modes.
-    Exceptions raised by a job are raised here, after every job has finished.
+    """Call each of `jobs` (functions of no arguments) and return their results in order, on worker threads with one
+    torch thread each. From outside a job, every job goes to the `torch.get_num_threads()` workers and this thread
+    waits; from inside one, this thread takes the jobs one by one and any worker that is idle meanwhile helps. With
+    one torch thread or `PARALLEL_JOBS` off they run in turn on this thread. The jobs run under this thread's grad,
+    inference and CPU autocast modes. An exception raised by a job is raised here, after every job has finished.
 
     Why: with OMP_WAIT_POLICY=PASSIVE (samhq's default, docs/performance.md) every parallel region wakes sleeping
     OpenMP threads, which costs 0.1-0.5 ms on a VM; the decoder's hundreds of small and mid-sized operations per prompt
     then run little faster on two threads than on one. Whole prompt chunks or bands of rows on threads of their own
-    wake a thread once per job.
+    wake a thread once per job, and a job's own small operations never wake one.
     """
-    threads = job_slots()
-    if len(jobs) < 2 or threads < 2:
+    slots = job_slots()
+    if slots < 2 or not jobs or (len(jobs) == 1 and _in_job()):
         return [job() for job in jobs]
-    pool = _pool(threads)
-    modes = (torch.is_grad_enabled(), torch.is_inference_mode_enabled(), torch.is_autocast_enabled("cpu"),
+    pool = _pool(slots)
+    modes = (slots, torch.is_grad_enabled(), torch.is_inference_mode_enabled(), torch.is_autocast_enabled("cpu"),
              torch.get_autocast_dtype("cpu"))  # thread-local: the jobs run as this thread would
-    futures = [pool.submit(_job, job, *modes) for job in jobs]
-    wait(futures)
-    return [f.result() for f in futures]
+    if not _in_job():
+        futures = [pool.submit(_job, job, *modes) for job in jobs]
+        wait(futures)
+        return [f.result() for f in futures]
+    # inside a job: this thread works through the list, idle workers help; a helper that never started is cancelled
+    # (waiting for it could wait on this very thread's pool slot)
+    lock, results, order = threading.Lock(), [None] * len(jobs), iter(range(len(jobs)))
+
+    def work():
+        while True:
+            with lock:
+                i = next(order, None)
+            if i is None:
+                return
+            try:
+                results[i] = (True, jobs[i]())
+            except BaseException as error:  # noqa: BLE001 - raised on the calling thread below
+                results[i] = (False, error)
+
+    helpers = [pool.submit(_job, work, *modes) for _ in range(min(slots, len(jobs)) - 1)]
+    work()
+    for f in helpers:
+        if not f.cancel():
+            f.result()
+    for ok, value in results:
+        if not ok:
+            raise value
+    return [value for _, value in results]
 
 
 def job_slots() -> int:
-    """How many jobs `run_jobs` runs at once from this thread: torch's thread count, or 1 (`PARALLEL_JOBS` off, or a
-    call from inside a job)."""
-    if not PARALLEL_JOBS or getattr(_local, "in_job", False):
+    """How many jobs `run_jobs` can run at once from this thread: the pool's size inside a job, else torch's thread
+    count; 1 with `PARALLEL_JOBS` off."""
+    if not PARALLEL_JOBS:
         return 1
-    return torch.get_num_threads()
+    return getattr(_local, "slots", 0) or torch.get_num_threads()
+
+
+def _in_job() -> bool:
+    return bool(getattr(_local, "slots", 0))
 
 
 def _pool(threads: int) -> ThreadPoolExecutor:
@@ -128,8 +159,8 @@ def _one_thread(started: threading.Barrier) -> None:
     started.wait()
 
 
-def _job(job, grad: bool, inference: bool, autocast: bool, autocast_dtype):
-    _local.in_job = True
+def _job(job, slots: int, grad: bool, inference: bool, autocast: bool, autocast_dtype):
+    _local.slots = slots
     with torch.inference_mode(inference), torch.set_grad_enabled(grad), \
             torch.autocast("cpu", autocast_dtype, enabled=autocast):
         return job()
@@ -398,18 +429,21 @@ def decode_masks(decoder, image_embeddings, image_pe, sparse, dense, hq_features
     context: `image_context(...)` of these image embeddings, for prompts without a mask input.
     needed: see `MaskDecoder.forward`; the masks of the prompts it rejects are NaN, never computed.
     mask_rows: see `MaskDecoder.forward`; the rows below it are NaN, never computed.
-    More than `DECODE_CHUNK` prompts are decoded chunk by chunk, the chunks as `run_jobs` jobs; a chunk's masks
-    are jobs of one prompt's band of rows each.
+    Prompts are decoded `DECODE_CHUNK` at a time, each chunk as a `run_jobs` job (a lone chunk too, unless its
+    transformer takes the plain form); a chunk's masks are jobs of one prompt's band of rows each.
     """
     b, p = sparse.shape[:2]
     c, h, w = image_embeddings.shape[1:]
-    if p > DECODE_CHUNK:
+    out_tokens = decoder.output_tokens(hq_features is not None).to(sparse.dtype)
+    t = out_tokens.shape[0] + sparse.shape[2]
+    # a chunk runs as a job (its own small operations then never wake OpenMP threads) unless its transformer takes the
+    # plain form, whose image-token projections want all of torch's threads
+    if p > DECODE_CHUNK or (not _in_job() and job_slots() > 1 and t < decoder.transformer.final_attn_token_to_image.head_dim):
         parts = run_jobs([partial(decode_masks, decoder, image_embeddings, image_pe, sparse[:, i:i + DECODE_CHUNK],
                                   dense[:, i:i + DECODE_CHUNK] if dense.shape[1] > 1 else dense, hq_features, context,
                                   needed, mask_rows)
                           for i in range(0, p, DECODE_CHUNK)])
         return torch.cat([m for m, _ in parts], dim=1), torch.cat([q for _, q in parts], dim=1)
-    out_tokens = decoder.output_tokens(hq_features is not None).to(sparse.dtype)
     tokens = torch.cat([out_tokens.expand(b, p, -1, -1), sparse], dim=2)
     if context is None:
         src = image_embeddings[:, None] + dense  # (B, 1 or P, C, h, w): shared by the prompts without a mask input
