@@ -89,7 +89,7 @@ def run_jobs(jobs: list) -> list:
     wake a thread once per job, and a job's own small operations never wake one.
     """
     slots = job_slots()
-    if slots < 2 or not jobs or (len(jobs) == 1 and _in_job()):
+    if slots < 2:
         return [job() for job in jobs]
     pool = _pool(slots)
     modes = (slots, torch.is_grad_enabled(), torch.is_inference_mode_enabled(), torch.is_autocast_enabled("cpu"),
@@ -323,8 +323,7 @@ def _transformer(transformer, image, image_pe, tokens, context=None):
         key_pe = image_pe.flatten(-2).transpose(-1, -2)[0].contiguous()
     else:
         keys, key_pe = context["keys"], context["key_pe"][0]
-    final = transformer.final_attn_token_to_image
-    if t >= final.head_dim:  # projecting the image tokens costs less: the plain form
+    if _plain_form(transformer, t):
         hs, keys = transformer.attend(keys.expand(b, p, -1, -1).flatten(0, 1), key_pe, tokens.flatten(0, 1))
         return hs.view(b, p, t, c), keys.view(b, p, -1, c)
     own = keys.new_empty(b, p, keys.shape[-2], c)  # the image tokens after the first layer, written in place
@@ -342,9 +341,15 @@ def _transformer(transformer, image, image_pe, tokens, context=None):
         queries = layer.layer_norm2(queries + out)
         queries = layer.layer_norm3(queries + layer.mlp(queries))
         pending = _image_update(layer, queries + tokens, queries, context["q"] if i == 0 and context else None)
-    out = _image_phase(final, queries + tokens, keys, own, key_pe, pending)
+    out = _image_phase(transformer.final_attn_token_to_image, queries + tokens, keys, own, key_pe, pending)
     keys = own if pending is not None else keys
     return transformer.layer_norm_final_attn(queries + out), keys
+
+
+def _plain_form(transformer, t: int) -> bool:
+    """Whether `_transformer` runs `TwoWayTransformer.attend` for t prompt tokens: from the head width on, projecting
+    the image tokens costs less than moving the projections onto the tokens' side."""
+    return t >= transformer.final_attn_token_to_image.head_dim
 
 
 def _image_update(layer, k: torch.Tensor, v: torch.Tensor, shared_q: torch.Tensor | None) -> dict:
@@ -438,7 +443,7 @@ def decode_masks(decoder, image_embeddings, image_pe, sparse, dense, hq_features
     t = out_tokens.shape[0] + sparse.shape[2]
     # a chunk runs as a job (its own small operations then never wake OpenMP threads) unless its transformer takes the
     # plain form, whose image-token projections want all of torch's threads
-    if p > DECODE_CHUNK or (not _in_job() and job_slots() > 1 and t < decoder.transformer.final_attn_token_to_image.head_dim):
+    if p > DECODE_CHUNK or (not _in_job() and job_slots() > 1 and not _plain_form(decoder.transformer, t)):
         parts = run_jobs([partial(decode_masks, decoder, image_embeddings, image_pe, sparse[:, i:i + DECODE_CHUNK],
                                   dense[:, i:i + DECODE_CHUNK] if dense.shape[1] > 1 else dense, hq_features, context,
                                   needed, mask_rows)
