@@ -470,7 +470,7 @@ def test_decoder_jobs_give_the_same_masks(model, monkeypatch, two_threads, jobs)
     monkeypatch.setattr(fast_paths, "_mask_band", lambda *a: bands.append((a[-2:], threading.current_thread().name))
                         or band(*a))
     for hq in (hq_features, None):
-        for rows in (None, 100):
+        for rows in (None, 200):  # 200: inside the second band
             bands.clear()
             (masks, iou), (plain, plain_iou) = both(model, lambda hq=hq, rows=rows: model.predict_all(
                 emb, hq, input_points=points, context=model.decoder_context(emb), mask_rows=rows))
@@ -502,3 +502,24 @@ def test_a_lone_chunk_runs_on_a_worker(model, monkeypatch, two_threads, clicks):
     close(masks, plain)
     close(iou, plain_iou)
     assert len(seen) == 1 and seen[0].startswith("samhq-jobs") == (clicks == 1)
+
+
+@pytest.mark.parametrize("rows", [None, 40])
+def test_a_lone_prompt_has_a_band_per_worker(model, monkeypatch, rows):
+    """With more workers than a prompt's `HQ_BAND_PIXELS` bands, one prompt's rows split into a band per worker (of
+    `MIN_BAND_ROWS` or more rows: 40 rows make two), which tile its rows once and give the plain forward's masks."""
+    g = torch.Generator().manual_seed(54)
+    emb, inter = model.get_image_embeddings(torch.randn(1, 3, 1024, 1024, generator=g))
+    hq_features = model.compute_hq_features(emb, inter)
+    points = torch.rand(1, 1, 1, 2, generator=g) * 1024
+    bands, band = [], fast_paths._mask_band
+    monkeypatch.setattr(fast_paths, "_mask_band", lambda *a: bands.append(a[-2:]) or band(*a))
+    with torch_threads(5):
+        (masks, iou), (plain, plain_iou) = both(model, lambda: model.predict_all(
+            emb, hq_features, input_points=points, context=model.decoder_context(emb), mask_rows=rows))
+    cut = plain.shape[-2] if rows is None else rows
+    close(masks[..., :cut, :], plain[..., :cut, :])
+    close(iou, plain_iou)
+    edges = sorted(bands)
+    assert len(edges) == (5 if rows is None else 2) and edges[0][0] == 0 and edges[-1][1] == cut
+    assert all(a[1] == b[0] for a, b in zip(edges, edges[1:]))

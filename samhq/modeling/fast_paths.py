@@ -59,8 +59,10 @@ MAX_BIAS_ELEMENTS = 1 << 25
 MIN_BLOCK_QUERIES = 768
 # Prompts per pass through the decoder's transformer.
 DECODE_CHUNK = 8
-# Pixels per band of rows in the HQ branch's full-resolution convolution.
-HQ_BAND_PIXELS = 16384
+# Pixels per band of rows in the upscaling and the HQ branch's full-resolution convolution (ViT-B: 128 of the
+# 256 rows); a prompt gets more, smaller bands where its chunk would otherwise leave workers idle.
+HQ_BAND_PIXELS = 32768
+MIN_BAND_ROWS = 16
 
 
 # Run the decoder's independent pieces (prompt chunks, bands of mask rows) as `run_jobs` jobs on worker threads.
@@ -466,22 +468,24 @@ def decode_masks(decoder, image_embeddings, image_pe, sparse, dense, hq_features
     rows_out = 4 * h if mask_rows is None else max(1, min(4 * h, mask_rows))
     whole = needed is None and rows_out == 4 * h
     masks = hs.new_empty(b * p, k, 16 * h * w) if whole else hs.new_full((b * p, k, 16 * h * w), float("nan"))
+    bands = -(-job_slots() // max(1, len(rows)))  # at least this many per prompt, so that every worker has one
     run_jobs([job for i in rows for job in _prompt_bands(
         decoder, masks[i], keys[i], hyper[i],
-        None if hyper_hq is None else hyper_hq[i], None if hyper_hq is None else hq_features[i // p], rows_out)])
+        None if hyper_hq is None else hyper_hq[i], None if hyper_hq is None else hq_features[i // p], rows_out, bands)])
     return masks.view(b, p, -1, 4 * h, 4 * w), iou
 
 
 def _prompt_bands(decoder, out: torch.Tensor, keys: torch.Tensor, hyper: torch.Tensor, hyper_hq: torch.Tensor | None,
-                  image_hq: torch.Tensor | None, rows: int) -> list:
+                  image_hq: torch.Tensor | None, rows: int, least: int = 1) -> list:
     """The jobs that write the first `rows` rows of one prompt's mask logits into out (K, 16hw), a band of rows each
-    (`HQ_BAND_PIXELS`, equal bands): K = 4 SAM masks, plus the HQ mask when hyper_hq is given.
+    (equal bands of at most `HQ_BAND_PIXELS`, and at least `least` bands of `MIN_BAND_ROWS` or more rows): K = 4 SAM
+    masks, plus the HQ mask when hyper_hq is given.
 
     keys (h, w, C) image tokens after the transformer, hyper (4, C/8), hyper_hq (C/8) or None, image_hq (C/8, 4h, 4w)
     the image's fused HQ features or None.
     """
     ww = 4 * keys.shape[1]
-    count = -(-rows // max(1, HQ_BAND_PIXELS // ww))
+    count = max(-(-rows // max(1, HQ_BAND_PIXELS // ww)), min(least, rows // MIN_BAND_ROWS))
     bounds = [round(i * rows / count) for i in range(count + 1)]
     taps = None if hyper_hq is None else _hq_taps(decoder, hyper_hq[None])
     return [partial(_mask_band, decoder, out, keys, hyper, hyper_hq, taps, image_hq, r0, r1)
