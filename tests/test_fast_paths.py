@@ -454,6 +454,12 @@ def test_run_jobs_after_fork(two_threads):
     assert not alive and queue.get(timeout=5) == [0, 1, 4, 9]
 
 
+def assert_tiles(edges: list, rows: int) -> None:
+    """Sorted bands (r0, r1) cover rows 0..rows once: each starts where the one before ends."""
+    assert edges[0][0] == 0 and edges[-1][1] == rows
+    assert all(a[1] == b[0] for a, b in zip(edges, edges[1:]))
+
+
 @pytest.mark.parametrize("jobs", [True, False])
 def test_decoder_jobs_give_the_same_masks(model, monkeypatch, two_threads, jobs):
     """Prompt chunks and bands of rows on worker threads (PARALLEL_JOBS) or in turn: the plain forward's masks, also
@@ -478,9 +484,8 @@ def test_decoder_jobs_give_the_same_masks(model, monkeypatch, two_threads, jobs)
             close(masks[..., :cut, :], plain[..., :cut, :])
             close(iou, plain_iou)
             counts = Counter(b for b, _ in bands)
-            edges = sorted(counts)
-            assert set(counts.values()) == {11} and edges[0][0] == 0 and edges[-1][1] == cut
-            assert all(a[1] == b[0] for a, b in zip(edges, edges[1:]))
+            assert set(counts.values()) == {11}
+            assert_tiles(sorted(counts), cut)
             assert all(name.startswith("samhq-jobs") == jobs for _, name in bands)
 
 
@@ -520,6 +525,5 @@ def test_a_lone_prompt_has_a_band_per_worker(model, monkeypatch, rows):
     cut = plain.shape[-2] if rows is None else rows
     close(masks[..., :cut, :], plain[..., :cut, :])
     close(iou, plain_iou)
-    edges = sorted(bands)
-    assert len(edges) == (5 if rows is None else 2) and edges[0][0] == 0 and edges[-1][1] == cut
-    assert all(a[1] == b[0] for a, b in zip(edges, edges[1:]))
+    assert len(bands) == (5 if rows is None else 2)
+    assert_tiles(sorted(bands), cut)
