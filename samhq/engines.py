@@ -94,7 +94,8 @@ class TorchEngine:
     @torch.no_grad()
     def decode(self, features, points, labels, boxes, masks, multimask_output: bool, hq_token_only: bool,
                selection: str = "best", sam_token_only: bool = False,
-               pred_iou_thresh: float | None = None, mask_rows: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+               pred_iou_thresh: float | None = None,
+               mask_extent: tuple[int, int] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         model = self.model
         pts, lab, box, mask = _prompt_batch(points, labels, boxes, masks)
         if mask is not None:
@@ -103,7 +104,7 @@ class TorchEngine:
         if pred_iou_thresh is not None:
             def needed(iou):  # in float32, as the caller compares the returned scores
                 return best_score(iou.float(), multimask_output, model.stability) > pred_iou_thresh
-        all_masks, iou = model.decode_features(features, pts, lab, box, mask, needed=needed, mask_rows=mask_rows)
+        all_masks, iou = model.decode_features(features, pts, lab, box, mask, needed=needed, mask_extent=mask_extent)
         # a plain SAM checkpoint gives what segment_anything's predictor gives: the masks in token order
         selection = selection if model.hq_enabled else "token_order"
         low_res, scores = select_masks(all_masks.flatten(0, 1)[None], iou.flatten(0, 1)[None], multimask_output,
@@ -211,8 +212,9 @@ class _OnnxFileEngine:
 
     def decode(self, features, points, labels, boxes, masks, multimask_output: bool, hq_token_only: bool,
                selection: str | None = None, sam_token_only: bool = False,
-               pred_iou_thresh: float | None = None, mask_rows: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        # pred_iou_thresh and mask_rows are only hints: the exported decoder computes every prompt's whole masks
+               pred_iou_thresh: float | None = None,
+               mask_extent: tuple[int, int] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        # pred_iou_thresh and mask_extent are only hints: the exported decoder computes every prompt's whole masks
         if (selection or self.selection) != self.selection or sam_token_only:
             raise ValueError(f"the exported decoder returns the official predictor's masks (selection {self.selection!r}, "
                              "SAM + HQ or HQ alone); use the torch engine for other selections")

@@ -347,7 +347,7 @@ class SamHQBackend:
                 point_coords=None if points is None else np.asarray(points, dtype=float),
                 point_labels=None if points is None else np.asarray(labels),
                 box=None if box is None else np.asarray(box, dtype=float),
-                multimask_output=self.multimask, hq_token_only=self.hq_token_only)
+                multimask_output=self.multimask, hq_token_only=self.hq_token_only, return_low_res=False)
         mask, score = best_mask(masks, scores)
         return mask, float(score)
 

@@ -536,7 +536,8 @@ class SamHQPredictor:
         return_logits: bool = False,
         hq_token_only: bool = False,
         normalize_coords: bool = True,
-    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        return_low_res: bool = True,
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
         """Masks for one prompt (or a batch of B prompts), in original-image coordinates.
 
         point_coords (N, 2) x, y; point_labels (N,) 1 foreground / 0 background; box (4,) x0, y0, x1, y1;
@@ -547,7 +548,8 @@ class SamHQPredictor:
         (bool, or float logits with `return_logits`), scores (C,) and low-res logits (C, 256, 256), with a
         leading B for B > 1 prompts; C = 3 with multimask_output for plain SAM and the SAM 2 family, else
         1 (SAM-HQ's official predictor returns its best mask). SAM 2 models return low-res logits clamped
-        to +-32, as Meta's predictor. Raises ValueError for malformed prompts.
+        to +-32, as Meta's predictor. return_low_res=False returns None for the low-res logits, and the masks and
+        scores come sooner (`predict_torch`). Raises ValueError for malformed prompts.
         """
         self._require_image()
         if point_coords is None and box is None and mask_input is None:
@@ -568,8 +570,9 @@ class SamHQPredictor:
                                  f"(B, 1, {size}, {size}) for B prompts), got shape {m.shape}")
             masks = torch.as_tensor(m).reshape(-1, 1, size, size)
         out = self.predict_torch(*(None if t is None else t.to(self.device) for t in (coords, labels, boxes, masks)),
-                                 multimask_output=multimask_output, return_logits=return_logits, hq_token_only=hq_token_only)
-        return tuple((t[0] if len(t) == 1 else t).cpu().numpy() for t in out)
+                                 multimask_output=multimask_output, return_logits=return_logits, hq_token_only=hq_token_only,
+                                 return_low_res=return_low_res)
+        return tuple(None if t is None else (t[0] if len(t) == 1 else t).cpu().numpy() for t in out)
 
     @torch.no_grad()
     def predict_torch(
@@ -581,18 +584,26 @@ class SamHQPredictor:
         multimask_output: bool = True,
         return_logits: bool = False,
         hq_token_only: bool = False,
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return_low_res: bool = True,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """Masks for B prompts at once, coordinates already in the resized frame (`transform.apply_coords_torch`).
 
         point_coords (B, N, 2), point_labels (B, N), boxes (B, 4), mask_input (B, 1, 256, 256); tensors or
         arrays. Returns masks (B, C, H, W) at the original size (bool, or logits with `return_logits`),
         scores (B, C) and low-res logits (B, C, 256, 256), float32 (clamped to +-32 for SAM 2 models, as Meta's
         `SAM2ImagePredictor._predict`).
+        return_low_res=False: None in place of the low-res logits, for callers that want only the masks and
+        scores (which are the same). The decoder then skips the rows and columns of the padded square that the
+        masks never read (`decode(upscaled_only=True)`): for a 4:3 image a quarter of its upscaling and HQ branch,
+        most of a prompt's time on a CPU.
         """
-        low_res, scores = self.decode(point_coords, point_labels, boxes, mask_input, multimask_output, hq_token_only)
+        low_res, scores = self.decode(point_coords, point_labels, boxes, mask_input, multimask_output, hq_token_only,
+                                      upscaled_only=not return_low_res)
         full = self.upscale_masks(low_res)
         if not return_logits:
             full = full > self.mask_threshold
+        if not return_low_res:
+            return full, scores, None
         limit = getattr(self.transform, "logits_limit", None)  # SAM 2's predictor clamps the logits it returns
         return full, scores, low_res if limit is None else low_res.clamp(-limit, limit)
 
@@ -615,19 +626,20 @@ class SamHQPredictor:
         `pred_iou_thresh` (the automatic generator's filter): a prompt none of whose scores exceeds it may come
         back with NaN logits instead of computed ones (the torch engine skips their upscaling and HQ branch, most
         of a prompt's cost on a CPU; the ONNX engines compute them); its scores are always computed.
-        `upscaled_only`: the caller reads the logits only through `upscale_masks`, so the rows of the padded frame
-        that it never reads (`transform.low_res_read`: the bottom quarter for a 4:3 landscape image) may come back NaN
-        instead of computed (torch engine, SAM-HQ models, no hole or sprinkle removal).
+        `upscaled_only`: the caller reads the logits only through `upscale_masks`, so the rows and columns of the
+        padded frame that it never reads (`transform.low_res_read`: the bottom quarter for a 4:3 landscape image, the
+        right quarter for a 3:4 portrait one) may come back NaN instead of computed (torch engine, SAM-HQ models, no
+        hole or sprinkle removal).
         Raises ValueError for malformed prompts.
         """
         self._require_image()
         points, labels, boxes, masks = self._check_batch(point_coords, point_labels, boxes, mask_input)
-        mask_rows = None
-        if upscaled_only and self.max_hole_area <= 0 and self.max_sprinkle_area <= 0:  # hole removal reads every row
+        extent = None
+        if upscaled_only and self.max_hole_area <= 0 and self.max_sprinkle_area <= 0:  # hole removal reads every pixel
             low = self.image_size // 4
-            mask_rows = self.transform.low_res_read((low, low), self.input_size)[0]
+            extent = self.transform.low_res_read((low, low), self.input_size)
         return self.engine.decode(self._features, points, labels, boxes, masks, multimask_output, hq_token_only,
-                                  self.selection, sam_token_only, pred_iou_thresh, mask_rows)
+                                  self.selection, sam_token_only, pred_iou_thresh, extent)
 
     def _check_batch(self, points, labels, boxes, masks):
         """B prompts in the resized frame (see `predict_torch`) as tensors on the device, checked once."""

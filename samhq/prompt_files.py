@@ -255,7 +255,7 @@ def _decode(predictor, prompts: list[FilePrompt], multimask_output, hq_token_onl
                 continue
             b = torch.as_tensor(boxes, dtype=torch.float, device=predictor.device)
             b = predictor.transform.apply_boxes_torch(b, predictor.original_size)
-            m, sc, _ = predictor.predict_torch(None, None, b, None, mm, False, hq_token_only)
+            m, sc, _ = predictor.predict_torch(None, None, b, None, mm, False, hq_token_only, return_low_res=False)
             for k, i in enumerate(idx):
                 out[i] = (m[k, 0].cpu().numpy(), 0, 0, float(sc[k, 0]))
     for i, p in enumerate(prompts):
@@ -269,7 +269,7 @@ def _decode(predictor, prompts: list[FilePrompt], multimask_output, hq_token_onl
             out[i] = (r.mask, r.box[0], r.box[1], float(r.score))
             continue
         m, sc, _ = predictor.predict(point_coords=p.points, point_labels=p.labels, box=p.box, multimask_output=mm,
-                                     hq_token_only=hq_token_only)
+                                     hq_token_only=hq_token_only, return_low_res=False)
         out[i] = (np.asarray(m[0]), 0, 0, float(sc[0]))
     return out
 

@@ -150,7 +150,7 @@ class SegmentSession:
             masks, scores, _ = self.tiled.predict(**prompt)
         else:
             self.predictor.set_image_embedding(entry)
-            masks, scores, _ = self.predictor.predict(**prompt)
+            masks, scores, _ = self.predictor.predict(**prompt, return_low_res=False)
         require_finite(scores, "scores")
         mask, score = best_mask(masks, scores)
         return mask, float(score)

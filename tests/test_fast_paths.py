@@ -191,9 +191,10 @@ def test_decoder_skips_the_masks_not_needed(model, monkeypatch, b):
     assert sum(calls) == want.sum()  # the fast path decoded the kept prompts' masks only
 
 
-def test_decoder_computes_only_the_mask_rows_asked_for(model):
-    """mask_rows: each mask's first rows are the full decode's, the rest NaN (with `needed` too, over two chunks);
-    the plain forms compute everything."""
+def test_decoder_computes_only_the_mask_extent_asked_for(model):
+    """mask_extent (rows, columns): each mask's leading rows and columns are the full decode's, the rest NaN (with
+    `needed` too, over two chunks; cuts at the band and token edges, beside the image's last pixels, and either way
+    round); the plain forms compute everything."""
     g = torch.Generator().manual_seed(41)
     emb, inter = model.get_image_embeddings(torch.randn(1, 3, 1024, 1024, generator=g))
     hq_features = model.compute_hq_features(emb, inter)
@@ -204,32 +205,47 @@ def test_decoder_computes_only_the_mask_rows_asked_for(model):
     t = gap_threshold(best)
     want = best > t
     assert 0 < want.sum() < want.numel()
-    for rows in (1, 2, 63, 64, 65, 193, side - 2, side - 1, side):
+    extents = [(1, side), (2, 1), (63, 193), (64, 2), (65, 63), (193, side), (side - 2, side - 3), (side - 1, side),
+               (side, side - 1), (side, side - 2), (side, 64), (side, side)]
+    for rows, cols in extents:
         masks, iou = model.predict_all(emb, hq_features, input_points=points, context=model.decoder_context(emb),
-                                       needed=lambda iou: iou[..., 1:].amax(-1) > t, mask_rows=rows)
+                                       needed=lambda iou: iou[..., 1:].amax(-1) > t, mask_extent=(rows, cols))
         close(iou, iou_full)
-        assert masks[~want].isnan().all() and masks[want][..., rows:, :].isnan().all()
-        close(masks[want][..., :rows, :], full[want][..., :rows, :])
+        kept = masks[want]
+        assert masks[~want].isnan().all() and kept[..., rows:, :].isnan().all() and kept[..., cols:].isnan().all()
+        close(kept[..., :rows, :cols], full[want][..., :rows, :cols])
     model.set_fast_path(False)
     try:
-        masks, _ = model.predict_all(emb, hq_features, input_points=points, mask_rows=5)
+        masks, _ = model.predict_all(emb, hq_features, input_points=points, mask_extent=(5, 7))
     finally:
         model.set_fast_path(True)
     close(masks, full)
 
 
-def test_predictor_upscaled_only_gives_the_same_upscaled_masks(model):
-    """decode(upscaled_only=True) leaves the padded frame's unread rows NaN; upscale_masks gives the full decode's
-    masks (a 4:3 image: 193 of 256 rows), and hole removal turns the option off (it reads every row)."""
+@pytest.mark.parametrize("shape", [(600, 800), (800, 600), (300, 1000)])
+def test_predictor_upscaled_only_gives_the_same_upscaled_masks(model, shape):
+    """decode(upscaled_only=True) leaves the padded frame's unread rows (landscape) or columns (portrait) NaN;
+    upscale_masks gives the full decode's masks (4:3: 193 of 256), and hole removal turns the option off (it reads
+    every pixel). predict(return_low_res=False) gives predict's masks and scores, and None for the logits."""
     p = SamHQPredictor(model)
-    p.set_image(np.random.default_rng(5).integers(0, 255, (600, 800, 3), dtype=np.uint8))
-    pts, lab = torch.tensor([[[300.0, 200.0]], [[100.0, 500.0]]]), torch.ones(2, 1, dtype=torch.int)
+    p.set_image(np.random.default_rng(5).integers(0, 255, (*shape, 3), dtype=np.uint8))
+    pts, lab = torch.tensor([[[300.0, 200.0]], [[100.0, 250.0]]]), torch.ones(2, 1, dtype=torch.int)
     low, scores = p.decode(pts, lab)
     part, part_scores = p.decode(pts, lab, upscaled_only=True)
-    rows = p.transform.low_res_read(low.shape[-2:], p.input_size)[0]
-    assert rows == 193 and part[..., rows:, :].isnan().all() and not part[..., :rows, :].isnan().any()
+    rows, cols = p.transform.low_res_read(low.shape[-2:], p.input_size)
+    assert {(600, 800): (193, 256), (800, 600): (256, 193), (300, 1000): (78, 256)}[shape] == (rows, cols)
+    assert part[..., rows:, :].isnan().all() and part[..., cols:].isnan().all()
+    assert not part[..., :rows, :cols].isnan().any()
     close(part_scores, scores)
     close(p.upscale_masks(part), p.upscale_masks(low))
+    for multimask in (True, False):
+        masks, s, logits = p.predict(point_coords=np.array([[250.0, 150.0]]), point_labels=np.array([1]),
+                                     multimask_output=multimask, return_logits=True)
+        fast_masks, fast_s, none = p.predict(point_coords=np.array([[250.0, 150.0]]), point_labels=np.array([1]),
+                                             multimask_output=multimask, return_logits=True, return_low_res=False)
+        assert none is None and logits.shape[-2:] == (256, 256) and not np.isnan(fast_masks).any()
+        close(torch.from_numpy(fast_masks), torch.from_numpy(masks))
+        close(torch.from_numpy(fast_s), torch.from_numpy(s))
     p.max_hole_area = 10.0
     assert not p.decode(pts, lab, upscaled_only=True)[0].isnan().any()
 
@@ -463,7 +479,8 @@ def assert_tiles(edges: list, rows: int) -> None:
 @pytest.mark.parametrize("jobs", [True, False])
 def test_decoder_jobs_give_the_same_masks(model, monkeypatch, two_threads, jobs):
     """Prompt chunks and bands of rows on worker threads (PARALLEL_JOBS) or in turn: the plain forward's masks, also
-    with `mask_rows` cutting a band and without the HQ branch; the bands of each prompt tile its rows once."""
+    with `mask_extent` cutting a band and the columns, and without the HQ branch; the bands of each prompt tile its
+    rows once."""
     import threading
     from collections import Counter
 
@@ -476,12 +493,12 @@ def test_decoder_jobs_give_the_same_masks(model, monkeypatch, two_threads, jobs)
     monkeypatch.setattr(fast_paths, "_mask_band", lambda *a: bands.append((a[-2:], threading.current_thread().name))
                         or band(*a))
     for hq in (hq_features, None):
-        for rows in (None, 200):  # 200: inside the second band
+        for extent in (None, (200, 150)):  # 200: inside the second band
             bands.clear()
-            (masks, iou), (plain, plain_iou) = both(model, lambda hq=hq, rows=rows: model.predict_all(
-                emb, hq, input_points=points, context=model.decoder_context(emb), mask_rows=rows))
-            cut = plain.shape[-2] if rows is None else rows
-            close(masks[..., :cut, :], plain[..., :cut, :])
+            (masks, iou), (plain, plain_iou) = both(model, lambda hq=hq, extent=extent: model.predict_all(
+                emb, hq, input_points=points, context=model.decoder_context(emb), mask_extent=extent))
+            cut, cols = plain.shape[-2:] if extent is None else extent
+            close(masks[..., :cut, :cols], plain[..., :cut, :cols])
             close(iou, plain_iou)
             counts = Counter(b for b, _ in bands)
             assert set(counts.values()) == {11}
@@ -521,7 +538,8 @@ def test_a_lone_prompt_has_a_band_per_worker(model, monkeypatch, rows):
     monkeypatch.setattr(fast_paths, "_mask_band", lambda *a: bands.append(a[-2:]) or band(*a))
     with torch_threads(5):
         (masks, iou), (plain, plain_iou) = both(model, lambda: model.predict_all(
-            emb, hq_features, input_points=points, context=model.decoder_context(emb), mask_rows=rows))
+            emb, hq_features, input_points=points, context=model.decoder_context(emb),
+                mask_extent=None if rows is None else (rows, 256)))
     cut = plain.shape[-2] if rows is None else rows
     close(masks[..., :cut, :], plain[..., :cut, :])
     close(iou, plain_iou)

@@ -338,12 +338,14 @@ def _segment_whole(model, rgb, prompts, flags) -> list[_Object]:
     h, w = rgb.shape[:2]
     if len(prompts) == 1:
         p = prompts[0]
-        m, s, _ = predictor.predict(point_coords=p.points, point_labels=p.labels, box=p.box, **flags)
+        m, s, _ = predictor.predict(point_coords=p.points, point_labels=p.labels, box=p.box, return_low_res=False,
+                                    **flags)
         m, s = m[None], s[None]
     else:  # several boxes: one batch
         tb = predictor.transform.apply_boxes_torch(torch.tensor(np.stack([p.box for p in prompts]), dtype=torch.float),
                                                    predictor.original_size)
-        m, s, _ = (t.cpu().numpy() for t in predictor.predict_torch(None, None, tb.to(predictor.device), **flags))
+        m, s, _ = predictor.predict_torch(None, None, tb.to(predictor.device), return_low_res=False, **flags)
+        m, s = m.cpu().numpy(), s.cpu().numpy()
     masks, scores = best_mask(m, s)
     return [_Object(masks[i], (0, 0, w, h), h, w, scores[i], _prompt_json(p), p.category_id) for i, p in enumerate(prompts)]
 

@@ -430,12 +430,12 @@ def _merge(a: tuple, b: tuple) -> tuple:
 
 
 def decode_masks(decoder, image_embeddings, image_pe, sparse, dense, hq_features, context=None, needed=None,
-                 mask_rows=None):
+                 mask_extent=None):
     """`MaskDecoder.forward`: every output token's mask logits (B, P, K, 4h, 4w) and IoU predictions (B, P, 4).
 
     context: `image_context(...)` of these image embeddings, for prompts without a mask input.
     needed: see `MaskDecoder.forward`; the masks of the prompts it rejects are NaN, never computed.
-    mask_rows: see `MaskDecoder.forward`; the rows below it are NaN, never computed.
+    mask_extent: see `MaskDecoder.forward`; the rows below it and the columns right of it are NaN, never computed.
     Prompts are decoded `DECODE_CHUNK` at a time, each chunk as a `run_jobs` job (a lone chunk too, unless its
     transformer takes the plain form); a chunk's masks are jobs of one prompt's band of rows each.
     """
@@ -448,7 +448,7 @@ def decode_masks(decoder, image_embeddings, image_pe, sparse, dense, hq_features
     if p > DECODE_CHUNK or (not _in_job() and job_slots() > 1 and not _plain_form(decoder.transformer, t)):
         parts = run_jobs([partial(decode_masks, decoder, image_embeddings, image_pe, sparse[:, i:i + DECODE_CHUNK],
                                   dense[:, i:i + DECODE_CHUNK] if dense.shape[1] > 1 else dense, hq_features, context,
-                                  needed, mask_rows)
+                                  needed, mask_extent)
                           for i in range(0, p, DECODE_CHUNK)])
         return torch.cat([m for m, _ in parts], dim=1), torch.cat([q for _, q in parts], dim=1)
     tokens = torch.cat([out_tokens.expand(b, p, -1, -1), sparse], dim=2)
@@ -465,48 +465,50 @@ def decode_masks(decoder, image_embeddings, image_pe, sparse, dense, hq_features
     hyper = torch.stack([mlp(hs[:, 1 + i]) for i, mlp in enumerate(decoder.output_hypernetworks_mlps)], dim=1)
     hyper_hq = decoder.hq_mask_mlp(hs[:, 1 + n]) if hq_features is not None else None
     k = n + (hq_features is not None)
-    rows_out = 4 * h if mask_rows is None else max(1, min(4 * h, mask_rows))
-    whole = needed is None and rows_out == 4 * h
+    extent = (4 * h, 4 * w) if mask_extent is None else mask_extent
+    rows_out, cols_out = (max(1, min(n, int(e))) for n, e in zip((4 * h, 4 * w), extent))
+    whole = needed is None and (rows_out, cols_out) == (4 * h, 4 * w)
     masks = hs.new_empty(b * p, k, 16 * h * w) if whole else hs.new_full((b * p, k, 16 * h * w), float("nan"))
     bands = -(-job_slots() // max(1, len(rows)))  # at least this many per prompt, so that every worker has one
     run_jobs([job for i in rows for job in _prompt_bands(
-        decoder, masks[i], keys[i], hyper[i],
-        None if hyper_hq is None else hyper_hq[i], None if hyper_hq is None else hq_features[i // p], rows_out, bands)])
+        decoder, masks[i], keys[i], hyper[i], None if hyper_hq is None else hyper_hq[i],
+        None if hyper_hq is None else hq_features[i // p], rows_out, cols_out, bands)])
     return masks.view(b, p, -1, 4 * h, 4 * w), iou
 
 
 def _prompt_bands(decoder, out: torch.Tensor, keys: torch.Tensor, hyper: torch.Tensor, hyper_hq: torch.Tensor | None,
-                  image_hq: torch.Tensor | None, rows: int, least: int = 1) -> list:
-    """The jobs that write the first `rows` rows of one prompt's mask logits into out (K, 16hw), a band of rows each
-    (equal bands of at most `HQ_BAND_PIXELS`, and at least `least` bands of `MIN_BAND_ROWS` or more rows): K = 4 SAM
-    masks, plus the HQ mask when hyper_hq is given.
+                  image_hq: torch.Tensor | None, rows: int, cols: int, least: int = 1) -> list:
+    """The jobs that write the first `rows` rows and `cols` columns of one prompt's mask logits into out (K, 16hw), a
+    band of rows each (equal bands of at most `HQ_BAND_PIXELS`, and at least `least` bands of `MIN_BAND_ROWS` or more
+    rows): K = 4 SAM masks, plus the HQ mask when hyper_hq is given.
 
     keys (h, w, C) image tokens after the transformer, hyper (4, C/8), hyper_hq (C/8) or None, image_hq (C/8, 4h, 4w)
     the image's fused HQ features or None.
     """
-    ww = 4 * keys.shape[1]
-    count = max(-(-rows // max(1, HQ_BAND_PIXELS // ww)), min(least, rows // MIN_BAND_ROWS))
+    count = max(-(-rows // max(1, HQ_BAND_PIXELS // cols)), min(least, rows // MIN_BAND_ROWS))
     bounds = [round(i * rows / count) for i in range(count + 1)]
     taps = None if hyper_hq is None else _hq_taps(decoder, hyper_hq[None])
-    return [partial(_mask_band, decoder, out, keys, hyper, hyper_hq, taps, image_hq, r0, r1)
+    return [partial(_mask_band, decoder, out, keys, hyper, hyper_hq, taps, image_hq, cols, r0, r1)
             for r0, r1 in zip(bounds, bounds[1:])]
 
 
-def _mask_band(decoder, out, keys, hyper, hyper_hq, taps, image_hq, r0: int, r1: int) -> None:
-    """Rows r0:r1 of one prompt's masks into out (K, 16hw), from its image tokens alone (`_prompt_bands`' arguments;
-    taps: `_hq_taps` of hyper_hq). Everything runs channels-last (N, H, W, C)."""
+def _mask_band(decoder, out, keys, hyper, hyper_hq, taps, image_hq, cols: int, r0: int, r1: int) -> None:
+    """Rows r0:r1, columns 0:cols of one prompt's masks into out (K, 16hw), from its image tokens alone
+    (`_prompt_bands`' arguments; taps: `_hq_taps` of hyper_hq). Everything runs channels-last (N, H, W, C)."""
     hh, ww = 4 * keys.shape[0], 4 * keys.shape[1]
-    # the HQ branch's two 3x3 convolutions read two rows of the upscaled features beyond the band on each side
+    # the HQ branch's two 3x3 convolutions read two pixels of the upscaled features beyond the band on each side
     halo = 0 if hyper_hq is None else 2
     top, bottom = max(r0 - halo, 0) // 4, -(-min(r1 + halo, hh) // 4)  # rows of the image tokens those come from
-    up = _upscale(decoder, keys[None, top:bottom])  # (1, 4 * (bottom - top), W, C/8), from row 4 * top
-    band = out[:, r0 * ww:r1 * ww]
-    n = hyper.shape[0]
-    band[:n] = hyper @ up[0, r0 - 4 * top:r1 - 4 * top].reshape((r1 - r0) * ww, -1).t()
+    right = -(-min(cols + halo, ww) // 4)  # and columns
+    up = _upscale(decoder, keys[None, top:bottom, :right])  # (1, 4 * (bottom - top), 4 * right, C/8), from row 4 * top
+    band = out.view(-1, hh, ww)[:, r0:r1, :cols]
+    n, m = hyper.shape[0], r1 - r0
+    # the products run on whole rows (views, no copies), then the wanted columns are kept
+    band[:n] = (hyper @ up[0, r0 - 4 * top:r1 - 4 * top].flatten(0, 1).t()).view(n, m, -1)[..., :cols]
     if hyper_hq is None:
         return
-    hq = _hq_rows(decoder, up, taps, r0, r1, 4 * top, hh)[0].view(-1) + hyper_hq @ decoder.mask_conv2.bias
-    band[n] = hq + hyper_hq @ image_hq[:, r0:r1].flatten(1).to(hyper_hq.dtype)
+    hq = _hq_rows(decoder, up, taps, r0, r1, cols, 4 * top, (hh, ww))[0] + hyper_hq @ decoder.mask_conv2.bias
+    band[n] = hq + (hyper_hq @ image_hq[:, r0:r1].flatten(1).to(hyper_hq.dtype)).view(m, ww)[:, :cols]
 
 
 def _hq_taps(decoder, hyper_hq: torch.Tensor) -> torch.Tensor:
@@ -549,21 +551,26 @@ def _upscale(decoder, keys: torch.Tensor) -> torch.Tensor:
     return x.permute(0, 1, 3, 5, 2, 4, 6, 7).reshape(n, 4 * h, 4 * w, -1)
 
 
-def _hq_rows(decoder, up: torch.Tensor, taps: torch.Tensor, r0: int, r1: int, top: int, height: int) -> torch.Tensor:
-    """Rows r0:r1 of the HQ mask logits (N, r1-r0, W) from the folded taps (N, 9, C/4) and up (N, H', W, C/8), rows
-    top:top+H' of the upscaled features, which are `height` rows high; up must hold the rows r0-2 .. r1+1 that exist."""
-    ww = up.shape[2]
+def _hq_rows(decoder, up: torch.Tensor, taps: torch.Tensor, r0: int, r1: int, cols: int, top: int,
+             size: tuple[int, int]) -> torch.Tensor:
+    """Rows r0:r1, columns 0:cols of the HQ mask logits (N, r1-r0, cols) from the folded taps (N, 9, C/4) and up
+    (N, H', W', C/8): rows top:top+H', columns 0:W' of the upscaled features, whose whole size is `size` (H, W). up
+    must hold the rows r0-2 .. r1+1 and the columns up to cols+1 that exist."""
+    height, width = size
     lo, hi = max(r0 - 1, 0), min(r1 + 1, height)  # rows of mask_conv1's output these need
     ulo, uhi = max(lo - 1, 0), min(hi + 1, height)  # rows of up those need
-    assert top <= ulo and uhi <= top + up.shape[1], "up lacks rows the band needs"
+    right = min(cols + 1, width)  # columns of mask_conv1's output
+    assert top <= ulo and uhi <= top + up.shape[1] and min(right + 1, width) <= up.shape[2], "up lacks what the band needs"
     g = decoder.mask_conv1(up[:, ulo - top:uhi - top].permute(0, 3, 1, 2))  # channels-last memory in and out
-    g = gelu(decoder.mask_norm.last_dim(g[:, :, lo - ulo:hi - ulo].permute(0, 2, 3, 1)), in_place=True)  # (N, hi-lo, W, C/4)
+    # mask_conv1 zero-pads up's last column as though it were the image's edge: its own last column is read only
+    # where it is
+    g = gelu(decoder.mask_norm.last_dim(g[:, :, lo - ulo:hi - ulo, :right].permute(0, 2, 3, 1)), in_place=True)
     nb, rows = g.shape[:2]
-    r = (taps @ g.reshape(nb, rows * ww, -1).transpose(1, 2)).view(nb, 9, rows, ww)
-    r = F.pad(r, (1, 1, int(r0 == 0), int(r1 == height)))  # zeros beyond the image: rows r0-1 .. r1
+    r = (taps @ g.reshape(nb, rows * right, -1).transpose(1, 2)).view(nb, 9, rows, right)
+    r = F.pad(r, (1, int(cols == width), int(r0 == 0), int(r1 == height)))  # zeros beyond the image: rows r0-1 .. r1
     m = r1 - r0
-    out = r[:, 0, :m, :ww].clone()
+    out = r[:, 0, :m, :cols].clone()
     for k in range(1, 9):
         ky, kx = divmod(k, 3)
-        out += r[:, k, ky:ky + m, kx:kx + ww]
+        out += r[:, k, ky:ky + m, kx:kx + cols]
     return out

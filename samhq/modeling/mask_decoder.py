@@ -86,7 +86,7 @@ class MaskDecoder(FastPathModule):
         hq_features: torch.Tensor | None,
         context: dict | None = None,
         needed=None,
-        mask_rows: int | None = None,
+        mask_extent: tuple[int, int] | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Masks from every output token.
 
@@ -96,13 +96,14 @@ class MaskDecoder(FastPathModule):
         needed: None, or a function of the IoU predictions (B, P, 4) -> bool (B, P), the prompts whose masks are
         wanted; the others' masks are not computed and come back NaN (an automatic generator's IoU filter
         would drop them anyway: the transformer and IoU head are a fraction of a prompt's cost on a CPU).
-        mask_rows: None, or how many leading rows of each 4h x 4w mask are wanted; the fast path leaves the rows
-        below NaN, not computed (what `processing.low_res_read` says the upscaling of a padded image never reads).
+        mask_extent: None, or (rows, columns): how many leading rows and columns of each 4h x 4w mask are wanted; the
+        fast path leaves the rest NaN, not computed (what `processing.low_res_read` says the upscaling of a padded
+        image never reads).
         Returns mask logits (B, P, K, 4h, 4w), K = 5 with the HQ mask last (4 without), and IoU predictions (B, P, 4).
         """
         if self.use_fast_path_on(image_embeddings):
             return fast_paths.decode_masks(self, image_embeddings, image_pe, sparse, dense, hq_features, context, needed,
-                                           mask_rows)
+                                           mask_extent)
         b, p = sparse.shape[:2]
         c, h, w = image_embeddings.shape[1:]
         # The output tokens, then the prompt's tokens, for each of the B x P prompts.

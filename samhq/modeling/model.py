@@ -219,11 +219,11 @@ class SamHQModel(_PretrainedMixin, nn.Module):
         return features
 
     def decode_features(self, features: dict, input_points=None, input_labels=None, input_boxes=None, input_masks=None,
-                        needed=None, mask_rows=None):
+                        needed=None, mask_extent=None):
         """`predict_all` on `prepare_features`' dict: every token's masks (B, P, K, 4h, 4w) and IoU (B, P, 4)."""
         features = self.prepare_features(features)
         return self.predict_all(features["features"], features["hq_features"], input_points, input_labels, input_boxes,
-                                input_masks, None if input_masks is not None else features["context"], needed, mask_rows)
+                                input_masks, None if input_masks is not None else features["context"], needed, mask_extent)
 
     @torch.no_grad()
     def decoder_context(self, image_embeddings: torch.Tensor) -> dict | None:
@@ -244,22 +244,23 @@ class SamHQModel(_PretrainedMixin, nn.Module):
         input_masks=None,
         context: dict | None = None,
         needed=None,
-        mask_rows: int | None = None,
+        mask_extent: tuple[int, int] | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Every output token's mask logits (B, P, 5, 4h, 4w) (4 for plain SAM) and IoU predictions (B, P, 4).
 
         Prompts as in `forward`. context: `decoder_context(image_embeddings)`, kept while the image stays
         the same; it is used for prompts without input_masks. needed: a function of the IoU predictions
         (B, P, 4) -> bool (B, P); the masks of the prompts it rejects are NaN, not computed (`MaskDecoder.forward`).
-        mask_rows: how many leading rows of each mask are wanted; the rows below may be NaN (`MaskDecoder.forward`).
+        mask_extent: (rows, columns), how many leading rows and columns of each mask are wanted; the rest may be NaN
+        (`MaskDecoder.forward`).
         See `select_masks` for the returned subset.
         """
         with self._autograd():
             return self._predict_all(image_embeddings, hq_features, input_points, input_labels, input_boxes, input_masks,
-                                     context, needed, mask_rows)
+                                     context, needed, mask_extent)
 
     def _predict_all(self, image_embeddings, hq_features, input_points, input_labels, input_boxes, input_masks, context,
-                     needed=None, mask_rows=None):
+                     needed=None, mask_extent=None):
         if input_points is not None and input_labels is None:
             input_labels = torch.ones(input_points.shape[:-1], dtype=torch.int, device=input_points.device)
         sparse, dense = self.prompt_encoder(input_points, input_labels, input_boxes, input_masks)
@@ -274,7 +275,7 @@ class SamHQModel(_PretrainedMixin, nn.Module):
         if input_masks is not None or (context is not None and context["keys"].shape[0] != sparse.shape[0]):
             context = None
         return self.mask_decoder(image_embeddings, self.get_image_wide_positional_embeddings() if context is None else None,
-                                 sparse, dense, hq_features, context, needed, mask_rows)
+                                 sparse, dense, hq_features, context, needed, mask_extent)
 
     def forward(
         self,

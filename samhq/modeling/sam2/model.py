@@ -156,10 +156,10 @@ class SamHQ2Model(nn.Module):
         return features  # nothing is derived per image
 
     def decode_features(self, features: dict, input_points=None, input_labels=None, input_boxes=None, input_masks=None,
-                        needed=None, mask_rows=None):
+                        needed=None, mask_extent=None):
         """`predict_all` on `embed_image`'s dict: every token's masks (B, P, K, 4h, 4w) and IoU (B, P, 4).
-        mask_rows is accepted for the engines' common call and not used: SAM 2 resizes without padding, so every row
-        of its masks is read."""
+        mask_extent is accepted for the engines' common call and not used: SAM 2 resizes without padding, so every
+        pixel of its masks is read."""
         high_res = [features[k] for k in ("high_res_s0", "high_res_s1") if k in features]
         masks, iou, _ = self.predict_all(features["features"], high_res, input_points, input_labels, input_boxes, input_masks,
                                          needed)
