@@ -21,7 +21,8 @@ against the plain form. What they do:
     tokens while T is below the head width: the query/key projections move onto the tokens' side of
     the product, the value/output projections after the weighted sum (T/d of the multiply-adds);
   - prompts are decoded a few at a time through the transformer (`DECODE_CHUNK`) and one band of rows
-    at a time through upscaling and the HQ branch, so the large per-prompt tensors stay in cache;
+    at a time through upscaling and the HQ branch, so the large per-prompt tensors stay in cache; the bands cover
+    only the rows and columns asked for (`mask_extent`: what the upscaling of a padded image reads);
   - the chunks (even a single one), and a chunk's bands, run as jobs on worker threads with one torch thread each
     (`run_jobs`, `PARALLEL_JOBS`; a job's own jobs are shared with idle workers): far fewer thread wake-ups than
     OpenMP's per-operation ones; so does the
@@ -466,7 +467,7 @@ def decode_masks(decoder, image_embeddings, image_pe, sparse, dense, hq_features
     hyper_hq = decoder.hq_mask_mlp(hs[:, 1 + n]) if hq_features is not None else None
     k = n + (hq_features is not None)
     extent = (4 * h, 4 * w) if mask_extent is None else mask_extent
-    rows_out, cols_out = (max(1, min(n, int(e))) for n, e in zip((4 * h, 4 * w), extent))
+    rows_out, cols_out = (max(1, min(size, int(e))) for size, e in zip((4 * h, 4 * w), extent))
     whole = needed is None and (rows_out, cols_out) == (4 * h, 4 * w)
     masks = hs.new_empty(b * p, k, 16 * h * w) if whole else hs.new_full((b * p, k, 16 * h * w), float("nan"))
     bands = -(-job_slots() // max(1, len(rows)))  # at least this many per prompt, so that every worker has one
@@ -562,12 +563,13 @@ def _hq_rows(decoder, up: torch.Tensor, taps: torch.Tensor, r0: int, r1: int, co
     right = min(cols + 1, width)  # columns of mask_conv1's output
     assert top <= ulo and uhi <= top + up.shape[1] and min(right + 1, width) <= up.shape[2], "up lacks what the band needs"
     g = decoder.mask_conv1(up[:, ulo - top:uhi - top].permute(0, 3, 1, 2))  # channels-last memory in and out
-    # mask_conv1 zero-pads up's last column as though it were the image's edge: its own last column is read only
-    # where it is
+    # mask_conv1 pads beyond up's last column with zeros, as beyond the image's edge: where up stops short of the edge,
+    # its output's last column is wrong, and `right` stops short of it
     g = gelu(decoder.mask_norm.last_dim(g[:, :, lo - ulo:hi - ulo, :right].permute(0, 2, 3, 1)), in_place=True)
     nb, rows = g.shape[:2]
     r = (taps @ g.reshape(nb, rows * right, -1).transpose(1, 2)).view(nb, 9, rows, right)
-    r = F.pad(r, (1, int(cols == width), int(r0 == 0), int(r1 == height)))  # zeros beyond the image: rows r0-1 .. r1
+    # zeros beyond the image: rows r0-1 .. r1, columns -1 .. cols
+    r = F.pad(r, (1, int(cols == width), int(r0 == 0), int(r1 == height)))
     m = r1 - r0
     out = r[:, 0, :m, :cols].clone()
     for k in range(1, 9):
