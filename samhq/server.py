@@ -143,14 +143,14 @@ class SegmentSession:
         prompt = dict(point_coords=None if points is None else np.asarray(points, dtype=float),
                       point_labels=None if points is None else np.asarray(labels),
                       box=None if box is None else np.asarray(box, dtype=float),
-                      multimask_output=multimask, hq_token_only=hq_token_only)
+                      multimask_output=multimask, hq_token_only=hq_token_only, return_low_res=False)
         if isinstance(entry, TiledImage):
             if self.tiled.key != image_id:
                 self.tiled.set_image(entry.source, key=image_id)
             masks, scores, _ = self.tiled.predict(**prompt)
         else:
             self.predictor.set_image_embedding(entry)
-            masks, scores, _ = self.predictor.predict(**prompt, return_low_res=False)
+            masks, scores, _ = self.predictor.predict(**prompt)
         require_finite(scores, "scores")
         mask, score = best_mask(masks, scores)
         return mask, float(score)

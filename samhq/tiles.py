@@ -694,15 +694,17 @@ class TiledPredictor:
         return [q.result for q in prompts]
 
     def predict(self, point_coords=None, point_labels=None, box=None, mask_input=None, multimask_output: bool = True,
-                return_logits: bool = False, hq_token_only: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+                return_logits: bool = False, hq_token_only: bool = False,
+                return_low_res: bool = True) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
         """`SamHQPredictor.predict` in the image's own pixels: one prompt, one full-size mask.
 
         point_coords (N, 2) x, y with point_labels (N,); box (4,) x0, y0, x1, y1; mask_input an (H, W)
         image-frame mask (bool, or float logits) or the (1, m, m) low-res logits the previous call
         returned. Returns masks (1, H, W) bool (float32 logits with return_logits, -inf outside the
         decoded window), scores (1,) and low-res logits (1, m, m) of the window it was decoded on
-        (`last_window`). For images too large for a full-size mask use `predict_regions`.
-        Raises ValueError for malformed prompts (the same checks and messages as `SamHQPredictor`).
+        (`last_window`), or None with return_low_res=False (`SamHQPredictor.predict`'s keyword; here it saves no work,
+        as the window's logits are computed for the refinement anyway). For images too large for a full-size mask use
+        `predict_regions`. Raises ValueError for malformed prompts (the same checks and messages as `SamHQPredictor`).
         """
         self._require_image()
         if point_coords is not None or box is not None:
@@ -721,7 +723,7 @@ class TiledPredictor:
         region = self.predict_regions(pts, labels, bx, mk, multimask_output, hq_token_only, full_logits=return_logits)[0]
         h, w = self.source.shape
         return (region.to_full(h, w, return_logits)[None], np.array([region.score], np.float32),
-                region.low_res_logits.numpy()[None])
+                region.low_res_logits.numpy()[None] if return_low_res else None)
 
     def predict_torch(self, point_coords=None, point_labels=None, boxes=None, mask_input=None, multimask_output: bool = True,
                       return_logits: bool = False, hq_token_only: bool = False):

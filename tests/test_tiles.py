@@ -241,6 +241,8 @@ def test_top_level_without_refinement_is_the_plain_predictor(demo):
     np.testing.assert_allclose(s_t, s_p, rtol=1e-6)
     np.testing.assert_allclose(low_t, low_p, rtol=1e-5, atol=1e-5)
     assert (m_t[0] != m_p[0]).sum() <= 5  # the same upscaling, computed on the mask's region only (float rounding)
+    m_f, s_f, none = tp.predict(box=box, return_low_res=False)  # the plain predictor's keyword, the same answer
+    assert none is None and (m_f == m_t).all() and (s_f == s_t).all()
 
 
 @needs_demo
