@@ -239,10 +239,10 @@ def test_predictor_upscaled_only_gives_the_same_upscaled_masks(model, shape):
     close(part_scores, scores)
     close(p.upscale_masks(part), p.upscale_masks(low))
     for multimask in (True, False):
-        masks, s, logits = p.predict(point_coords=np.array([[250.0, 150.0]]), point_labels=np.array([1]),
-                                     multimask_output=multimask, return_logits=True)
-        fast_masks, fast_s, none = p.predict(point_coords=np.array([[250.0, 150.0]]), point_labels=np.array([1]),
-                                             multimask_output=multimask, return_logits=True, return_low_res=False)
+        click = dict(point_coords=np.array([[250.0, 150.0]]), point_labels=np.array([1]), multimask_output=multimask,
+                     return_logits=True)
+        masks, s, logits = p.predict(**click)
+        fast_masks, fast_s, none = p.predict(**click, return_low_res=False)
         assert none is None and logits.shape[-2:] == (256, 256) and not np.isnan(fast_masks).any()
         close(torch.from_numpy(fast_masks), torch.from_numpy(masks))
         close(torch.from_numpy(fast_s), torch.from_numpy(s))
