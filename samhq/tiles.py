@@ -726,12 +726,13 @@ class TiledPredictor:
                 region.low_res_logits.numpy()[None] if return_low_res else None)
 
     def predict_torch(self, point_coords=None, point_labels=None, boxes=None, mask_input=None, multimask_output: bool = True,
-                      return_logits: bool = False, hq_token_only: bool = False):
+                      return_logits: bool = False, hq_token_only: bool = False, return_low_res: bool = True):
         """`SamHQPredictor.predict_torch` with prompts in the image's own pixels (not the resized frame).
 
         point_coords (B, N, 2), point_labels (B, N), boxes (B, 4), mask_input (B, 1, H, W) image-frame
         masks. Returns masks (B, 1, H, W) bool (or float logits), scores (B, 1) and low-res logits
-        (B, 1, m, m), torch tensors. Prompts sharing a window are decoded in one batch.
+        (B, 1, m, m), torch tensors, or None for the logits with return_low_res=False (as in `predict`, it saves
+        no work). Prompts sharing a window are decoded in one batch.
         """
         self._require_image()
         if mask_input is not None:
@@ -743,7 +744,7 @@ class TiledPredictor:
         h, w = self.source.shape
         masks = torch.from_numpy(np.stack([r.to_full(h, w, return_logits) for r in regions]))[:, None]
         scores = torch.tensor([[r.score] for r in regions], dtype=torch.float32)
-        return masks, scores, torch.stack([r.low_res_logits for r in regions])[:, None]
+        return masks, scores, torch.stack([r.low_res_logits for r in regions])[:, None] if return_low_res else None
 
     def _prompts(self, point_coords, point_labels, boxes, mask_input) -> list[_Prompt]:
         """Validate batched prompts (the predictor's own checks) and split them into one `_Prompt` each."""

@@ -206,6 +206,8 @@ def test_batched_prompts_equal_one_at_a_time(demo):
     for i, b in enumerate(boxes):
         one, s, _ = tp.predict(box=b)
         assert np.array_equal(batch[i, 0].numpy(), one[0]) and abs(scores[i, 0].item() - s[0]) < 1e-6
+    masks_only, scores_only, none = tp.predict_torch(boxes=boxes, return_low_res=False)  # the predictor's keyword
+    assert none is None and torch.equal(masks_only, batch) and torch.equal(scores_only, scores)
 
 
 @needs_demo
